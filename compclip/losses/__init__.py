@@ -1,0 +1,29 @@
+"""compclip.losses — the loss functions of CE-CLIP, DeGLA and C2LIP.
+
+* The functional API of SPEC §2 (single process, the whole batch): ``clip_loss``, ``negclip_loss``,
+  ``ceclip_cmr_loss``, ``ceclip_threshold``, ``ceclip_imc_loss``, ``degla_igc_loss``, ``degla_tgc_loss``,
+  ``degla_distill_loss``, ``siglip_loss``, ``c2lip_npc_loss``, ``concept_attention_pool``, ``c2lip_xac_loss``.
+* ``compclip.losses.terms``: the same losses on the global batch under data parallelism (``TERMS``,
+  ``Features``, ``required_features``, ``CMRThreshold``).
+
+Both run the kernel-level ops of ``compclip.kernels`` (Triton or reference, chosen by ``dispatch``) through one
+shared implementation per term (``compclip.losses.partials``).
+"""
+from . import functional, terms  # noqa: F401
+from .functional import (  # noqa: F401
+    c2lip_npc_loss,
+    c2lip_xac_loss,
+    ceclip_cmr_loss,
+    ceclip_imc_loss,
+    ceclip_threshold,
+    clip_loss,
+    concept_attention_pool,
+    degla_distill_loss,
+    degla_igc_loss,
+    degla_tgc_loss,
+    negclip_loss,
+    siglip_loss,
+)
+from .terms import TERMS, CMRThreshold, Features, required_features  # noqa: F401
+
+__all__ = functional.__all__ + ["terms", "TERMS", "Features", "CMRThreshold", "required_features"]
