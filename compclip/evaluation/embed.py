@@ -1,0 +1,147 @@
+"""Batched, cached image and text embedding.
+
+One `Embedder` lives for one model and one evaluation run. Every image is decoded and encoded once per run, even
+when several benchmarks or subsets use it: the cache key is the resolved path plus the crop box. Texts are cached
+the same way. Embeddings are L2-normalised, float32, and kept on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .common import data_error
+
+
+Box = Tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image to embed: resolved path, optional crop box (left, upper, right, lower), and where it was named."""
+
+    path: str
+    box: Optional[Box] = None
+    source: str = ""
+    item: str = ""
+
+    @property
+    def key(self):
+        return (self.path, self.box)
+
+
+def resolve_image(root, name, source, item, *, fallbacks: Sequence[str] = (), box: Optional[Box] = None) -> ImageRef:
+    """Find image `name` under `root` (or under `root/<fallback>`); an absolute `name` is used as it is.
+
+    Raises `EvalDataError` naming the annotation file and item when the image does not exist, so a missing image
+    stops the run before any model work.
+    """
+    if not isinstance(name, str) or not name:
+        raise data_error(source, item, f"image path must be a non-empty string, got {name!r}")
+    candidates = [name] if os.path.isabs(name) else [os.path.join(root, name)]
+    if not os.path.isabs(name):
+        candidates += [os.path.join(root, sub, name) for sub in fallbacks]
+    for path in candidates:
+        if os.path.isfile(path):
+            return ImageRef(os.path.realpath(path), box, str(source), str(item))
+    raise data_error(source, item, f"image not found: {candidates[0]}"
+                     + (f" (also tried {', '.join(candidates[1:])})" if len(candidates) > 1 else ""))
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, refs: Sequence[ImageRef], preprocess: Callable):
+        self.refs = list(refs)
+        self.preprocess = preprocess
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, index):
+        ref = self.refs[index]
+        try:
+            with Image.open(ref.path) as image:
+                image = image.convert("RGB")
+                if ref.box is not None:
+                    image = image.crop(ref.box)
+        except Exception as error:  # noqa: BLE001 - any decoding failure is reported with its item
+            raise data_error(ref.source, ref.item, f"cannot read image {ref.path}: {error}") from error
+        return self.preprocess(image)
+
+
+class Embedder:
+    """Encodes images and texts with an open_clip model, in batches, caching by image key and by text."""
+
+    def __init__(self, model, preprocess, tokenizer, device, *, batch_size: int = 64, num_workers: int = 0,
+                 precision: str = "amp", progress: bool = True):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.precision = precision
+        self.progress = progress
+        self._images: Dict[tuple, torch.Tensor] = {}
+        self._texts: Dict[str, torch.Tensor] = {}
+        self.images_encoded = 0  # counts forward passes' rows: tests check that the cache works
+        self.texts_encoded = 0
+
+    def _autocast(self):
+        if self.precision == "amp" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _input_dtype(self):
+        for parameter in self.model.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
+    @torch.no_grad()
+    def images(self, refs: Sequence[ImageRef], desc: str = "images") -> torch.Tensor:
+        """[N, D] normalised embeddings of `refs`, in order."""
+        todo, seen = [], set()
+        for ref in refs:
+            if ref.key not in self._images and ref.key not in seen:
+                seen.add(ref.key)
+                todo.append(ref)
+        if todo:
+            loader = torch.utils.data.DataLoader(_ImageDataset(todo, self.preprocess), batch_size=self.batch_size,
+                                                 num_workers=self.num_workers, shuffle=False)
+            dtype = self._input_dtype()
+            position = 0
+            for batch in tqdm(loader, desc=f"embed {desc}", disable=not self.progress, leave=False):
+                with self._autocast():
+                    features = self.model.encode_image(batch.to(self.device, dtype=dtype))
+                features = F.normalize(features.float(), dim=-1).cpu()
+                for row in features:
+                    self._images[todo[position].key] = row
+                    position += 1
+                self.images_encoded += len(features)
+        if not refs:
+            return torch.zeros(0, 0)
+        return torch.stack([self._images[ref.key] for ref in refs])
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
+        """[N, D] normalised embeddings of `texts`, in order."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        batches = range(0, len(todo), self.batch_size)
+        for start in tqdm(batches, desc=f"embed {desc}", disable=not self.progress or not todo, leave=False):
+            chunk = todo[start:start + self.batch_size]
+            tokens = self.tokenizer(chunk).to(self.device)
+            with self._autocast():
+                features = self.model.encode_text(tokens)
+            features = F.normalize(features.float(), dim=-1).cpu()
+            for text, row in zip(chunk, features):
+                self._texts[text] = row
+            self.texts_encoded += len(chunk)
+        if not texts:
+            return torch.zeros(0, 0)
+        return torch.stack([self._texts[text] for text in texts])
