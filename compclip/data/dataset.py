@@ -1,0 +1,250 @@
+"""Samples -> batches: K negatives per sample, image decoding, tokenisation, concepts with their owners,
+distributed deterministic sampling, and the bookkeeping of skipped samples.
+
+Batch contract (docs/internals.md), all local to the rank:
+`{"images": float [b,3,H,W], "text": long [b,ctx], "negatives": long [b,K,ctx], "valid": bool [b,K],
+"concepts": long [p,ctx], "owner": long [p], "index": long [b], "skipped": int}`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .manifest import INVALID_NEGATIVE, Record
+
+log = logging.getLogger(__name__)
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+# Errors that mean "this image cannot be used" (PIL raises SyntaxError for some broken PNG chunks).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch: independent of worker count, rank and batch order."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
+
+
+def select_negatives(negatives: Sequence[str] | None, valid: Sequence[bool] | None, caption: str, k: int,
+                     rng: np.random.Generator | None = None) -> tuple[list[str], list[bool]]:
+    """Exactly K negatives and their validity for one sample.
+
+    - exactly K: kept in slot order (typed negatives, slot k = type k);
+    - more than K: K drawn without replacement by `rng`, kept in their original relative order;
+    - fewer (but some): the sample's own negatives repeated cyclically, the repeats marked invalid;
+    - none: the caption repeated, all invalid (no empty caption ever enters a softmax).
+    `'###'` (CE-CLIP's unbuilt negative) stays as text with its mask False; an empty negative is replaced by
+    the caption, invalid.
+    """
+    texts = list(negatives or [])
+    mask = [True] * len(texts) if valid is None else [bool(v) for v in valid]
+    for slot, text in enumerate(texts):
+        if text == INVALID_NEGATIVE:
+            mask[slot] = False
+        elif not text.strip():
+            texts[slot], mask[slot] = caption, False
+    if not texts:
+        return [caption] * k, [False] * k
+    if len(texts) > k:
+        if rng is None:
+            raise ValueError("a generator is needed to draw K of more negatives")
+        chosen = np.sort(rng.choice(len(texts), size=k, replace=False))
+        return [texts[i] for i in chosen], [mask[i] for i in chosen]
+    own = len(texts)
+    for slot in range(own, k):
+        texts.append(texts[slot % own])
+        mask.append(False)
+    return texts, mask
+
+
+def load_image(path: str, preprocess: Callable | None):
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    return preprocess(image) if preprocess is not None else image
+
+
+class Skip(Exception):
+    """A sample that cannot be used; `path` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+class SampleBuilder:
+    """Turns one record (image path or bytes, caption, optional negatives / validity / concepts) into the
+    per-sample dict that `Collate` batches. Shared by the manifest and WebDataset readers."""
+
+    def __init__(self, preprocess: Callable | None, num_negatives: int, seed: int, concept_extractor=None,
+                 max_concepts: int = 0):
+        self.preprocess = preprocess
+        self.num_negatives = num_negatives
+        self.seed = seed
+        self.concept_extractor = concept_extractor
+        self.max_concepts = max_concepts
+
+    def concepts_of(self, caption: str, concepts: list[str] | None) -> list[str]:
+        if concepts is None and self.concept_extractor is not None:
+            concepts = self.concept_extractor([caption])[0]
+        concepts = [c for c in (concepts or []) if c.strip()]
+        if self.max_concepts:
+            concepts = concepts[: self.max_concepts]
+        return concepts or [caption]
+
+    def build(self, index: int, epoch: int, image_source, caption: str, negatives, valid, concepts,
+              name: str) -> dict:
+        if not caption or not caption.strip():
+            raise Skip(name, "empty caption")
+        try:
+            if isinstance(image_source, (bytes, bytearray)):
+                import io
+
+                image_source = io.BytesIO(image_source)
+            image = load_image(image_source, self.preprocess)
+        except IMAGE_ERRORS as error:
+            raise Skip(name, f"unreadable image ({type(error).__name__}: {error})") from None
+        texts, mask = select_negatives(negatives, valid, caption, self.num_negatives,
+                                       sample_rng(self.seed, epoch, index))
+        return {"index": index, "image": image, "caption": caption, "negatives": texts, "valid": mask,
+                "concepts": self.concepts_of(caption, concepts)}
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Map-style dataset over checked manifest records. Keys are `(index, epoch)` pairs (from `EpochSampler`)
+    so the draw of K negatives depends on the epoch without any state shared with worker processes.
+
+    A sample that cannot be used is replaced by the next usable one (index + 1, + 2, ...), so batches keep
+    their size on every rank; the replacement is counted in the sample's `skipped` and its path reported."""
+
+    max_substitutions = 64
+
+    def __init__(self, records: list[Record], builder: SampleBuilder):
+        self.records = records
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        bad: list[str] = []
+        for attempt in range(min(self.max_substitutions, len(self.records))):
+            position = (index + attempt) % len(self.records)
+            record = self.records[position]
+            try:
+                sample = self.builder.build(position, epoch, record.image, record.caption, record.negatives,
+                                            record.valid, record.concepts, record.source or record.image)
+            except Skip as skip:
+                log.warning("skipping %s", skip)
+                bad.append(f"{skip} [{record.image}]" if record.source else str(skip))
+                continue
+            sample["skipped_files"] = bad
+            return sample
+        raise RuntimeError(f"no usable sample found from index {index}: " + "; ".join(bad[-3:]))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Distributed sampler yielding `(index, epoch)` keys.
+
+    Training (`shuffle=True`, `drop_last=True`): a permutation seeded by (seed, epoch), split round-robin over
+    ranks, every rank getting exactly floor(N / world_size) samples. Evaluation: no shuffle, the tail padded
+    by wrapping around so every rank gets ceil(N / world_size) samples (equal batch counts on all ranks)."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True, epoch: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if num_samples < world_size and drop_last:
+            raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def per_rank(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.world_size
+        return math.ceil(self.num_samples / self.world_size)
+
+    def __len__(self) -> int:
+        return self.per_rank()
+
+    def __iter__(self):
+        if self.shuffle:
+            order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, 0x5A11]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        total = self.per_rank() * self.world_size
+        if total > len(order):
+            order = np.concatenate([order, order[: total - len(order)]])
+        for index in order[:total][self.rank :: self.world_size]:
+            yield int(index), self.epoch
+
+
+class Collate:
+    """Stacks samples and tokenises captions, negatives and concepts with one tokenizer call each."""
+
+    def __init__(self, tokenizer: Tokenizer, num_negatives: int):
+        self.tokenizer = tokenizer
+        self.num_negatives = num_negatives
+
+    def __call__(self, samples: list[dict]) -> dict:
+        k = self.num_negatives
+        concepts = [c for sample in samples for c in sample["concepts"]]
+        owner = [i for i, sample in enumerate(samples) for _ in sample["concepts"]]
+        text = self.tokenizer([sample["caption"] for sample in samples])
+        negatives = self.tokenizer([n for sample in samples for n in sample["negatives"]])
+        return {
+            "images": torch.stack([sample["image"] for sample in samples]),
+            "text": text,
+            "negatives": negatives.view(len(samples), k, -1),
+            "valid": torch.tensor([sample["valid"] for sample in samples], dtype=torch.bool).view(len(samples), k),
+            "concepts": self.tokenizer(concepts),
+            "owner": torch.tensor(owner, dtype=torch.long),
+            "index": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
+            "skipped": sum(len(sample["skipped_files"]) for sample in samples),
+            "skipped_files": [path for sample in samples for path in sample["skipped_files"]],
+        }
+
+
+class SkipBudgetExceeded(RuntimeError):
+    pass
+
+
+class Loader:
+    """What `build_dataloader` returns: iterates a torch DataLoader, takes the skipped-file names out of the
+    batches, and stops with an error once more than `max_skip_fraction` of the epoch has been skipped.
+    `loader.sampler.set_epoch(epoch)` reshuffles; `loader.dataset` and `len(loader)` (batches per epoch) are
+    there as on a DataLoader."""
+
+    def __init__(self, dataloader, sampler, num_batches: int, samples_per_epoch: int, max_skip_fraction: float):
+        self.dataloader = dataloader
+        self.dataset = dataloader.dataset
+        self.sampler = sampler
+        self.batch_size = dataloader.batch_size
+        self.num_batches = num_batches
+        self.samples_per_epoch = samples_per_epoch
+        self.max_skip_fraction = max_skip_fraction
+        self.skipped = 0
+        """Samples skipped so far in the current epoch on this rank."""
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        self.skipped = 0
+        budget = self.max_skip_fraction * self.samples_per_epoch
+        for batch in self.dataloader:
+            files = batch.pop("skipped_files")
+            self.skipped += batch["skipped"]
+            if self.skipped > budget:
+                raise SkipBudgetExceeded(
+                    f"{self.skipped} bad samples skipped this epoch, more than max_skip_fraction="
+                    f"{self.max_skip_fraction} of {self.samples_per_epoch}; last: {files[-1]}")
+            yield batch

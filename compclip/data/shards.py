@@ -1,0 +1,234 @@
+"""WebDataset shards: reading (streamed, split over ranks and workers, fixed batches per epoch) and writing.
+
+A shard is a tar file; the files of one sample share a key (the member path up to the first dot of its file
+name): `<key>.jpg|png|jpeg|webp` holds the image, `<key>.json` the fields (`caption`, `negatives`, `valid`,
+`concepts`; C2LIP's `nounphrases` is read as `concepts`) and/or `<key>.txt` the caption. This is the layout the
+`webdataset` library reads and writes; plain `tarfile` is used so that no library version matters.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .dataset import Collate, SampleBuilder, Skip
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """`a-{000..011}.tar::b.tar` -> the list of paths (brace ranges keep their zero padding)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        match = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if match is None:
+            urls.append(part)
+            continue
+        first, last = match.group(1), match.group(2)
+        width = len(first)
+        for number in range(int(first), int(last) + 1):
+            urls.extend(expand_urls(part[: match.start()] + str(number).zfill(width) + part[match.end():]))
+    return urls
+
+
+def split_key(member_name: str) -> tuple[str, str]:
+    folder, _, name = member_name.rpartition("/")
+    stem, _, extension = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """Samples of one shard as dicts `{"__key__", "__url__", extension: bytes}`; members of one sample must be
+    adjacent (as webdataset writes them)."""
+    current: dict | None = None
+    with tarfile.open(url, "r") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, extension = split_key(member.name)
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            handle = archive.extractfile(member)
+            current[extension] = handle.read() if handle is not None else b""
+    if current is not None:
+        yield current
+
+
+def count_samples(urls: list[str]) -> int:
+    total = 0
+    for url in urls:
+        keys = set()
+        with tarfile.open(url, "r") as archive:
+            for member in archive:
+                if member.isfile():
+                    keys.add(split_key(member.name)[0])
+        total += len(keys)
+    return total
+
+
+def sample_id(url: str, key: str) -> int:
+    """A stable 62-bit id of a sample (the batch's `index`, and the seed of its negative draw)."""
+    return int.from_bytes(hashlib.blake2b(f"{os.path.basename(url)}/{key}".encode(), digest_size=8).digest(),
+                          "little") >> 2
+
+
+def decode_fields(sample: dict, caption_key: str = "caption") -> tuple[bytes | None, str, dict]:
+    image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    fields: dict = {}
+    if "json" in sample:
+        fields = json.loads(sample["json"].decode("utf-8"))
+        if not isinstance(fields, dict):
+            fields = {}
+    caption = fields.get(caption_key)
+    if caption is None and "txt" in sample:
+        caption = sample["txt"].decode("utf-8").strip()
+    if "concepts" not in fields and "nounphrases" in fields:
+        fields["concepts"] = fields["nounphrases"]
+    return image, caption if isinstance(caption, str) else "", fields
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Streams shards and yields ready batches; every rank yields exactly `batches_per_rank` batches per epoch
+    (cycling its shards if needed), so ranks never wait on each other.
+
+    Shards are split over (rank, worker) slots when there are at least as many shards as slots, otherwise
+    every slot reads all shards and keeps every S-th sample. Training shuffles the shard order per epoch and
+    samples through a buffer, both seeded by (seed, epoch, slot). A bad sample is skipped (the next one takes
+    its place) and counted in the batch's `skipped`."""
+
+    def __init__(self, urls: list[str], builder: SampleBuilder, collate: Collate, batch_size: int,
+                 batches_per_rank: int, rank: int, world_size: int, seed: int, train: bool, shuffle_buffer: int,
+                 caption_key: str = "caption", epoch: int = 0):
+        super().__init__()
+        self.urls, self.builder, self.collate = urls, builder, collate
+        self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
+        self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
+        self.shuffle_buffer, self.caption_key, self.epoch = shuffle_buffer, caption_key, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _slot(self) -> tuple[int, int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        return self.rank * workers + worker, self.world_size * workers, worker
+
+    def _raw_stream(self, slot: int, slots: int) -> Iterator[dict]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, slot, 0x5BD])
+        by_shard = len(self.urls) >= slots
+        urls = self.urls[slot::slots] if by_shard else self.urls
+        while True:
+            order = rng.permutation(len(urls)) if self.train else range(len(urls))
+            position = produced = 0
+            for shard in order:
+                for sample in iter_tar_samples(urls[shard]):
+                    if by_shard or position % slots == slot:
+                        produced += 1
+                        yield sample
+                    position += 1
+            if not produced:
+                raise RuntimeError(f"no samples for reader {slot} of {slots} in {urls[:3]}...")
+
+    def _shuffled(self, stream: Iterator[dict], slot: int) -> Iterator[dict]:
+        if not self.train or self.shuffle_buffer <= 1:
+            yield from stream
+            return
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, slot, 0xB0F])
+        buffer: list[dict] = []
+        for sample in stream:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            pick = int(rng.integers(len(buffer)))
+            yield buffer[pick]
+            buffer[pick] = sample
+
+    def __iter__(self):
+        slot, slots, worker = self._slot()
+        workers = slots // self.world_size
+        quota = self.batches_per_rank // workers + (1 if worker < self.batches_per_rank % workers else 0)
+        stream = self._shuffled(self._raw_stream(slot, slots), slot)
+        samples: list[dict] = []
+        bad: list[str] = []
+        consecutive_bad = 0
+        while quota > 0:
+            raw = next(stream)
+            image, caption, fields = decode_fields(raw, self.caption_key)
+            name = f"{raw['__url__']}:{raw['__key__']}"
+            try:
+                if image is None:
+                    raise Skip(name, "no image in the sample")
+                sample = self.builder.build(sample_id(raw["__url__"], raw["__key__"]), self.epoch, image, caption,
+                                            fields.get("negatives"), fields.get("valid"), fields.get("concepts"),
+                                            name)
+            except Skip as skip:
+                log.warning("skipping %s", skip)
+                bad.append(str(skip))
+                consecutive_bad += 1
+                if consecutive_bad > 1000:
+                    raise RuntimeError(f"1000 consecutive unusable samples; last: {skip}") from None
+                continue
+            consecutive_bad = 0
+            sample["skipped_files"], bad = bad, []
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield self.collate(samples)
+                samples = []
+                quota -= 1
+
+
+class EpochSetter:
+    """Stands in for a sampler on a streamed dataset: `set_epoch` reaches the dataset before workers start."""
+
+    def __init__(self, dataset: ShardDataset):
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+
+def write_shards(rows: list[dict], out_dir: str, prefix: str = "shard", max_count: int = 1000,
+                 base_dir: str = "") -> list[str]:
+    """Write rows (`image` path + JSON fields) as shards `<out_dir>/<prefix>-000000.tar`, ...; the image is
+    stored as `<key>.<its extension>`, the other fields as `<key>.json`. Returns the shard paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for shard_number, start in enumerate(range(0, len(rows), max_count)):
+        path = os.path.join(out_dir, f"{prefix}-{shard_number:06d}.tar")
+        temporary = path + ".tmp"
+        with tarfile.open(temporary, "w") as archive:
+            for offset, row in enumerate(rows[start : start + max_count]):
+                key = f"{start + offset:09d}"
+                image_path = row["image"] if os.path.isabs(row["image"]) else os.path.join(base_dir, row["image"])
+                extension = os.path.splitext(image_path)[1].lstrip(".").lower() or "jpg"
+                with open(image_path, "rb") as handle:
+                    _add_member(archive, f"{key}.{extension}", handle.read())
+                fields = {name: value for name, value in row.items() if name != "image"}
+                _add_member(archive, f"{key}.json", json.dumps(fields, ensure_ascii=False).encode("utf-8"))
+        os.replace(temporary, path)
+        paths.append(path)
+    return paths
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # byte-identical shards from identical input
+    archive.addfile(info, io.BytesIO(data))
