@@ -5,8 +5,11 @@ field from the command line (`--eval.batch_size=128`). A benchmark runs when its
 """
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -119,3 +122,16 @@ class EvalConfig:
                 value = getattr(self, f.name)
                 if isinstance(value, str):  # a single path from YAML or the CLI
                     setattr(self, f.name, [value])
+
+
+def field_docs(cls=EvalConfig) -> Dict[str, str]:
+    """{field: docstring} read from the class source (the string literal under each field), for CLI help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for statement, following in zip(body, body[1:]):
+        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs

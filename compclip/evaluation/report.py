@@ -21,14 +21,14 @@ HEADLINE = {
 }
 
 
-def _clean(value):
+def json_safe(value):
     """JSON has no NaN: an empty subset's accuracy is written as null."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {key: _clean(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -40,7 +40,7 @@ def write_results(results: Mapping[str, BenchmarkResult], out_dir: str, label: O
         path = os.path.join(out_dir, f"{name}.json")
         record = {"benchmark": name, "model": label, "metrics": result.metrics, "details": result.details}
         with open(path, "w", encoding="utf-8") as handle:
-            json.dump(_clean(record), handle, indent=2, sort_keys=False)
+            json.dump(json_safe(record), handle, indent=2, sort_keys=False)
             handle.write("\n")
         paths.append(path)
     return paths
@@ -69,3 +69,48 @@ def format_table(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
                        for col, (cell, width) in enumerate(zip(row, widths))) for row in [header] + rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def chart_metrics(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> List[tuple]:
+    """(benchmark, metric) pairs a chart shows: the headline metrics, or every metric of other benchmarks."""
+    pairs = []
+    for metrics_by_benchmark in runs.values():
+        for benchmark, metrics in metrics_by_benchmark.items():
+            wanted = [m for m in HEADLINE.get(benchmark, tuple(metrics)) if m in metrics]
+            pairs += [(benchmark, metric) for metric in wanted if (benchmark, metric) not in pairs]
+    return pairs
+
+
+def plot_comparison(runs: Mapping[str, Mapping[str, Mapping[str, float]]], path: str,
+                    title: str = "compclip evaluation") -> Optional[str]:
+    """Grouped bar chart (percent), one group per headline metric, one bar per model; returns the PNG path."""
+    pairs = chart_metrics(runs)
+    if not pairs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(runs)
+    width = 0.8 / len(labels)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.6 * len(pairs) * max(1, len(labels)) + 2), 4.5))
+    for offset, label in enumerate(labels):
+        values = []
+        for benchmark, metric in pairs:
+            value = runs[label].get(benchmark, {}).get(metric)
+            values.append(float("nan") if value is None else 100 * value)
+        positions = [index + (offset - (len(labels) - 1) / 2) * width for index in range(len(pairs))]
+        axes.bar(positions, values, width=width, label=label)
+    axes.set_xticks(range(len(pairs)))
+    axes.set_xticklabels([f"{benchmark}\n{metric}" for benchmark, metric in pairs], rotation=45, ha="right",
+                         fontsize=8)
+    axes.set_ylabel("%")
+    axes.set_ylim(0, 100)
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
