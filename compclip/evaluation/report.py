@@ -101,7 +101,8 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Mapping[str, float]]], path:
             value = runs[label].get(benchmark, {}).get(metric)
             values.append(float("nan") if value is None else 100 * value)
         positions = [index + (offset - (len(labels) - 1) / 2) * width for index in range(len(pairs))]
-        axes.bar(positions, values, width=width, label=label)
+        bars = axes.bar(positions, values, width=width, label=label)
+        axes.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     axes.set_xticks(range(len(pairs)))
     axes.set_xticklabels([f"{benchmark}\n{metric}" for benchmark, metric in pairs], rotation=45, ha="right",
                          fontsize=8)
