@@ -1,0 +1,81 @@
+"""contrastive_row_loss (Triton, interpreter on the CPU) against reference.contrastive_row_loss."""
+import functools
+
+import pytest
+import torch
+
+from compclip.kernels import contrastive_row_loss, reference
+from kernel_parity import check_parity, unit
+
+SMALL = dict(block_m=16, block_n=16, block_d=16, block_do=16)   # several tiles / D slices at test sizes
+
+
+def _case(kind: str, M: int, B: int, K: int, D: int, dtype, seed: int = 0):
+    """(anchors, columns, targets, extra_logits) of one usage of the op; B images, K negatives each."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "clip":                     # plain rows against columns, target = own column
+        return unit(M, D, dtype=dtype, generator=g), unit(B, D, dtype=dtype, generator=g), torch.arange(M), None
+    if kind == "negclip":                  # image vs [positives; flattened negatives], target column i
+        columns = torch.cat([unit(B, D, generator=g), unit(B * K, D, generator=g)]).to(dtype)
+        return unit(M, D, dtype=dtype, generator=g), columns, torch.arange(M), None
+    if kind == "imc_paper":                # text vs flat negatives + the image–text positive as extra logit
+        extra = 10.0 * (unit(M, D, generator=g) * unit(M, D, generator=g)).sum(-1)
+        return (unit(M, D, dtype=dtype, generator=g), unit(B * K, D, dtype=dtype, generator=g),
+                torch.full((M,), -1), extra.to(dtype))
+    if kind == "imc_released":             # every row's target is column 0
+        return (unit(M, D, dtype=dtype, generator=g), unit(B * K, D, dtype=dtype, generator=g),
+                torch.zeros(M, dtype=torch.long), None)
+    if kind == "data_parallel":            # rank 1's local rows vs the gathered batch: targets offset + i
+        offset = B - M
+        return (unit(M, D, dtype=dtype, generator=g), unit(B, D, dtype=dtype, generator=g),
+                offset + torch.arange(M), None)
+    raise ValueError(kind)
+
+
+def _run(kind, M, B, K, D, scale, dtype=torch.float32, non_contiguous=(), **blocks):
+    anchors, columns, targets, extra = _case(kind, M, B, K, D, dtype)
+    logit_scale = torch.tensor(scale)
+    check_parity(reference.contrastive_row_loss, functools.partial(contrastive_row_loss, **blocks),
+                 [anchors, columns, logit_scale, targets, extra], dtype, non_contiguous)
+
+
+def test_one_row_default_blocks():
+    _run("clip", M=1, B=1, K=0, D=5, scale=1.0)
+
+
+@pytest.mark.parametrize("kind, M, B, K, D, scale", [
+    ("clip", 7, 13, 0, 19, 100.0),          # M < N, odd D, the largest logit scale
+    ("negclip", 7, 7, 3, 33, 100.0),        # N = 28: two column tiles, D = 33: three D slices
+    ("imc_paper", 7, 7, 3, 19, 10.0),       # targets −1 with extra logits (gradient to the extras)
+    ("imc_released", 9, 4, 5, 19, 1.0),
+    ("data_parallel", 20, 37, 0, 17, 30.0),  # two row tiles, three column tiles, targets offset by 17
+])
+def test_row_kinds_multi_tile(kind, M, B, K, D, scale):
+    _run(kind, M, B, K, D, scale, **SMALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["negclip", "imc_paper"])
+def test_half_precision(kind, dtype):
+    _run(kind, M=5, B=5, K=3, D=19, scale=30.0, dtype=dtype, **SMALL)
+
+
+def test_non_contiguous_inputs():
+    _run("negclip", M=5, B=5, K=3, D=19, scale=10.0, non_contiguous=(0, 1), **SMALL)
+
+
+def test_python_float_scale_and_frozen_inputs():
+    anchors, columns, targets, _ = _case("clip", 6, 9, 0, 19, torch.float32)
+    columns.requires_grad_()
+    loss = contrastive_row_loss(anchors, columns, 20.0, targets, **SMALL)
+    expected = reference.contrastive_row_loss(anchors, columns.detach(), 20.0, targets)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+    loss.sum().backward()
+    assert columns.grad is not None and anchors.grad is None
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError):
+        contrastive_row_loss(torch.zeros(3, 4), torch.zeros(5, 6), 1.0, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        contrastive_row_loss(torch.zeros(3, 4), torch.zeros(5, 4), 1.0, torch.zeros(2, dtype=torch.long))

@@ -1,0 +1,80 @@
+"""concept_attention_pool / xac_loss_sum (Triton, interpreter on the CPU) against their references."""
+import functools
+
+import pytest
+import torch
+
+from compclip.kernels import concept_attention_pool, reference, xac_loss_sum
+from kernel_parity import check_parity, unit
+
+SMALL = dict(block_p=16, block_d=16, block_do=16)   # several concept blocks / D slices at test sizes
+
+
+def _inputs(B, L, P, D, dtype, offset=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens, concepts = unit(B, L, D, dtype=dtype, generator=g), unit(P, D, dtype=dtype, generator=g)
+    owner = offset + torch.randint(0, B, (P,), generator=g)
+    return tokens, concepts, owner
+
+
+def _run_xac(B, L, P, D, scale, bias, temperature=1.0, dtype=torch.float32, offset=0, non_contiguous=(),
+             **blocks):
+    tokens, concepts, owner = _inputs(B, L, P, D, dtype, offset)
+    bias = None if bias is None else torch.tensor(bias)
+    check_parity(reference.xac_loss_sum, functools.partial(xac_loss_sum, **blocks),
+                 [tokens, concepts, owner, torch.tensor(scale), bias, temperature, offset], dtype, non_contiguous)
+
+
+def _run_pool(B, L, P, D, temperature=1.0, dtype=torch.float32, non_contiguous=(), **blocks):
+    tokens, concepts, _ = _inputs(B, L, P, D, dtype)
+    check_parity(reference.concept_attention_pool, functools.partial(concept_attention_pool, **blocks),
+                 [tokens, concepts, temperature], dtype, non_contiguous)
+
+
+@pytest.mark.parametrize("B, L, P, D, scale, bias, temperature, offset, blocks", [
+    (1, 7, 1, 5, 10.0, -2.0, 1.0, 0, {}),                 # one image, one concept
+    (2, 7, 5, 19, 1.0, None, 1.0, 0, {}),                 # no bias, default blocks
+    (3, 7, 37, 33, 100.0, -10.0, 0.5, 0, SMALL),          # three concept blocks, three D slices, T ≠ 1
+    (3, 20, 19, 17, 10.0, 1.0, 1.0, 6, SMALL),            # data parallel: owners are global indices
+])
+def test_xac_fp32(B, L, P, D, scale, bias, temperature, offset, blocks):
+    _run_xac(B, L, P, D, scale, bias, temperature, offset=offset, **blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_xac_half_precision(dtype):
+    _run_xac(2, 7, 19, 19, 10.0, -1.0, dtype=dtype, **SMALL)
+
+
+def test_xac_non_contiguous_and_unnormalised():
+    _run_xac(2, 7, 5, 19, 10.0, -1.0, non_contiguous=(0, 1), **SMALL)
+    tokens, concepts, owner = _inputs(2, 7, 5, 19, torch.float32)      # the kernel must not assume unit rows
+    check_parity(reference.xac_loss_sum, functools.partial(xac_loss_sum, **SMALL),
+                 [3.0 * tokens, 0.5 * concepts, owner, torch.tensor(4.0), None, 2.0, 0], torch.float32)
+
+
+@pytest.mark.parametrize("B, L, P, D, temperature, blocks", [
+    (1, 7, 1, 5, 1.0, {}),
+    (3, 7, 19, 33, 0.5, SMALL),
+])
+def test_pool_fp32(B, L, P, D, temperature, blocks):
+    _run_pool(B, L, P, D, temperature, **blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pool_half_precision(dtype):
+    _run_pool(2, 7, 5, 19, dtype=dtype, **SMALL)
+
+
+def test_pool_non_contiguous():
+    _run_pool(2, 7, 5, 19, non_contiguous=(0,), **SMALL)
+
+
+def test_float_scale_and_bias_get_no_gradient():
+    tokens, concepts, owner = _inputs(2, 7, 5, 19, torch.float32)
+    leaf = tokens.clone().requires_grad_()
+    loss = xac_loss_sum(leaf, concepts, owner, 10.0, -1.0)
+    torch.testing.assert_close(loss.detach(), reference.xac_loss_sum(tokens, concepts, owner, 10.0, -1.0),
+                               rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert leaf.grad is not None
