@@ -134,6 +134,8 @@ def _worker(rank, port, failures_path):
         assert distributed.get_world_size() == WORLD and distributed.get_rank() == rank
         rows = _local_rows(rank)
         check("global_row_offset", torch.tensor(distributed.global_row_offset(LOCAL_B)), torch.tensor(rank * LOCAL_B))
+        flags = torch.tensor([True, False][: rank + 1])  # unequal sizes, a dtype gloo cannot gather as is
+        check("all_gather_no_grad", distributed.all_gather_no_grad(flags), torch.tensor([True, True, False]))
 
         # CE-CLIP threshold: global-batch statistics, clamp, previous value kept for the all-invalid type.
         batch = _batch()
