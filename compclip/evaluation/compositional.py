@@ -62,7 +62,8 @@ def score_items(embedder: Embedder, items: Sequence[ChoiceItem], desc: str = "")
 
 
 def _mean(values) -> float:
-    values = list(values)
+    """Mean of the numbers that exist: an empty subset (NaN) does not turn the average into NaN."""
+    values = [value for value in values if not np.isnan(value)]
     return float(np.mean(values)) if values else float("nan")
 
 

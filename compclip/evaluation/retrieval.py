@@ -90,9 +90,9 @@ def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, t
 def recall_metrics(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
     metrics = {}
     for k in ks:
-        metrics[f"image_to_text_R@{k}"] = float((i2t < k).float().mean())
+        metrics[f"image_to_text_R@{k}"] = float((i2t < k).double().mean())
     for k in ks:
-        metrics[f"text_to_image_R@{k}"] = float((t2i < k).float().mean())
+        metrics[f"text_to_image_R@{k}"] = float((t2i < k).double().mean())
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
 

@@ -1,6 +1,7 @@
 """SugarCrepe: the real annotation files parse with their published sizes; the accuracy of a tiny model on a
 fixture in the official format equals a direct open_clip computation; errors name the file and the item."""
 import json
+import math
 import os
 
 import pytest
@@ -79,10 +80,14 @@ def test_each_image_embedded_once_and_ties_are_wrong(tiny, tmp_path):
     ann, images, _ = _write_fixture(tmp_path)
     tie = {"1": {"filename": "000000000000.jpg", "caption": "same words", "negative_caption": "same words"}}
     (ann / "tie.json").write_text(json.dumps(tie))
+    (ann / "swap_empty.json").write_text("{}")  # the synthetic world may write a type with no valid negative
     embedder = Embedder(model, preprocess, tokenizer, "cpu", batch_size=5, progress=False)
     results = run_benchmarks(embedder, EvalConfig(sugarcrepe=str(ann), sugarcrepe_image_root=str(images)))
     assert embedder.images_encoded == 4  # 19 items over 4 subsets, 4 distinct images
-    assert results["sugarcrepe"].metrics["tie"] == 0.0
+    metrics = results["sugarcrepe"].metrics
+    assert metrics["tie"] == 0.0
+    assert math.isnan(metrics["swap_empty"]) and metrics["swap_avg"] == metrics["swap_obj"]
+    assert metrics["mean"] == pytest.approx(sum(metrics[s] for s in ("add_att", "swap_obj", "replace_rel", "tie")) / 4)
 
 
 def test_missing_image_names_file_and_item(tiny, tmp_path):
