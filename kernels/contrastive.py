@@ -50,6 +50,7 @@ import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -66,7 +67,9 @@ def interpreting() -> bool:
 
 
 def block_size(requested: Optional[int], extent: int, default: int, floor: int = 16) -> int:
-    """A power-of-two block: ``requested`` if given, else the smaller of ``default`` and the padded extent."""
+    """A power-of-two block: ``requested`` if given, else the smaller of ``default`` and the padded extent.
+
+    Blocks that feed tl.dot must be ≥ 16 on a GPU; smaller requested ones work only in the interpreter."""
     if requested is not None:
         if requested < 1 or requested & (requested - 1):
             raise ValueError(f"block sizes must be powers of two, got {requested}")
@@ -80,7 +83,8 @@ def dot_config(*tensors: torch.Tensor) -> Tuple[tl.dtype, str]:
     if not interpreting() and len(dtypes) == 1:
         (dtype,) = dtypes
         if dtype in (torch.float16, torch.bfloat16):
-            return _TL_DTYPES[dtype], "ieee"
+            # input_precision only matters for float32 operands; 16-bit ones get Triton's default.
+            return _TL_DTYPES[dtype], "tf32"
     return tl.float32, "ieee"
 
 
@@ -309,8 +313,9 @@ def contrastive_backward(anchors, columns, scale, targets, extra, lse, grad, blo
     d_slices = triton.cdiv(D, blocks["BLOCK_DO"])
     grid_a = (triton.cdiv(M, blocks["BLOCK_M"]), d_slices)
     scale_partials = torch.empty(grid_a[0] * grid_a[1], dtype=torch.float32, device=anchors.device)
+    # 8 warps: the [BLOCK, BLOCK_DO] float32 accumulator is 64 KiB at the default 64 × 256.
     common = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
-                  BLOCK_DO=blocks["BLOCK_DO"], DOT_DTYPE=dot_dtype, PRECISION=precision)
+                  BLOCK_DO=blocks["BLOCK_DO"], DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8)
     launch(_contrastive_bwd_anchors_kernel, grid_a,
         anchors, columns, scale, targets, extra if extra is not None else lse, lse, grad,
         d_anchors, d_extra if d_extra is not None else lse, scale_partials,
@@ -345,6 +350,7 @@ class ContrastiveRowLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         anchors, columns, scale, targets, extra_logits, lse = ctx.saved_tensors
         grad = grad_loss.to(torch.float32).contiguous()

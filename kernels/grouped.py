@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -189,6 +190,7 @@ class GroupedScores(torch.autograd.Function):
         return pos, neg
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_pos, grad_neg):
         anchors, positives, negatives, scale = ctx.saved_tensors
         B, K, _ = negatives.shape
@@ -208,6 +210,7 @@ class GroupedContrastRowLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         anchors, positives, negatives, scale, pos, neg, lse = ctx.saved_tensors
         return _grads(ctx, *grouped_backward(anchors, positives, negatives, scale, pos, neg,

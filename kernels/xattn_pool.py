@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -252,7 +253,9 @@ def _meta(tokens, concepts, block_p, block_d, block_do) -> dict:
     _, L, D = tokens.shape
     P = concepts.shape[0]
     dot_dtype, precision = dot_config(tokens, concepts)
-    return dict(BLOCK_P=block_size(block_p, P, 32), BLOCK_L=block_size(None, L, 1 << 30),
+    block_l = block_size(None, L, 1 << 30)
+    # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward: fewer concepts per program for long L.
+    return dict(BLOCK_P=block_size(block_p, P, 32 if block_l <= 128 else 16), BLOCK_L=block_l,
                 BLOCK_D=block_size(block_d, D, 64), BLOCK_DO=block_size(block_do, D, 256),
                 DOT_DTYPE=dot_dtype, PRECISION=precision)
 
@@ -269,7 +272,7 @@ def xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offse
            tokens, concepts, owner, scale, bias,
            out,
            L, P, D, 1.0 / temperature, image_offset,
-           POOL=pool, **fwd_meta)
+           POOL=pool, num_warps=8, **fwd_meta)
     return out
 
 
@@ -286,12 +289,12 @@ def xattn_backward(tokens, concepts, owner, scale, bias, grad, temperature, imag
            tokens, concepts, *common,
            d_tokens, partials[0], partials[1],
            L, P, D, 1.0 / temperature, image_offset,
-           POOL=pool, **meta)
+           POOL=pool, num_warps=8, **meta)
     launch(_xattn_bwd_concepts_kernel, (triton.cdiv(P, meta["BLOCK_P"]), d_slices),
            tokens, concepts, *common,
            d_concepts,
            B, L, P, D, 1.0 / temperature, image_offset,
-           POOL=pool, **meta)
+           POOL=pool, num_warps=8, **meta)
     return d_tokens, d_concepts, partials[0], partials[1]
 
 
@@ -317,6 +320,7 @@ class ConceptAttentionPool(torch.autograd.Function):
         return pooled
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_pooled):
         tokens, concepts = ctx.saved_tensors
         zero = scalar_arg(None, tokens.device)
@@ -339,6 +343,7 @@ class XACLossSum(torch.autograd.Function):
         return partials.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         tokens, concepts, owner, scale, bias = ctx.saved_tensors
         d_tokens, d_concepts, scale_partials, bias_partials = xattn_backward(

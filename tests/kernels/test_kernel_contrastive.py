@@ -79,3 +79,7 @@ def test_shape_errors():
         contrastive_row_loss(torch.zeros(3, 4), torch.zeros(5, 6), 1.0, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError):
         contrastive_row_loss(torch.zeros(3, 4), torch.zeros(5, 4), 1.0, torch.zeros(2, dtype=torch.long))
+
+
+def test_wide_embedding_default_blocks():
+    _run("negclip", M=3, B=3, K=1, D=1030, scale=100.0)      # D > 1024, not a power of two: 5 D slices

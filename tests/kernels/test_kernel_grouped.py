@@ -53,3 +53,8 @@ def test_one_output_used_and_float_scale():
     for leaf, ref_leaf in zip(leaves, ref_leaves):
         expected = torch.zeros_like(leaf) if ref_leaf.grad is None else ref_leaf.grad   # positives: unreached
         torch.testing.assert_close(leaf.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_wide_embedding_default_blocks(op):
+    _run(op, 2, 2, 1030, 100.0)

@@ -78,3 +78,8 @@ def test_float_scale_and_bias_get_no_gradient():
                                rtol=1e-4, atol=1e-5)
     loss.backward()
     assert leaf.grad is not None
+
+
+def test_wide_embedding_default_blocks():
+    _run_xac(2, 3, 3, 1030, 100.0, -10.0)
+    _run_pool(1, 3, 2, 1030)
