@@ -1,0 +1,532 @@
+"""The training configuration: nested dataclasses, YAML files, command-line overrides, the DeepSpeed config.
+
+Precedence: command line > YAML (``--config``, may be given several times; later files overlay earlier ones) >
+dataclass defaults. Every key is checked: an unknown key or a value of the wrong type is a ``ConfigError`` that
+names the dotted key, raised before any process group, worker or data file is touched.
+
+Command line: ``--section.field=value`` or ``--section.field value``; values are parsed as YAML
+(``--loss.terms={negclip: 1.0, igc: 0.1}``, ``--optim.betas=[0.9,0.98]``), string fields keep the raw text.
+Mapping fields also take one key at a time: ``--loss.terms.igc=0.1``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from compclip.data import DataConfig
+from compclip.evaluation import EvalConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (the message names the dotted key)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which open_clip model to train and where its starting weights come from."""
+
+    arch: str = "compclip-tiny"
+    """open_clip architecture name (`ViT-B-32`, `ViT-B-16-SigLIP`, ...) or one of compclip/model_configs
+    (`compclip-tiny`, `compclip-tiny-siglip`)."""
+    pretrained: str = ""
+    """A pretrained tag known to open_clip (`openai`, needs the hub), a local checkpoint path (an open_clip
+    state dict, our `epoch_N.pt` export, or a consolidated fp32 state dict), or empty for random init."""
+    force_quick_gelu: bool = False
+    """Use QuickGELU activations. Forced on when `pretrained` is `openai`: the OpenAI weights were trained with
+    it, and evaluating them with GELU silently costs accuracy."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass (open_clip's set_grad_checkpointing)."""
+
+
+@dataclass
+class LossConfig:
+    """The training objective: a method from compclip/methods and its loss-term weights."""
+
+    method: str = "negclip"
+    """Registry name: `clip`, `negclip`, `ceclip`, `degla`, `c2lip` or `composite` (any terms)."""
+    terms: Dict[str, float] = field(default_factory=dict)
+    """Loss terms and their weights, e.g. {negclip: 1.0, cmr: 0.2, imc: 0.2}. Empty = the method's published
+    weights; given = replaces them (`composite` requires it). Names: clip, siglip, negclip, cmr, imc, igc, tgc,
+    distill, npc, xac."""
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Keyword options per term, passed to compclip.losses.terms.TERMS[name], e.g. {imc: {variant: released}}."""
+    backend: str = "auto"
+    """Kernel backend for every term: `auto` (Triton on CUDA), `triton` or `torch`."""
+    cmr_upper: float = 10.0
+    """Upper clamp of the CE-CLIP adaptive threshold (scaled-logit units)."""
+    ema_decay: float = 0.9996
+    """EMA decay of the teacher for terms that need one (tgc, distill)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, the learning-rate schedule and the length of the run."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay; never applied to gains, biases, logit_scale / logit_bias or 1-d embeddings."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    schedule: str = "cosine"
+    """`cosine` (to 0 after linear warm-up) or `constant` (after warm-up)."""
+    warmup_steps: int = 50
+    """Optimizer steps of linear warm-up."""
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs). The schedule spans min(epochs, max_steps)."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step. Every micro-batch's loss uses only that micro-batch's global batch as
+    negatives (see README, 'Gradient accumulation')."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    logit_scale_max: float = 100.0
+    """exp(logit_scale) is clamped to at most this after every optimizer step (all three papers use 100)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How the model is distributed; turned into a DeepSpeed config by `deepspeed_config()`."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0, 1, 2 or 3."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` or `fp16` (the EMA teacher stays fp32 in every case)."""
+    offload_optimizer: bool = False
+    """ZeRO 1-3: keep optimizer states in CPU memory."""
+    offload_param: bool = False
+    """ZeRO 3: keep parameters in CPU memory."""
+    config_file: str = ""
+    """An explicit DeepSpeed JSON (also `--deepspeed_config FILE`). Its values override the generated ones;
+    every difference is reported, and a batch-size conflict is an error."""
+
+
+@dataclass
+class LogConfig:
+    """Run folder, logging and checkpoints."""
+
+    logs: str = "logs"
+    """Parent folder of run folders."""
+    name: str = ""
+    """Run folder name under `logs`; empty = `<method>-<arch>-<timestamp>`."""
+    every_n_steps: int = 10
+    """Write metrics.jsonl / tensorboard every N optimizer steps (step 1 is always logged)."""
+    tensorboard: bool = True
+    """Write tensorboard events to <run>/tensorboard."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    save_every_n_steps: int = 0
+    """Also write a DeepSpeed checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
+    save_deepspeed: bool = True
+    """Write DeepSpeed checkpoints (needed for --resume) at the end of each epoch and of the run."""
+    export: bool = True
+    """Write the open_clip-loadable <run>/checkpoints/epoch_N.pt after each epoch."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Sections: model, data, loss, optim, deepspeed, eval, log."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data (compclip.data.DataConfig; `data.batch_size` is the micro-batch per rank)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Distribution and precision."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation (compclip.evaluation.EvalConfig)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging and checkpoints."""
+    seed: int = 0
+    """Seed of model init, data order and every RNG."""
+    device: str = "auto"
+    """`auto` (the DeepSpeed accelerator: CUDA if present, else CPU), `cuda` or `cpu`."""
+    resume: str = ""
+    """`latest` (the newest DeepSpeed checkpoint of this run folder) or a checkpoint folder/tag path. Same world
+    size and ZeRO stage: bit-identical continuation. For another world size use `init_from`."""
+    init_from: str = ""
+    """A DeepSpeed checkpoint folder: load its consolidated fp32 weights (student and EMA teacher) and start a
+    new run (optimizer, schedule and data order restart). For changing the number of ranks."""
+    eval_synthetic: bool = True
+    """When training on the synthetic world and no benchmark is configured, evaluate on the world's binding sets
+    and retrieval split."""
+    eval_before: bool = True
+    """Evaluate before the first step too, and print a before -> after table at the end."""
+    max_nonfinite: int = 5
+    """Consecutive non-finite losses (each step is skipped) that stop the run."""
+    threads: int = 0
+    """torch CPU threads per rank (0 = cores / local ranks)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Type checking and conversion
+
+
+def _hints(cls) -> Dict[str, Any]:
+    # Modules with `from __future__ import annotations` store field types as strings.
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, List, Sequence, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({type(value).__name__})")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, f"{key}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r} ({type(value).__name__})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an int, got {value!r} ({type(value).__name__})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-5` (no dot) as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a float, got {value!r} ({type(value).__name__})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `name: 2024` in YAML
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, values: Dict[str, Any], prefix: str = ""):
+    """`cls` from defaults overlaid with `values` (checked, recursively)."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = [n for n in sorted(names) if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: Dict[str, Any], overlay: Dict[str, Any], replace_keys: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in replace_keys:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    if tp is str or (typing.get_origin(tp) is typing.Union and str in typing.get_args(tp)
+                     and raw.lower() not in ("null", "none", "~")):
+        return raw
+    if raw.lower() == "none":
+        return None
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _field_type(dotted: str) -> Tuple[Any, List[str]]:
+    """Type of the field at a dotted path of TrainConfig (raises for an unknown key)."""
+    cls, tp = TrainConfig, TrainConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if dataclasses.is_dataclass(cls):
+            hints = _hints(cls)
+            if part not in hints:
+                raise ConfigError(f"unknown config key {dotted!r} (no field {part!r} in "
+                                  f"{'.'.join(parts[:i]) or 'the top level'}; valid: {', '.join(sorted(hints))})")
+            tp = hints[part]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+        elif typing.get_origin(tp) in (dict, Dict):
+            tp = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+            cls = None
+        else:
+            raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[:i])} is not a section")
+    return tp, parts
+
+
+def _nest(parts: List[str], value: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+# Flags the DeepSpeed launcher and users pass that are not `--section.field`.
+ALIASES = {"deepspeed_config": "deepspeed.config_file"}
+TOP_LEVEL_FLAGS = {"config", "local_rank"}
+
+
+def parse_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]], Optional[int]]:
+    """(YAML files, [(dotted key, raw value)], local_rank) from argv."""
+    configs: List[str] = []
+    overrides: List[Tuple[str, str]] = []
+    local_rank = None
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --section.field=value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            key = arg[2:]
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                # A bare flag is `true` (booleans), e.g. --log.progress
+                raw = "true"
+                i += 1
+            else:
+                raw = args[i + 1]
+                i += 2
+        key = key.replace("-", "_") if key in ("local-rank", "deepspeed-config") else key
+        key = ALIASES.get(key, key)
+        if key == "config":
+            configs.append(raw)
+        elif key in ("local_rank",):
+            local_rank = int(raw)
+        else:
+            overrides.append((key, raw))
+    return configs, overrides, local_rank
+
+
+def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """TrainConfig from defaults < `base` < YAML files < command-line overrides."""
+    configs, overrides, _ = parse_args(argv)
+    merged: Dict[str, Any] = dict(base or {})
+    for path in configs:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+        # `loss.terms` replaces rather than merges: a YAML that names terms means exactly those terms.
+        merged = _merge(merged, loaded)
+        if isinstance(loaded.get("loss"), dict) and "terms" in loaded["loss"]:
+            merged["loss"]["terms"] = loaded["loss"]["terms"]
+    for dotted, raw in overrides:
+        tp, parts = _field_type(dotted)
+        value = _parse_value(raw, tp)
+        if len(parts) >= 2 and parts[-2] == "terms" and parts[0] == "loss" and len(parts) == 3:
+            # --loss.terms.igc=0.1 adds / reweights one term
+            merged = _merge(merged, _nest(parts, value))
+        elif dotted == "loss.terms":
+            merged.setdefault("loss", {})
+            merged["loss"] = dict(merged["loss"], terms=value)
+        else:
+            merged = _merge(merged, _nest(parts, value))
+    cfg = _build(TrainConfig, merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that need no files or processes."""
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"deepspeed.precision: expected fp32, bf16 or fp16, got {cfg.deepspeed.precision!r}")
+    if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule: expected cosine or constant, got {cfg.optim.schedule!r}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    for key in ("optim.grad_accumulation", "optim.epochs", "data.batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key}: must be >= 1")
+    if cfg.optim.logit_scale_max <= 1.0:
+        raise ConfigError("optim.logit_scale_max: must be > 1 (it bounds exp(logit_scale))")
+    if cfg.loss.backend not in ("auto", "triton", "torch"):
+        raise ConfigError(f"loss.backend: expected auto, triton or torch, got {cfg.loss.backend!r}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device: expected auto, cuda or cpu, got {cfg.device!r}")
+    for name, weight in cfg.loss.terms.items():
+        if weight < 0:
+            raise ConfigError(f"loss.terms.{name}: weight must be >= 0, got {weight}")
+    if not 0.0 <= cfg.loss.ema_decay < 1.0:
+        raise ConfigError(f"loss.ema_decay: must be in [0, 1), got {cfg.loss.ema_decay}")
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("resume and init_from are exclusive")
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> Tuple[Dict[str, Any], List[str]]:
+    """The DeepSpeed config for `cfg`, and the list of differences an explicit config file made.
+
+    The optimizer and the schedule are built by the trainer (torch AdamW with open_clip's parameter groups and a
+    LambdaLR) and handed to deepspeed.initialize, so no `optimizer`/`scheduler` section is generated; a file that
+    has one is reported and that section is honoured by DeepSpeed instead of ours.
+    """
+    micro = cfg.data.batch_size
+    accumulation = cfg.optim.grad_accumulation
+    ds: Dict[str, Any] = {
+        "train_batch_size": micro * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10 ** 9,  # our own logs carry the numbers
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        # A torch AdamW works with offload only when DeepSpeed is told not to insist on its CPUAdam.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+    }
+    if cfg.deepspeed.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.deepspeed.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                      "min_loss_scale": 1}
+    zero = ds["zero_optimization"]
+    if cfg.deepspeed.zero_stage >= 1:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if cfg.deepspeed.zero_stage == 3:
+        # Full fp32 weights are gathered by compclip for the export; DeepSpeed's 16-bit gather is not needed.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+
+    differences: List[str] = []
+    if cfg.deepspeed.config_file:
+        try:
+            with open(cfg.deepspeed.config_file, encoding="utf-8") as fh:
+                explicit = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file}: not valid JSON: {exc}") from None
+        differences = _differences(ds, explicit)
+        ds = _merge(ds, explicit)
+        # "auto" values are DeepSpeed/HF conventions for "fill in from the trainer": ours fill them.
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if ds.get(key) == "auto":
+                ds[key] = {"train_batch_size": micro * accumulation * world_size,
+                           "train_micro_batch_size_per_gpu": micro,
+                           "gradient_accumulation_steps": accumulation}[key]
+        batch = ds["train_batch_size"]
+        product = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+        if batch != product:
+            raise ConfigError(
+                f"deepspeed config {cfg.deepspeed.config_file}: train_batch_size {batch} != micro batch "
+                f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} x "
+                f"world size {world_size} = {product}")
+        if ds["train_micro_batch_size_per_gpu"] != micro or ds["gradient_accumulation_steps"] != accumulation:
+            raise ConfigError(
+                f"deepspeed config {cfg.deepspeed.config_file} sets micro batch "
+                f"{ds['train_micro_batch_size_per_gpu']} / accumulation {ds['gradient_accumulation_steps']}, but "
+                f"the data loader uses data.batch_size={micro} / optim.grad_accumulation={accumulation}: set those "
+                "instead")
+    else:
+        batch = ds["train_batch_size"]
+        if batch != micro * accumulation * world_size:  # pragma: no cover - by construction
+            raise ConfigError("train_batch_size != micro x accumulation x world")
+    return ds, differences
+
+
+def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "") -> List[str]:
+    out = []
+    for key, value in theirs.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(ours.get(key), dict):
+            out.extend(_differences(ours[key], value, dotted + "."))
+        elif key not in ours:
+            out.append(f"{dotted}: set to {value!r} by the file (not generated by compclip)")
+        elif ours[key] != value:
+            out.append(f"{dotted}: file {value!r} overrides generated {ours[key]!r}")
+    return out
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    import time
+
+    return f"{cfg.loss.method}-{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_")
+
+
+def clone(cfg: TrainConfig) -> TrainConfig:
+    return copy.deepcopy(cfg)

@@ -1,0 +1,127 @@
+"""A method = which features to compute + which loss terms to sum, with weights, + stateful hooks.
+
+The hooks are driven by the terms a method uses, not by its name, so any combination of terms (the
+`composite` method, or a published method with extra terms in its YAML) gets the same behaviour: a `cmr` term
+brings CE-CLIP's adaptive threshold, a `tgc` / `distill` term brings the EMA teacher.
+"""
+from __future__ import annotations
+
+import inspect
+
+from typing import Any, Dict, Optional, Set, Tuple, Type
+
+import torch
+
+from compclip.losses.terms import TERMS, CMRThreshold, Features, required_features
+
+REGISTRY: Dict[str, Type["Method"]] = {}
+
+TEACHER_FIELDS = {"teacher_image", "teacher_text", "teacher_negatives"}
+TEXT_NEGATIVE_FIELDS = {"negatives", "valid"}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def build_method(loss_cfg, *, num_negatives: int, has_logit_bias: bool) -> "Method":
+    if loss_cfg.method not in REGISTRY:
+        raise ValueError(f"loss.method: unknown method {loss_cfg.method!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[loss_cfg.method](loss_cfg, num_negatives=num_negatives, has_logit_bias=has_logit_bias)
+
+
+class Method:
+    """Base class: subclasses set `default_terms` (the published weights) or override `published_terms`."""
+
+    name = "method"
+    default_terms: Dict[str, float] = {}
+
+    def __init__(self, loss_cfg, *, num_negatives: int, has_logit_bias: bool = False):
+        self.has_logit_bias = has_logit_bias
+        weights = dict(loss_cfg.terms) if loss_cfg.terms else self.published_terms()
+        if not weights:
+            raise ValueError(f"loss.terms: method {self.name!r} needs at least one term")
+        for term in list(weights) + list(loss_cfg.options):
+            if term not in TERMS:
+                raise ValueError(f"loss.terms: unknown term {term!r}; known: {sorted(TERMS)}")
+        self.weights: Dict[str, float] = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        self.options: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in loss_cfg.options.items()}
+        self.backend = loss_cfg.backend
+        self.ema_decay = loss_cfg.ema_decay
+        self.threshold: Optional[CMRThreshold] = (
+            CMRThreshold(num_negatives, loss_cfg.cmr_upper) if "cmr" in self.weights else None)
+        self.required: Set[str] = set()
+        for term in self.weights:
+            self.required |= required_features(term)
+
+    def published_terms(self) -> Dict[str, float]:
+        return dict(self.default_terms)
+
+    # ---- what to compute -------------------------------------------------------------------------------------
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.required & TEACHER_FIELDS)
+
+    @property
+    def needs_negatives(self) -> bool:
+        return bool(self.required & (TEXT_NEGATIVE_FIELDS | {"teacher_negatives"})) or self.threshold is not None
+
+    @property
+    def needs_concepts(self) -> bool:
+        return bool(self.required & {"concepts", "owner"})
+
+    @property
+    def needs_tokens(self) -> bool:
+        return "tokens" in self.required
+
+    # ---- the loss --------------------------------------------------------------------------------------------
+    def _term_options(self, term: str) -> Dict[str, Any]:
+        options = dict(self.options.get(term, {}))
+        if term == "cmr":
+            options.setdefault("threshold", self.threshold)
+        if "backend" in inspect.signature(TERMS[term]).parameters:
+            options.setdefault("backend", self.backend)
+        return options
+
+    def loss(self, features: Features) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(weighted sum, {term: unweighted value}) on the global batch."""
+        parts: Dict[str, torch.Tensor] = {}
+        total = None
+        for term, weight in self.weights.items():
+            value = TERMS[term](features, **self._term_options(term))
+            parts[term] = value
+            total = value * weight if total is None else total + value * weight
+        return total, parts
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """CE-CLIP: θ = 0 at the start of every epoch."""
+        if self.threshold is not None:
+            self.threshold.reset()
+
+    def after_step(self, features: Features) -> None:
+        """After each micro-batch's backward: CE-CLIP's threshold from this global batch, for the next one."""
+        if self.threshold is not None:
+            detached = Features(**{k: (v.detach() if isinstance(v, torch.Tensor) else v)
+                                   for k, v in vars(features).items()})
+            self.threshold.update(detached, backend=self.backend)
+
+    def log_values(self) -> Dict[str, float]:
+        if self.threshold is None:
+            return {}
+        return {f"cmr_threshold/{k}": float(v) for k, v in enumerate(self.threshold.value.tolist())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "weights": dict(self.weights),
+                "threshold": self.threshold.state_dict() if self.threshold is not None else None}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if self.threshold is not None and state.get("threshold") is not None:
+            self.threshold.load_state_dict(state["threshold"])
+
+    def describe(self) -> str:
+        return f"{self.name}: " + " + ".join(f"{w:g}*{t}" for t, w in self.weights.items())
