@@ -99,17 +99,17 @@ def run_case(benchmark, case: Case, rounds: int) -> None:
         synchronize()
         return inputs, {}
 
-    benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1 if CUDA else 0)
+    benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
     inputs = case.setup()
-    benchmark.extra_info["peak_memory_mb"] = round(peak_memory(lambda: case.run(*inputs)) / 2**20, 2)
+    benchmark.extra_info["peak_memory_mb"] = float(f"{peak_memory(lambda: case.run(*inputs)) / 2**20:.4g}")
     benchmark.extra_info["device"] = device_name()
     if benchmark.stats is None:  # --benchmark-disable: the call ran once, untimed
         return
     mean = benchmark.stats.stats.mean
     if case.flops:
-        benchmark.extra_info["tflops"] = round(case.flops / mean / 1e12, 3)
+        benchmark.extra_info["tflops"] = float(f"{case.flops / mean / 1e12:.3g}")
     if case.bytes_moved:
-        benchmark.extra_info["gb_per_s"] = round(case.bytes_moved / mean / 1e9, 1)
+        benchmark.extra_info["gb_per_s"] = float(f"{case.bytes_moved / mean / 1e9:.3g}")
     peaks = device_peaks()
     if peaks:
         floor = max(case.floor_flops / peaks["flops"], case.bytes_moved / peaks["bandwidth"])
