@@ -41,3 +41,10 @@ def decoded(tokens: torch.Tensor) -> list[str]:
 
     return [decode(row[row > 0]).replace("<start_of_text>", "").replace("<end_of_text>", "").strip()
             for row in tokens]
+
+
+@functools.lru_cache(maxsize=None)
+def nlp():
+    from compclip.data.concepts import load_spacy
+
+    return load_spacy(SPACY_MODEL)
