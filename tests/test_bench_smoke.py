@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_runs_and_renders(tmp_path):
     results = tmp_path / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A clean pytest: no interpreter (the Triton cases must skip), no xdist worker state inherited from this run.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
     env["COMPCLIP_BENCH_SIZES"] = "tiny"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider",
