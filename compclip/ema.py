@@ -45,7 +45,11 @@ class EMATeacher:
                 raise ValueError("EMATeacher: a ZeRO-3 student needs the ZeRO-3 config for its teacher")
             config = {k: v for k, v in zero3_config.items()
                       if k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps")}
-            config["zero_optimization"] = {"stage": 3}
+            # Nothing may stay gathered between forwards: ZeRO-3 keeps small ("persistent") parameters
+            # materialised after its first traced step and never re-reads their shard, so the shard-local EMA
+            # updates would not reach the teacher's forward.
+            config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                           "stage3_model_persistence_threshold": 0}
             engine, *_ = deepspeed.initialize(model=teacher, config=config)
             self.engine = engine
             self.module = engine.module

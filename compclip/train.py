@@ -45,7 +45,7 @@ EMBEDDED_DEFAULT: Dict[str, Any] = {
              "synthetic": {"num_train": 2000, "num_val": 200, "seed": 0, "image_size": 64,
                            "root": ".cache/compclip/synthetic-{seed}-{num_train}-{num_val}-{image_size}"}},
     "loss": {"method": "negclip"},
-    "optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 20, "epochs": 4, "grad_clip": 1.0},
+    "optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 20, "epochs": 3, "grad_clip": 1.0},
     "eval": {"progress": False, "precision": "fp32"},
 }
 
@@ -630,6 +630,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(f"compclip/train.py: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     _single_process_environment()
+    # A caller that set up the process group (a test, a notebook) keeps it: DeepSpeed caches groups derived from
+    # it, so tearing it down would break the caller's next run.
+    owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     trainer = Trainer(cfg)
     result = trainer.train()
     if trainer.rank == 0:
@@ -648,7 +651,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         with open(trainer.run_dir / "out.log", "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if owns_process_group:
+        torch.distributed.destroy_process_group()
     return result
 
 

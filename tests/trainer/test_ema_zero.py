@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-STEPS = 4
+STEPS = 4  # > 2: ZeRO-3 starts keeping small parameters gathered after its first traced step
 DECAY = 0.8  # far from 1 so that every step visibly moves the teacher
 
 
@@ -57,6 +57,7 @@ def _worker(rank, world, port, results):
             loss = engine(torch.randn(2, 6, generator=generator))
             engine.backward(loss)
             engine.step()
+            teacher(torch.randn(2, 6, generator=generator))  # forwards between updates, as in training
             teacher.update()
             history.append(full_student())
         expected = {}
@@ -66,9 +67,16 @@ def _worker(rank, world, port, results):
                 value = value + DECAY ** (STEPS - k) * (1 - DECAY) * history[k][name]
             expected[name] = value
         got = teacher.full_parameters()
+        # The teacher's forward must see the updated shards (ZeRO-3 keeps small parameters gathered after its
+        # first traced step unless told otherwise), so compare it with the closed form's forward too.
+        probe = torch.randn(3, 6, generator=torch.Generator().manual_seed(7))
+        reference = _build()
+        reference.load_state_dict(expected)
+        with torch.no_grad():
+            forward_error = abs(float(teacher(probe)) - float(reference(probe)))
         moved = max(float((history[-1][n] - history[0][n]).abs().max()) for n in history[0])
         out[stage] = {"max_error": max(float((got[n] - expected[n]).abs().max()) for n in expected),
-                      "moved": moved, "partitioned": teacher.partitioned}
+                      "moved": moved, "partitioned": teacher.partitioned, "forward_error": forward_error}
     results[rank] = out
 
 
@@ -89,3 +97,4 @@ def test_ema_teacher_matches_closed_form_under_zero_1_2_3():
             assert res["moved"] > 1e-3, (rank, stage, res)
             assert res["partitioned"] == (stage == 3)
             assert res["max_error"] < 1e-6, (rank, stage, res)
+            assert res["forward_error"] < 1e-6, (rank, stage, res)

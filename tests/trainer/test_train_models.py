@@ -1,0 +1,140 @@
+"""compclip.models: visual tokens, one-forward encoding, parameter groups, logit-scale clamp, export round trip,
+and the method registry built on compclip.losses.terms."""
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compclip.config import LossConfig
+from compclip.methods import REGISTRY, build_method
+from compclip.models import (Encoder, build_model, capture_visual_tokens, clamp_logit_scale, export_checkpoint,
+                             full_state_dict, parameter_groups)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("compclip-tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_map():
+    torch.manual_seed(0)
+    return build_model("compclip-tiny-map")
+
+
+def test_vit_class_token_through_ln_post_and_proj_is_encode_image(tiny):
+    model = tiny[0].eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), capture_visual_tokens(model) as store:
+        pooled = model.encode_image(images)
+    assert torch.equal(store["class_token"], pooled)
+    assert store["tokens"].shape == (2, 64, 64)  # (64 / 8)^2 patch tokens, joint width 64
+
+
+def test_map_head_value_path_is_the_pool_of_a_lone_token(tiny_map):
+    # With one key, attention is 1 on it, so the MAP head's output is exactly the token's value path.
+    model = tiny_map[0].eval()
+    pool = model.visual.trunk.attn_pool
+    lone = torch.randn(3, 1, 64)
+    from compclip.models import _map_value_path
+
+    with torch.no_grad():
+        torch.testing.assert_close(_map_value_path(pool, lone), pool(lone).reshape(3, 1, 64), rtol=1e-5, atol=1e-6)
+        with capture_visual_tokens(model) as store:
+            model.encode_image(torch.randn(2, 3, 64, 64))
+    assert store["tokens"].shape == (2, 16, 64)
+
+
+def test_encoder_is_one_forward_for_positives_negatives_and_concepts(tiny):
+    model, _, _, tokenizer = tiny
+    encoder = Encoder(model).eval()
+    images = torch.randn(2, 3, 64, 64)
+    text = tokenizer(["a red circle", "a blue square"])
+    negatives = tokenizer(["a blue circle", "a red square", "a green circle", "a red cross"]).reshape(2, 2, -1)
+    concepts = tokenizer(["red circle", "blue square", "square"])
+    with torch.no_grad():
+        out = encoder(images, text, negatives, concepts, want_tokens=True)
+        torch.testing.assert_close(out.negatives[1, 1], F.normalize(model.encode_text(negatives[1, 1:]), dim=-1)[0])
+        torch.testing.assert_close(out.concepts, F.normalize(model.encode_text(concepts), dim=-1))
+        torch.testing.assert_close(out.image, F.normalize(model.encode_image(images), dim=-1))
+    assert out.logit_scale.dim() == 0 and out.tokens.shape == (2, 64, 64)
+    torch.testing.assert_close(out.tokens.norm(dim=-1), torch.ones(2, 64))
+
+
+def test_no_weight_decay_on_gains_biases_scales_and_class_embedding(tiny):
+    model = Encoder(build_model("compclip-tiny")[0])
+    no_decay, decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert "clip.logit_scale" in plain and "clip.visual.class_embedding" in plain
+    assert all(("ln" in n or "bias" in n or "logit" in n or "class_embedding" in n) for n in plain)
+    assert {names[id(p)] for p in decay["params"]} >= {"clip.visual.proj", "clip.text_projection"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_logit_scale_clamp_and_export_loads_in_open_clip(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("compclip-tiny")[0]
+    encoder = Encoder(model)  # 0-dim parameters become [1] for DeepSpeed
+    assert model.logit_scale.shape == (1,)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(300.0))
+    clamp_logit_scale(model, 100.0)
+    assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-6)
+    state = full_state_dict(model)
+    assert state["logit_scale"].shape == ()  # the stock shape again
+    path = tmp_path / "epoch_1.pt"
+    export_checkpoint(state, str(path), 1, "compclip-tiny")
+    stock, _, _ = open_clip.create_model_and_transforms("compclip-tiny", pretrained=str(path))
+    stock.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(stock.encode_image(images), encoder.clip.eval().encode_image(images))
+    assert math.isclose(stock.logit_scale.exp().item(), 100.0, rel_tol=1e-6)
+
+
+def test_methods_sum_their_published_terms():
+    expected = {
+        "clip": {"clip": 1.0}, "negclip": {"negclip": 1.0}, "ceclip": {"negclip": 1.0, "cmr": 0.2, "imc": 0.2},
+        "degla": {"negclip": 1.0, "igc": 0.1, "tgc": 0.1, "distill": 0.005},
+        "c2lip": {"clip": 1.0, "npc": 1.0, "xac": 0.01},
+    }
+    for name, weights in expected.items():
+        method = build_method(LossConfig(method=name), num_negatives=4, has_logit_bias=False)
+        assert method.weights == weights, name
+    assert build_method(LossConfig(method="c2lip"), num_negatives=1, has_logit_bias=True).weights["siglip"] == 1.0
+    degla = build_method(LossConfig(method="degla"), num_negatives=4, has_logit_bias=False)
+    assert degla.needs_teacher and not degla.needs_tokens and degla.threshold is None
+    ceclip = build_method(LossConfig(method="ceclip"), num_negatives=4, has_logit_bias=False)
+    assert ceclip.threshold is not None and not ceclip.needs_teacher
+    with pytest.raises(ValueError, match="composite"):
+        build_method(LossConfig(method="composite"), num_negatives=4, has_logit_bias=False)
+    with pytest.raises(ValueError, match="unknown term 'nope'"):
+        build_method(LossConfig(method="composite", terms={"nope": 1.0}), num_negatives=4, has_logit_bias=False)
+    assert set(REGISTRY) == {"clip", "negclip", "ceclip", "degla", "c2lip", "composite"}
+
+
+def test_method_loss_is_the_weighted_sum_and_threshold_hooks():
+    from compclip.losses.terms import TERMS, Features
+
+    torch.manual_seed(0)
+    b, k, d = 4, 3, 8
+    unit = lambda *shape: F.normalize(torch.randn(*shape), dim=-1)  # noqa: E731
+    features = Features(image=unit(b, d), text=unit(b, d), logit_scale=torch.tensor(10.0),
+                        negatives=unit(b, k, d), valid=torch.ones(b, k, dtype=torch.bool))
+    method = build_method(LossConfig(method="ceclip"), num_negatives=k, has_logit_bias=False)
+    total, parts = method.loss(features)
+    manual = TERMS["negclip"](features) + 0.2 * TERMS["cmr"](features, threshold=torch.zeros(k, dtype=torch.float64)) \
+        + 0.2 * TERMS["imc"](features)
+    torch.testing.assert_close(total, manual)
+    assert set(parts) == {"negclip", "cmr", "imc"}
+    method.after_step(features)
+    assert method.threshold.value.abs().sum() > 0
+    state = method.state_dict()
+    method.on_epoch_start(1)
+    assert method.threshold.value.abs().sum() == 0
+    method.load_state_dict(state)
+    assert torch.equal(method.threshold.value, state["threshold"]["value"])

@@ -1,0 +1,110 @@
+"""Every configs/*.yaml runs 2 steps on the CPU with the tiny overlay (one process, in this test process), and the
+bad inputs fail before training starts."""
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+METHOD_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+METHOD_CONFIGS = [p for p in METHOD_CONFIGS if p.name != "tiny.yaml"]
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A world of one for in-process runs, created once per test process and kept: DeepSpeed caches groups
+    derived from the default group, so it must outlive every engine built on it."""
+    import torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
+            monkeypatch.setenv(key, value)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+
+
+def _tiny_args(path, tmp_path, name):
+    import yaml
+
+    args = ["--config", str(path), "--config", str(ROOT / "configs" / "tiny.yaml"),
+            f"--log.logs={tmp_path}", f"--log.name={name}", "--threads=1",
+            f"--data.synthetic.root={tmp_path.parent / 'synthetic-yaml'}"]
+    terms = (yaml.safe_load(path.read_text()).get("loss") or {}).get("terms") or {}
+    if "siglip" in terms:
+        args.append("--model.arch=compclip-tiny-map")  # the SigLIP-style tiny tower (MAP head, logit bias)
+    return args
+
+
+@pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: p.stem)
+def test_method_yaml_runs_two_steps_on_the_tiny_model(path, tmp_path, one_process, capsys):
+    from compclip.train import main
+
+    evaluate = path.stem == "ceclip"  # one run also goes through the synthetic evaluation and the final table
+    args = _tiny_args(path, tmp_path, path.stem) + [f"--eval_synthetic={str(evaluate).lower()}",
+                                                   f"--eval_before={str(evaluate).lower()}"]
+    result = main(args)
+    assert result["steps"] == 2
+    run = tmp_path / path.stem
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in losses] == [1, 2]
+    assert all(row["loss"] == row["loss"] for row in losses)  # finite, not NaN
+    assert (run / "config.yaml").exists() and (run / "out.log").exists() and (run / "tensorboard").is_dir()
+    assert (run / "checkpoints" / "epoch_1.pt").exists()
+    assert (run / "checkpoints" / "deepspeed" / "step2").is_dir()
+    log = (run / "out.log").read_text()
+    assert "kernel backends at step 0" in log
+    if evaluate:
+        out = capsys.readouterr().out
+        assert "before -> after" in out and "relation_swap" in out and "exported checkpoint" in out
+
+
+def test_missing_data_file_fails_before_training(tmp_path, one_process):
+    from compclip.train import main
+
+    with pytest.raises(FileNotFoundError, match="no_such.jsonl"):
+        main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"--log.logs={tmp_path}", "--log.name=bad",
+              f"--data.train_manifest={tmp_path / 'no_such.jsonl'}"])
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_bad_config_exits_naming_the_key(tmp_path, capsys):
+    from compclip.train import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--optim.learning_rate=1"])
+    assert info.value.code == 2
+    assert "optim.learning_rate" in capsys.readouterr().err
+
+
+def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, one_process, monkeypatch):
+    import torch
+
+    from compclip.methods.base import Method
+    from compclip.train import main
+
+    real_loss = Method.loss
+    calls = {"n": 0}
+
+    def flaky_loss(self, features):
+        total, parts = real_loss(self, features)
+        calls["n"] += 1
+        return (total * float("nan"), parts) if calls["n"] > 1 else (total, parts)
+
+    monkeypatch.setattr(Method, "loss", flaky_loss)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"--log.logs={tmp_path}", "--log.name=nan",
+              "--optim.max_steps=5", "--max_nonfinite=3", "--eval_synthetic=false",
+              f"--data.synthetic.root={tmp_path.parent / 'synthetic-yaml'}"])
+    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1]
+    assert sum(1 for row in rows if row.get("nonfinite_loss")) == 3
+    assert torch.distributed.is_initialized()
