@@ -189,15 +189,9 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def _to_device(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -263,8 +257,12 @@ class Trainer:
 
         # Run folder (named by rank 0 so every rank agrees).
         if cfg.resume and cfg.resume != "latest" and not cfg.log.name:
-            cfg.log.name = Path(cfg.resume).resolve().parts[-3] if "deepspeed" in Path(cfg.resume).parts[-2:] \
-                else Path(cfg.resume).resolve().parent.parent.name
+            # <logs>/<name>/checkpoints/deepspeed[/<tag>]: continue in the same run folder
+            parts = Path(cfg.resume).resolve().parts
+            if "checkpoints" not in parts:
+                raise ConfigError(f"resume={cfg.resume}: not inside a run folder; give log.name")
+            index = len(parts) - 1 - parts[::-1].index("checkpoints")
+            cfg.log.name, cfg.log.logs = parts[index - 1], str(Path(*parts[:index - 1]))
         if cfg.resume == "latest" and not cfg.log.name:
             raise ConfigError("resume=latest needs log.name (the run folder to continue)")
         cfg.log.name = _broadcast_object(cfg.log.name or default_run_name(cfg))
@@ -351,6 +349,7 @@ class Trainer:
         self.micro_in_epoch = 0
         self.nonfinite = 0
         self.last_export: Optional[str] = None
+        self._resume_rng: Optional[Dict[str, Any]] = None
         self.after: Optional[Dict[str, Dict[str, float]]] = None
         self.saved_at = self.exported_at = -1
         if cfg.resume:
@@ -482,7 +481,7 @@ class Trainer:
         from compclip.losses.terms import Features
 
         method = self.method
-        out = self.engine(batch["images"], batch["text"],
+        out = self.engine(batch["images"].to(self.dtype), batch["text"],
                           batch["negatives"] if method.needs_negatives else None,
                           batch["concepts"] if method.needs_concepts else None,
                           method.needs_tokens)
@@ -492,7 +491,7 @@ class Trainer:
                             tokens=out.tokens, concepts=out.concepts,
                             owner=batch["owner"] if method.needs_concepts else None)
         if self.teacher is not None:
-            teacher_out = self.teacher(batch["images"].float(), batch["text"], batch["negatives"], None, False)
+            teacher_out = self.teacher(batch["images"], batch["text"], batch["negatives"], None, False)  # fp32
             features.teacher_image = teacher_out.image.to(out.image.dtype)
             features.teacher_text = teacher_out.text.to(out.text.dtype)
             features.teacher_negatives = teacher_out.negatives.to(out.negatives.dtype)
@@ -522,14 +521,18 @@ class Trainer:
                 self.method.on_epoch_start(self.epoch)
                 self.micro_in_epoch = 0
             skip = self.micro_in_epoch
+            if skip == 0 and self._resume_rng is not None:
+                # Saved at an epoch end: the straight run drew nothing since, not even the loader's seed.
+                _set_rng_state(self._resume_rng)
+                self._resume_rng = None
             for index, batch in enumerate(self.loader):
                 if index < skip:
                     continue
-                if getattr(self, "_resume_rng", None) is not None:
+                if self._resume_rng is not None:
                     # Saved after the last finished step, i.e. after this batch's predecessors were drawn.
                     _set_rng_state(self._resume_rng)
                     self._resume_rng = None
-                batch = _to_device(batch, self.device, self.dtype)
+                batch = _to_device(batch, self.device)
                 features = self._features(batch)
                 loss, parts = self.method.loss(features)
                 if not logged_backends:
