@@ -241,21 +241,25 @@ def _full_fp32(param: nn.Parameter) -> torch.Tensor:
 
 @torch.no_grad()
 def clamp_logit_scale(clip: nn.Module, max_scale: float) -> None:
-    """exp(logit_scale) <= max_scale, in every copy of the parameter DeepSpeed keeps (the fp32 master that the
-    optimizer updates and the compute copy the next forward reads), so the clamp is not undone by the next step.
-    Like open_clip, the log-scale is also kept >= 0. Collective under ZeRO-3: call on every rank."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
+    """exp(logit_scale) <= max_scale, in every copy of the parameter DeepSpeed keeps: the fp32 master the optimizer
+    updates (else the next step would start from the unclamped value) and the compute copy the next forward reads.
+    Like open_clip, the log-scale is also kept >= 0. Each rank clamps what it holds, so there is no collective
+    (and none of DeepSpeed's full-parameter setters, which fail for a parameter smaller than the world size)."""
     param = clip.logit_scale
     upper = math.log(max_scale)
-    full = _full_fp32(param)
-    if bool(((full > upper) | (full < 0)).any()):
-        clamped = full.clamp(0, upper)
-        safe_set_full_fp32_param(param, clamped.reshape(param.ds_shape) if hasattr(param, "ds_id") else clamped)
-        if hasattr(param, "ds_tensor"):
-            param.ds_tensor.data.clamp_(0, upper)
-        else:
-            param.data.clamp_(0, upper)
+    if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's shard
+        if getattr(param, "_z3_optimizer", None) is not None:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(0, upper))
+        param.ds_tensor.data.clamp_(0, upper)
+        return
+    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2 and DeepSpeed's bf16 optimizer: this rank's fragment
+    if mapping is not None:
+        mapping.get_hp_fragment().data.clamp_(0, upper)
+    param.data.clamp_(0, upper)
 
 
 def full_state_dict(clip: nn.Module) -> Dict[str, torch.Tensor]:

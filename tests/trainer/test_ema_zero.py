@@ -1,5 +1,6 @@
 """EMA teacher under DeepSpeed ZeRO 1, 2 and 3 with two real gloo ranks: after n optimizer steps the teacher equals
-the closed-form EMA of the student's parameter history, θ*_n = αⁿ θ_0 + Σ_k α^(n−k) (1−α) θ_k."""
+the closed-form EMA of the student's parameter history, θ*_n = αⁿ θ_0 + Σ_k α^(n−k) (1−α) θ_k, in its weights and
+in its forward. Also the logit-scale clamp in every copy DeepSpeed keeps, same processes."""
 import os
 import socket
 import sys
@@ -17,10 +18,10 @@ class _Tiny(torch.nn.Module):
         super().__init__()
         self.layer = torch.nn.Linear(6, 5)
         self.out = torch.nn.Linear(5, 3)
-        self.scale = torch.nn.Parameter(torch.tensor(1.5))  # 0-dim, like open_clip's logit_scale
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.5))  # 0-dim, as in open_clip
 
     def forward(self, x):
-        return (self.out(torch.tanh(self.layer(x))) * self.scale).pow(2).mean()
+        return (self.out(torch.tanh(self.layer(x))) * self.logit_scale).pow(2).mean()
 
 
 def _build():
@@ -77,7 +78,39 @@ def _worker(rank, world, port, results):
         moved = max(float((history[-1][n] - history[0][n]).abs().max()) for n in history[0])
         out[stage] = {"max_error": max(float((got[n] - expected[n]).abs().max()) for n in expected),
                       "moved": moved, "partitioned": teacher.partitioned, "forward_error": forward_error}
+        out[stage]["clamp"] = _clamp_check(engine)
     results[rank] = out
+
+
+def _clamp_check(engine):
+    """An optimizer step that overshoots exp(logit_scale) > 100 is clamped in the fp32 master and in the compute
+    copy, and the next step starts from the clamped value (it is not undone by the master)."""
+    import math
+
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    from compclip.models import clamp_logit_scale
+
+    param = engine.module.logit_scale
+    overshoot = math.log(300.0)
+    with torch.no_grad():  # what an overshooting step leaves: master and compute copy both too large
+        if hasattr(param, "ds_tensor"):
+            safe_set_local_fp32_param(param, torch.full_like(safe_get_local_fp32_param(param), overshoot))
+            param.ds_tensor.fill_(overshoot)
+        else:
+            if param._hp_mapping is not None:
+                param._hp_mapping.get_hp_fragment().fill_(overshoot)
+            param.data.fill_(overshoot)
+    assert abs(float(safe_get_full_fp32_param(param)) - overshoot) < 1e-6
+    clamp_logit_scale(engine.module, 100.0)
+    master = float(safe_get_full_fp32_param(param))
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    loss = engine(torch.ones(2, 6))
+    engine.backward(loss)
+    engine.step()
+    return {"master": master, "after_step": float(safe_get_full_fp32_param(param)),
+            "target": math.log(100.0)}
 
 
 def _free_port():
@@ -98,3 +131,6 @@ def test_ema_teacher_matches_closed_form_under_zero_1_2_3():
             assert res["partitioned"] == (stage == 3)
             assert res["max_error"] < 1e-6, (rank, stage, res)
             assert res["forward_error"] < 1e-6, (rank, stage, res)
+            clamp = res["clamp"]
+            assert abs(clamp["master"] - clamp["target"]) < 1e-6 and abs(clamp["after_step"] - clamp["target"]) < 1e-6, \
+                (rank, stage, clamp)
