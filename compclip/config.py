@@ -150,6 +150,9 @@ class TrainConfig:
     """Periodic evaluation (compclip.evaluation.EvalConfig)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging and checkpoints."""
+    global_batch_size: int = 0
+    """Images per optimizer step over all ranks and micro-batches (the papers' "batch 256"); sets data.batch_size
+    to global / (world size x optim.grad_accumulation), which must divide evenly. 0 = use data.batch_size."""
     seed: int = 0
     """Seed of model init, data order and every RNG."""
     device: str = "auto"
@@ -433,6 +436,17 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # DeepSpeed config
+
+
+def apply_global_batch(cfg: TrainConfig, world_size: int) -> None:
+    """Resolve `global_batch_size` into the per-rank micro-batch `data.batch_size`."""
+    if cfg.global_batch_size <= 0:
+        return
+    per_step = world_size * cfg.optim.grad_accumulation
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by world size {world_size} "
+                          f"x optim.grad_accumulation {cfg.optim.grad_accumulation}")
+    cfg.data.batch_size = cfg.global_batch_size // per_step
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> Tuple[Dict[str, Any], List[str]]:

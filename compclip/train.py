@@ -31,8 +31,8 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from compclip.config import (ConfigError, TrainConfig, deepspeed_config, default_run_name,  # noqa: E402
-                             dump_yaml, load_config, to_dict)
+from compclip.config import (ConfigError, TrainConfig, apply_global_batch, deepspeed_config,  # noqa: E402
+                             default_run_name, dump_yaml, load_config, to_dict)
 
 logger = logging.getLogger("compclip")
 
@@ -276,6 +276,7 @@ class Trainer:
         logger.info("run folder %s (%d rank%s, device %s, %d threads)", self.run_dir, self.world,
                     "s" * (self.world > 1), self.device, torch.get_num_threads())
 
+        apply_global_batch(cfg, self.world)
         self.ds_config, differences = deepspeed_config(cfg, self.world)
         for line in differences:
             logger.warning("deepspeed config: %s", line)

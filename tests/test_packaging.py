@@ -41,13 +41,14 @@ class _ScaledLinear(torch.nn.Module):
 @pytest.fixture
 def single_rank_group(monkeypatch):
     """A world of one, kept for the rest of the test process (DeepSpeed caches groups derived from it)."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)  # DeepSpeed reads them at every initialize
     if not torch.distributed.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                               WORLD_SIZE="1").items():
-            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")

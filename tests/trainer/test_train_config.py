@@ -84,3 +84,15 @@ def test_every_yaml_parses(path):
 
     assert cfg.loss.method in REGISTRY
     assert set(cfg.loss.terms) <= set(TERMS)
+
+
+def test_global_batch_size_sets_the_per_rank_micro_batch():
+    from compclip.config import apply_global_batch
+
+    cfg = load_config(["--global_batch_size=256", "--optim.grad_accumulation=2"])
+    apply_global_batch(cfg, world_size=8)
+    assert cfg.data.batch_size == 16
+    ds, _ = deepspeed_config(cfg, world_size=8)
+    assert ds["train_batch_size"] == 256
+    with pytest.raises(ConfigError, match="global_batch_size 256 is not divisible"):
+        apply_global_batch(load_config(["--global_batch_size=256"]), world_size=3)

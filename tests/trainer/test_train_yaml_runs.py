@@ -18,13 +18,14 @@ def one_process(monkeypatch):
     import torch
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)  # DeepSpeed reads them at every initialize
     if not torch.distributed.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
-            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
