@@ -109,3 +109,31 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, one_process, m
     assert [row["step"] for row in rows if "loss" in row] == [1]
     assert sum(1 for row in rows if row.get("nonfinite_loss")) == 3
     assert torch.distributed.is_initialized()
+
+
+def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process):
+    """One process, ZeRO-0: a run killed after its step-2 checkpoint and resumed with `--resume latest` logs the
+    same steps 3-4 as the run that went straight through (CE-CLIP's threshold is part of the state)."""
+    import shutil
+
+    from compclip.train import main
+
+    common = ["--config", str(ROOT / "configs" / "ceclip.yaml"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+              f"--log.logs={tmp_path}", "--optim.max_steps=4", "--log.save_every_n_steps=2", "--threads=1",
+              "--eval_synthetic=false", f"--data.synthetic.root={tmp_path.parent / 'synthetic-yaml'}"]
+    main(common + ["--log.name=straight"])
+    shutil.copytree(tmp_path / "straight", tmp_path / "killed")
+    (tmp_path / "killed" / "checkpoints" / "deepspeed" / "latest").write_text("step2")
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "deepspeed" / "step4")
+    (tmp_path / "killed" / "metrics.jsonl").unlink()
+    main(common + ["--log.name=killed", "--resume", "latest"])
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row for row in rows if "loss" in row}
+
+    straight, resumed = losses("straight"), losses("killed")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "loss/negclip", "loss/cmr", "loss/imc", "cmr_threshold/0", "lr"):
+            assert resumed[step][key] == straight[step][key], (step, key)
