@@ -647,8 +647,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             lines += ["binding accuracy and retrieval R@1 (%), before -> after:", table]
         if result["export"]:
             lines.append(f"exported checkpoint: {result['export']}")
-            lines.append(f"  load it: open_clip.create_model_and_transforms({cfg.model.arch!r}, "
-                         f"pretrained={result['export']!r})  (model configs: compclip/model_configs)")
+            from compclip.models import MODEL_CONFIG_DIR
+
+            if (MODEL_CONFIG_DIR / f"{cfg.model.arch}.json").exists():
+                lines.append(f"  load it: open_clip.add_model_config({str(MODEL_CONFIG_DIR)!r}); "
+                             f"open_clip.create_model_and_transforms({cfg.model.arch!r}, "
+                             f"pretrained={result['export']!r})")
+            else:
+                lines.append(f"  load it: open_clip.create_model_and_transforms({cfg.model.arch!r}, "
+                             f"pretrained={result['export']!r})")
         lines.append(f"run folder: {trainer.run_dir}")
         text = "\n".join(lines)
         print(text, flush=True)
