@@ -55,7 +55,7 @@ class EMATeacher:
             self.module = engine.module
         else:
             self.engine = None
-            self.module = teacher
+            self.module = teacher.to(student_params[0].device)
         self.module.eval()
         self._pairs = list(zip(self.module.parameters(), student_params))
         for (t_name, t), (s_name, s) in zip(self.module.named_parameters(), student.named_parameters()):

@@ -637,7 +637,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # A caller that set up the process group (a test, a notebook) keeps it: DeepSpeed caches groups derived from
     # it, so tearing it down would break the caller's next run.
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as exc:  # found once ranks and files are known (batch split, resume target)
+        print(f"compclip/train.py: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
     result = trainer.train()
     if trainer.rank == 0:
         table = summary_table(result["before"], result["after"])
