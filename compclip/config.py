@@ -430,6 +430,44 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("resume and init_from are exclusive")
 
 
+def field_docs(cls=TrainConfig, prefix: str = "", values=None) -> List[Tuple[str, str, Any, str]]:
+    """(dotted key, type, default, docstring) of every field, docstrings read from the source (attribute
+    docstrings are not kept at run time)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: Dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body
+        for node, following in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    except (OSError, TypeError, SyntaxError):
+        pass
+    hints = _hints(cls)
+    values = cls() if values is None else values
+    rows = []
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(field_docs(hints[f.name], dotted + ".", getattr(values, f.name)))
+        else:
+            rows.append((dotted, _type_name(hints[f.name]), getattr(values, f.name), docs.get(f.name, "")))
+    return rows
+
+
+def help_text(defaults: Optional[TrainConfig] = None) -> str:
+    lines = [__doc__.strip(), "", "Keys (--key=value), with defaults:"]
+    for dotted, type_name, default, doc in field_docs(values=defaults):
+        lines.append(f"  --{dotted}={default!r}  [{type_name}]")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 

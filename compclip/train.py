@@ -627,6 +627,11 @@ def summary_table(before: Optional[Dict], after: Optional[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        from compclip.config import help_text
+
+        print(__doc__.strip() + "\n\n" + help_text(load_config([], base=EMBEDDED_DEFAULT)))
+        raise SystemExit(0)
     t0 = time.time()
     try:
         cfg = load_config(argv, base=EMBEDDED_DEFAULT)

@@ -96,3 +96,12 @@ def test_global_batch_size_sets_the_per_rank_micro_batch():
     assert ds["train_batch_size"] == 256
     with pytest.raises(ConfigError, match="global_batch_size 256 is not divisible"):
         apply_global_batch(load_config(["--global_batch_size=256"]), world_size=3)
+
+
+def test_help_lists_every_key_with_its_docstring():
+    from compclip.config import field_docs, help_text
+
+    rows = {row[0]: row for row in field_docs()}
+    assert {"optim.lr", "data.synthetic.num_train", "eval.retrieval", "loss.terms", "resume"} <= set(rows)
+    assert rows["optim.lr"][3] == "Peak learning rate."
+    assert "--deepspeed.zero_stage=0" in help_text()
