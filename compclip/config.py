@@ -10,7 +10,6 @@ Mapping fields also take one key at a time: ``--loss.terms.igc=0.1``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import typing
@@ -195,14 +194,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -579,6 +577,3 @@ def default_run_name(cfg: TrainConfig) -> str:
 
     return f"{cfg.loss.method}-{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_")
 
-
-def clone(cfg: TrainConfig) -> TrainConfig:
-    return copy.deepcopy(cfg)

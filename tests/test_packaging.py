@@ -1,6 +1,5 @@
 """The DeepSpeed pin: setup.py allows only versions that take 0-dim parameters (open_clip's logit_scale and
 logit_bias) through ZeRO-3, and the installed one is such a version (0.19.8 fails on them)."""
-import os
 import re
 import socket
 from pathlib import Path

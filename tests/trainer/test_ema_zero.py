@@ -3,7 +3,6 @@ the closed-form EMA of the student's parameter history, θ*_n = αⁿ θ_0 + Σ_
 in its forward. Also the logit-scale clamp in every copy DeepSpeed keeps, same processes."""
 import os
 import socket
-import sys
 
 import pytest
 import torch
