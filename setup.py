@@ -36,6 +36,8 @@ setup(
         "matplotlib",
         "spacy>=3.7,<4",
         "webdataset",
+        # open_clip loads the SigLIP towers' tokenizers (C2LIP's recipe) through transformers.
+        "transformers",
     ],
     extras_require={
         "test": [
