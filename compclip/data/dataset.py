@@ -153,7 +153,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
     Training (`shuffle=True`, `drop_last=True`): a permutation seeded by (seed, epoch), split round-robin over
     ranks, every rank getting exactly floor(N / world_size) samples. Evaluation: no shuffle, the tail padded
-    by wrapping around so every rank gets ceil(N / world_size) samples (equal batch counts on all ranks)."""
+    by wrapping around so every rank gets ceil(N / world_size) samples (equal batch counts on all ranks).
+
+    `set_epoch(epoch, start)` starts the epoch at this rank's `start`-th key: the keys yielded are exactly the
+    tail of the full epoch's (same order, same epoch in the key, hence the same per-sample negative draws), so
+    a resumed run never builds the samples it has already trained on. `len()` counts the keys still to come."""
 
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True, epoch: int = 0):
@@ -163,9 +167,12 @@ class EpochSampler(torch.utils.data.Sampler):
             raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, epoch
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.per_rank():
+            raise ValueError(f"start {start} outside the {self.per_rank()} samples of this rank's epoch")
+        self.epoch, self.start = epoch, start
 
     def per_rank(self) -> int:
         if self.drop_last:
@@ -173,7 +180,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return math.ceil(self.num_samples / self.world_size)
 
     def __len__(self) -> int:
-        return self.per_rank()
+        return self.per_rank() - self.start
 
     def __iter__(self):
         if self.shuffle:
@@ -183,7 +190,7 @@ class EpochSampler(torch.utils.data.Sampler):
         total = self.per_rank() * self.world_size
         if total > len(order):
             order = np.concatenate([order, order[: total - len(order)]])
-        for index in order[:total][self.rank :: self.world_size]:
+        for index in order[:total][self.rank :: self.world_size][self.start :]:
             yield int(index), self.epoch
 
 
@@ -221,7 +228,16 @@ class Loader:
     """What `build_dataloader` returns: iterates a torch DataLoader, takes the skipped-file names out of the
     batches, and stops with an error once more than `max_skip_fraction` of the epoch has been skipped.
     `loader.sampler.set_epoch(epoch)` reshuffles; `loader.dataset` and `len(loader)` (batches per epoch) are
-    there as on a DataLoader."""
+    there as on a DataLoader.
+
+    Resuming mid-epoch: `state_dict()` (after any batch) is this rank's position in the epoch — epoch, batches
+    done, samples skipped so far, and the raw samples each reader consumed (what a shard stream needs to
+    fast-forward without decoding); `load_state_dict(state)` makes the next iteration yield exactly the
+    remaining batches of that epoch, with the skip count continuing from the saved one. The batches already
+    done are never built (manifests: the sampler starts at the offset; shards: see `ShardDataset`).
+
+    `iter(loader)` creates the DataLoader iterator at once (on a DataLoader that draws its base seed from
+    torch's global generator, and starts workers); nothing is loaded before the first `next`."""
 
     def __init__(self, dataloader, sampler, num_batches: int, samples_per_epoch: int, max_skip_fraction: float):
         self.dataloader = dataloader
@@ -233,16 +249,69 @@ class Loader:
         self.max_skip_fraction = max_skip_fraction
         self.skipped = 0
         """Samples skipped so far in the current epoch on this rank."""
+        self.batch = 0
+        """Batches of the current epoch yielded so far (counting those skipped by a resume)."""
+        self.consumed = [0] * self.readers
+        """Raw samples (used + skipped) each reader of this rank has consumed in the current epoch."""
+        self._resume: dict | None = None
+
+    @property
+    def readers(self) -> int:
+        """Processes producing this rank's batches, which take turns batch by batch (DataLoader workers)."""
+        return max(getattr(self.dataloader, "num_workers", 0), 1)
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.sampler.epoch), "batch": self.batch, "skipped": self.skipped,
+                "consumed": list(self.consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Position the next iteration at `state` (from `state_dict()` of a loader built the same way). Keys
+        `skipped` and `consumed` may be missing (an older checkpoint): the skip count then restarts at 0, and a
+        shard stream falls back to building the batches it skips."""
+        epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
+        if not 0 <= batch <= self.num_batches:
+            raise ValueError(f"resume position: batch {batch} outside an epoch of {self.num_batches} batches")
+        consumed = state.get("consumed")
+        if consumed is not None and len(consumed) != self.readers:
+            log.warning("resume position saved with %d readers, this loader has %d: the data before batch %d is "
+                        "read again", len(consumed), self.readers, batch)
+            consumed = None
+        if hasattr(self.sampler, "start"):  # map-style: the sampler starts at the first sample of `batch`
+            self.sampler.set_epoch(epoch, batch * self.batch_size)
+        else:  # streamed: the dataset fast-forwards each reader
+            self.sampler.set_epoch(epoch, batch, consumed)
+        self._resume = {"epoch": epoch, "batch": batch, "skipped": int(state.get("skipped", 0)),
+                        "consumed": list(consumed) if consumed is not None else [0] * self.readers}
+
+    def _start(self) -> dict:
+        """Where this iteration starts: the loaded position if the sampler still points there (a later
+        `sampler.set_epoch(epoch)` restarts the epoch), else the epoch's beginning."""
+        resume = self._resume
+        if resume is not None and resume["epoch"] == self.sampler.epoch and resume["batch"] == self._sampler_batch():
+            return resume
+        return {"epoch": self.sampler.epoch, "batch": 0, "skipped": 0, "consumed": [0] * self.readers}
+
+    def _sampler_batch(self) -> int:
+        if hasattr(self.sampler, "start"):
+            return self.sampler.start // self.batch_size
+        return self.sampler.start_batch
+
     def __iter__(self):
-        self.skipped = 0
+        start = self._start()
+        self._resume = None
+        self.batch, self.skipped, self.consumed = start["batch"], start["skipped"], list(start["consumed"])
+        return self._batches(iter(self.dataloader))
+
+    def _batches(self, iterator):
         budget = self.max_skip_fraction * self.samples_per_epoch
-        for batch in self.dataloader:
+        for batch in iterator:
             files = batch.pop("skipped_files")
             self.skipped += batch["skipped"]
+            self.consumed[self.batch % self.readers] += len(batch["index"]) + batch["skipped"]
+            self.batch += 1
             if self.skipped > budget:
                 raise SkipBudgetExceeded(
                     f"{self.skipped} bad samples skipped this epoch, more than max_skip_fraction="

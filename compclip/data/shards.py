@@ -107,7 +107,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Shards are split over (rank, worker) slots when there are at least as many shards as slots, otherwise
     every slot reads all shards and keeps every S-th sample. Training shuffles the shard order per epoch and
     samples through a buffer, both seeded by (seed, epoch, slot). A bad sample is skipped (the next one takes
-    its place) and counted in the batch's `skipped`."""
+    its place) and counted in the batch's `skipped`.
+
+    The DataLoader takes the workers' batches in turn, so batch i of the rank comes from reader i % W (W
+    workers, or 1). `set_epoch(epoch, start_batch, consumed)` resumes the epoch at batch `start_batch`: worker
+    j plays reader (start_batch + j) % W, so the turns continue where they stopped, and each reader first
+    fast-forwards its stream past the `consumed[reader]` raw samples it had used or skipped (`Loader.consumed`)
+    — shard bytes are read (the shuffle buffer must be refilled exactly), but no image is decoded and no
+    sample built. Without `consumed` (an older checkpoint) each reader builds and drops its skipped batches."""
 
     def __init__(self, urls: list[str], builder: SampleBuilder, collate: Collate, batch_size: int,
                  batches_per_rank: int, rank: int, world_size: int, seed: int, train: bool, shuffle_buffer: int,
@@ -117,14 +124,21 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.shuffle_buffer, self.caption_key, self.epoch = shuffle_buffer, caption_key, epoch
+        self.start_batch = 0
+        self.consumed: list[int] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0, consumed: list[int] | None = None) -> None:
+        if not 0 <= start_batch <= self.batches_per_rank:
+            raise ValueError(f"start_batch {start_batch} outside the {self.batches_per_rank} batches of an epoch")
+        self.epoch, self.start_batch = epoch, start_batch
+        self.consumed = list(consumed) if consumed is not None and start_batch else None
 
     def _slot(self) -> tuple[int, int, int]:
+        """(slot, slots, reader): the reader this process plays on its rank, and its slot among all readers."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        return self.rank * workers + worker, self.world_size * workers, worker
+        reader = (worker + self.start_batch) % workers
+        return self.rank * workers + reader, self.world_size * workers, reader
 
     def _raw_stream(self, slot: int, slots: int) -> Iterator[dict]:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, slot, 0x5BD])
@@ -157,10 +171,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
             buffer[pick] = sample
 
     def __iter__(self):
-        slot, slots, worker = self._slot()
-        workers = slots // self.world_size
-        quota = self.batches_per_rank // workers + (1 if worker < self.batches_per_rank % workers else 0)
+        slot, slots, reader = self._slot()
+        readers = slots // self.world_size
+        # batches of the epoch this reader produces (i % readers == reader), and those it has already produced
+        quota = len(range(reader, self.batches_per_rank, readers))
+        done = len(range(reader, self.start_batch, readers))
         stream = self._shuffled(self._raw_stream(slot, slots), slot)
+        if done and self.consumed is not None:
+            for _ in range(self.consumed[reader]):
+                next(stream)
+            quota, done = quota - done, 0
+        batches = self._batches(stream, quota)
+        for _ in range(done):  # no stream position saved: build the skipped batches and drop them
+            next(batches)
+        yield from batches
+
+    def _batches(self, stream: Iterator[dict], quota: int) -> Iterator[dict]:
         samples: list[dict] = []
         bad: list[str] = []
         consecutive_bad = 0
@@ -196,12 +222,16 @@ class EpochSetter:
     def __init__(self, dataset: ShardDataset):
         self.dataset = dataset
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0, consumed: list[int] | None = None) -> None:
+        self.dataset.set_epoch(epoch, start_batch, consumed)
 
     @property
     def epoch(self) -> int:
         return self.dataset.epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self.dataset.start_batch
 
 
 def write_shards(rows: list[dict], out_dir: str, prefix: str = "shard", max_count: int = 1000,
