@@ -351,6 +351,7 @@ class Trainer:
         self.nonfinite = 0
         self.last_export: Optional[str] = None
         self._resume_rng: Optional[Dict[str, Any]] = None
+        self._resume_data: Optional[Dict[str, Any]] = None
         self.after: Optional[Dict[str, Dict[str, float]]] = None
         self.saved_at = self.exported_at = -1
         if cfg.resume:
@@ -412,7 +413,8 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ds_dir), tag=tag, client_state=client)
         extras = {"rng": _rng_state(), "method": self.method.state_dict(), "nonfinite": self.nonfinite,
                   "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-                  "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step}
+                  "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step,
+                  "data": self.loader.state_dict()}  # this rank's position in the epoch (skip count, streams)
         torch.save(extras, self.ds_dir / tag / f"compclip_rank{self.rank}.pt")
         torch.distributed.barrier()
         logger.info("saved DeepSpeed checkpoint %s", self.ds_dir / tag)
@@ -450,6 +452,7 @@ class Trainer:
         self.epoch, self.micro_in_epoch, self.global_step = (
             state["epoch"], state["micro_in_epoch"], state["global_step"])
         self._resume_rng = extras["rng"]
+        self._resume_data = extras.get("data")
         logger.info("resumed from %s at epoch %d, micro-batch %d, step %d", root / tag, self.epoch,
                     self.micro_in_epoch, self.global_step)
 
@@ -516,23 +519,38 @@ class Trainer:
         start_epoch = self.epoch
         last: Dict[str, float] = {}
         while not finished and self.epoch < cfg.optim.epochs:
-            self.loader.sampler.set_epoch(self.epoch)
             resuming_mid_epoch = self.epoch == start_epoch and self.micro_in_epoch > 0
             if not resuming_mid_epoch:
+                self.loader.sampler.set_epoch(self.epoch)
                 self.method.on_epoch_start(self.epoch)
                 self.micro_in_epoch = 0
+            else:
+                # The loader starts at the first batch not yet trained on: the batches before it are neither
+                # loaded nor decoded, the rest come in the straight run's order with its negative draws, and
+                # the count of skipped samples continues from the checkpoint.
+                position = {"epoch": self.epoch, "batch": self.micro_in_epoch}
+                data = self._resume_data
+                if data is not None and int(data.get("epoch", -1)) == self.epoch \
+                        and int(data.get("batch", -1)) == self.micro_in_epoch:
+                    position = data
+                else:
+                    logger.warning("checkpoint without this rank's data position: the count of skipped samples "
+                                   "restarts at 0 for the rest of epoch %d", self.epoch)
+                self.loader.load_state_dict(position)
+            self._resume_data = None
             skip = self.micro_in_epoch
             if skip == 0 and self._resume_rng is not None:
                 # Saved at an epoch end: the straight run drew nothing since, not even the loader's seed.
                 _set_rng_state(self._resume_rng)
                 self._resume_rng = None
-            for index, batch in enumerate(self.loader):
-                if index < skip:
-                    continue
-                if self._resume_rng is not None:
-                    # Saved after the last finished step, i.e. after this batch's predecessors were drawn.
-                    _set_rng_state(self._resume_rng)
-                    self._resume_rng = None
+            batches = iter(self.loader)  # draws the DataLoader's base seed, as at the straight run's epoch start
+            if self._resume_rng is not None:
+                # Saved after the last finished step, i.e. after this batch's predecessors were loaded: restored
+                # before it is loaded, so an augmentation drawing from the global generator (no workers) draws
+                # as in the straight run.
+                _set_rng_state(self._resume_rng)
+                self._resume_rng = None
+            for index, batch in enumerate(batches, start=skip):
                 batch = _to_device(batch, self.device)
                 features = self._features(batch)
                 loss, parts = self.method.loss(features)

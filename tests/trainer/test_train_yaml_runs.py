@@ -111,22 +111,36 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, one_process, m
     assert torch.distributed.is_initialized()
 
 
-def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process):
+def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, monkeypatch):
     """One process, ZeRO-0: a run killed after its step-2 checkpoint and resumed with `--resume latest` logs the
-    same steps 3-4 as the run that went straight through (CE-CLIP's threshold is part of the state)."""
+    same steps 3-4 as the run that went straight through (CE-CLIP's threshold is part of the state). The resumed
+    run loads only the samples of steps 3-4, in the straight run's order: the two batches before are not read."""
     import shutil
 
+    from compclip.data.dataset import ManifestDataset
     from compclip.train import main
+
+    loaded = []
+    original = ManifestDataset.__getitem__
+
+    def recording(self, key):
+        loaded.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(ManifestDataset, "__getitem__", recording)
 
     common = ["--config", str(ROOT / "configs" / "ceclip.yaml"), "--config", str(ROOT / "configs" / "tiny.yaml"),
               f"--log.logs={tmp_path}", "--optim.max_steps=4", "--log.save_every_n_steps=2", "--threads=1",
               "--eval_synthetic=false", f"--data.synthetic.root={tmp_path.parent / 'synthetic-yaml'}"]
     main(common + ["--log.name=straight"])
+    straight_keys, loaded[:] = list(loaded), []
+    assert len(straight_keys) == 4 * 8  # 4 steps of batch 8, one epoch (tiny.yaml: 64 samples, 8 batches)
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
     (tmp_path / "killed" / "checkpoints" / "deepspeed" / "latest").write_text("step2")
     shutil.rmtree(tmp_path / "killed" / "checkpoints" / "deepspeed" / "step4")
     (tmp_path / "killed" / "metrics.jsonl").unlink()
     main(common + ["--log.name=killed", "--resume", "latest"])
+    assert loaded == straight_keys[2 * 8:]
 
     def losses(name):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
