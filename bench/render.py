@@ -4,8 +4,8 @@
     python bench/render.py bench/results/<device>-<date>.json [--baseline other.json] [--md out.md] [--png out.png]
 
 Table: one block per group (op and size), one row per provider and mode: mean time, peak memory, throughput,
-the ratio to the arithmetic / bandwidth floor, and the speed-up over compclip's PyTorch reference (``torch``) in
-the same mode. With ``--baseline``, a column compares each row with the same benchmark in the baseline file.
+the ratio to the arithmetic / bandwidth floor, and the speed-up over the group's reference in the same mode:
+compclip's PyTorch reference (``torch``) for ops, plain CLIP for training steps. With ``--baseline``, a column compares each row with the same benchmark in the baseline file.
 Plot: for each op, speed-up over the reference and peak memory against size (mode ``full``).
 """
 from __future__ import annotations
@@ -31,11 +31,21 @@ def _params(bench: Dict) -> Dict:
 
 
 def _provider(bench: Dict) -> str:
-    return _params(bench).get("provider") or bench["name"].split("[")[0].replace("test_", "")
+    params = _params(bench)
+    return params.get("provider") or params.get("method") or bench["name"].split("[")[0].replace("test_", "")
 
 
 def _mode(bench: Dict) -> str:
-    return _params(bench).get("mode", "forward")
+    params = _params(bench)
+    return params.get("mode") or ("step" if "method" in params else "forward")
+
+
+SHOWN = {"device", "peak_memory_mb", "tflops", "gb_per_s", "x_floor"}
+
+
+def _reference(rows: List[Dict]) -> str:
+    """What a group's speed-ups are relative to: compclip's PyTorch reference, or plain CLIP for training steps."""
+    return "torch" if any(_provider(b) == "torch" for b in rows) else "clip"
 
 
 def _op(group: str) -> str:
@@ -55,12 +65,12 @@ def table(data: Dict, baseline: Optional[Dict] = None) -> str:
         f"date: {data.get('datetime', '?')[:10]} · commit: {str(commit.get('id', '?'))[:10]}",
         "",
     ]
-    header = "| provider | mode | mean ms | peak MB | TFLOP/s | GB/s | × floor | speed-up vs torch |"
+    header = "| provider | mode | mean ms | peak MB | TFLOP/s | GB/s | × floor | speed-up vs reference | other |"
     if baseline:
         header += " vs baseline |"
     for group in sorted(groups):
         rows = sorted(groups[group], key=lambda b: (_mode(b), _provider(b)))
-        reference = {_mode(b): b["stats"]["mean"] for b in rows if _provider(b) == "torch"}
+        reference = {_mode(b): b["stats"]["mean"] for b in rows if _provider(b) == _reference(rows)}
         lines += [f"**{group}**", "", header, "|" + "---|" * (header.count("|") - 1)]
         for bench in rows:
             mean = bench["stats"]["mean"]
@@ -70,6 +80,7 @@ def table(data: Dict, baseline: Optional[Dict] = None) -> str:
                 _provider(bench), _mode(bench), f"{mean * 1e3:.3f}", str(extra.get("peak_memory_mb", "")),
                 str(extra.get("tflops", "")), str(extra.get("gb_per_s", "")), str(extra.get("x_floor", "")),
                 f"{ref / mean:.2f}×" if ref else "",
+                ", ".join(f"{key}={value}" for key, value in sorted(extra.items()) if key not in SHOWN),
             ]
             if baseline:
                 old = base_means.get(bench["fullname"])
@@ -101,7 +112,8 @@ def plot(data: Dict, path: str) -> None:
         for provider in providers:
             speedups, memory = [], []
             for group in sizes:
-                bench, ref = groups[group].get(provider), groups[group].get("torch")
+                bench = groups[group].get(provider)
+                ref = groups[group].get(_reference(list(groups[group].values())))
                 speedups.append(ref["stats"]["mean"] / bench["stats"]["mean"] if bench and ref else float("nan"))
                 memory.append(bench["extra_info"].get("peak_memory_mb", float("nan")) if bench else float("nan"))
             axes[row][0].plot(labels, speedups, marker="o", label=provider)

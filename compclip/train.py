@@ -25,6 +25,7 @@ import random  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
@@ -243,6 +244,17 @@ def _headline(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float
 
 # --------------------------------------------------------------------------------------------------------------
 # The trainer
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch of training produced."""
+
+    loss: torch.Tensor  # the weighted global loss (detach before keeping it)
+    parts: Dict[str, torch.Tensor]  # unweighted value of every term
+    features: Any  # compclip.losses.terms.Features of this micro-batch
+    boundary: bool  # an optimizer step happened
+    samples: int  # images in the global micro-batch
 
 
 class Trainer:
@@ -501,9 +513,45 @@ class Trainer:
             features.teacher_negatives = teacher_out.negatives.to(out.negatives.dtype)
         return features
 
+    def train_step(self, batch: Dict[str, Any]) -> Optional["StepOutput"]:
+        """One micro-batch: encode, global-batch loss, backward, DeepSpeed step and the method's hooks; at an
+        accumulation boundary also the logit-scale clamp and the EMA teacher's update.
+
+        Returns None when the loss is not finite: the step is skipped and logged, and `max_nonfinite` of them in a
+        row stop the run. The loss is global, so every rank takes the same branch.
+        """
+        from compclip.models import clamp_logit_scale
+
+        batch = _to_device(batch, self.device)
+        features = self._features(batch)
+        loss, parts = self.method.loss(features)
+        if not torch.isfinite(loss.detach()).item():
+            self.nonfinite += 1
+            logger.warning("non-finite loss %s at epoch %d micro-batch %d: step skipped (%s)",
+                           loss.item(), self.epoch, self.micro_in_epoch - 1,
+                           {k: float(v.detach()) for k, v in parts.items()})
+            self.metrics.write(self.global_step, {"nonfinite_loss": 1, "epoch": self.epoch})
+            if self.nonfinite >= self.cfg.max_nonfinite:
+                raise RuntimeError(
+                    f"{self.nonfinite} non-finite losses in a row (max_nonfinite={self.cfg.max_nonfinite}); "
+                    f"stopping at step {self.global_step}. Lower optim.lr, use bf16 instead of fp16, "
+                    "or check the data.")
+            return None
+        self.nonfinite = 0
+        # The terms return the global loss with exact global gradients w.r.t. the local features; DeepSpeed
+        # averages gradients over ranks, so scale by the world size to get the sum back.
+        self.engine.backward(loss * self.world)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        self.method.after_step(features)
+        if boundary:
+            clamp_logit_scale(self.clip, self.cfg.optim.logit_scale_max)
+            if self.teacher is not None:
+                self.teacher.update()
+        return StepOutput(loss, parts, features, boundary, batch["images"].shape[0] * self.world)
+
     def train(self) -> Dict[str, Any]:
         from compclip.kernels.dispatch import resolved_backends
-        from compclip.models import clamp_logit_scale
 
         cfg = self.cfg
         progress = None
@@ -551,39 +599,17 @@ class Trainer:
                 _set_rng_state(self._resume_rng)
                 self._resume_rng = None
             for index, batch in enumerate(batches, start=skip):
-                batch = _to_device(batch, self.device)
-                features = self._features(batch)
-                loss, parts = self.method.loss(features)
+                self.micro_in_epoch = index + 1
+                step = self.train_step(batch)
                 if not logged_backends:
                     logger.info("kernel backends at step 0: %s", json.dumps(resolved_backends(), sort_keys=True))
                     logged_backends = True
-                self.micro_in_epoch = index + 1
-                if not torch.isfinite(loss.detach()).item():
-                    # The loss is global, so every rank takes this branch together.
-                    self.nonfinite += 1
-                    logger.warning("non-finite loss %s at epoch %d micro-batch %d: step skipped (%s)",
-                                   loss.item(), self.epoch, index,
-                                   {k: float(v.detach()) for k, v in parts.items()})
-                    self.metrics.write(self.global_step, {"nonfinite_loss": 1, "epoch": self.epoch})
-                    if self.nonfinite >= cfg.max_nonfinite:
-                        raise RuntimeError(
-                            f"{self.nonfinite} non-finite losses in a row (max_nonfinite={cfg.max_nonfinite}); "
-                            f"stopping at step {self.global_step}. Lower optim.lr, use bf16 instead of fp16, "
-                            "or check the data.")
+                if step is None:
                     continue
-                self.nonfinite = 0
-                # The terms return the global loss with exact global gradients w.r.t. the local features;
-                # DeepSpeed averages gradients over ranks, so scale by the world size to get the sum back.
-                self.engine.backward(loss * self.world)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.step()
-                self.method.after_step(features)
-                window_samples += batch["images"].shape[0] * self.world
-                if not boundary:
+                loss, parts, features = step.loss, step.parts, step.features
+                window_samples += step.samples
+                if not step.boundary:
                     continue
-                clamp_logit_scale(self.clip, cfg.optim.logit_scale_max)
-                if self.teacher is not None:
-                    self.teacher.update()
                 self.global_step += 1
                 last = {"loss": float(loss.detach()),
                         **{f"loss/{k}": float(v.detach()) for k, v in parts.items()}}
@@ -643,6 +669,15 @@ def summary_table(before: Optional[Dict], after: Optional[Dict]) -> str:
     return format_table(runs) if runs else ""
 
 
+def build_trainer(argv: List[str]) -> Trainer:
+    """A Trainer from command-line arguments (over the embedded default), in a world of one without a launcher.
+
+    Raises ConfigError for a bad configuration."""
+    cfg = load_config(argv, base=EMBEDDED_DEFAULT)
+    _single_process_environment()
+    return Trainer(cfg)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
@@ -651,18 +686,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(__doc__.strip() + "\n\n" + help_text(load_config([], base=EMBEDDED_DEFAULT)))
         raise SystemExit(0)
     t0 = time.time()
-    try:
-        cfg = load_config(argv, base=EMBEDDED_DEFAULT)
-    except ConfigError as exc:
-        print(f"compclip/train.py: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
-    _single_process_environment()
     # A caller that set up the process group (a test, a notebook) keeps it: DeepSpeed caches groups derived from
     # it, so tearing it down would break the caller's next run.
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
-        trainer = Trainer(cfg)
-    except ConfigError as exc:  # found once ranks and files are known (batch split, resume target)
+        trainer = build_trainer(argv)
+        cfg = trainer.cfg
+    except ConfigError as exc:  # in the YAML / command line, or found once ranks and files are known
         print(f"compclip/train.py: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     result = trainer.train()

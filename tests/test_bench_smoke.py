@@ -36,5 +36,5 @@ def test_bench_runs_and_renders(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert render.returncode == 0, render.stderr
     text = table.read_text()
-    assert "peak MB" in text and "speed-up vs torch" in text and "linear_ce" in text
+    assert "peak MB" in text and "speed-up vs reference" in text and "linear_ce" in text
     assert plot.stat().st_size > 1000

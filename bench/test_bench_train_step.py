@@ -1,0 +1,74 @@
+"""End to end: one optimizer step of every method (encode, global-batch loss, backward, DeepSpeed step, EMA
+update), samples/s and peak memory, in a group per model and batch so each method reads against plain CLIP.
+
+CPU: the tiny open_clip configs in compclip/model_configs. GPU: ViT-B/32 (random init; nothing is downloaded)
+in bf16. The EMA teacher's update is also timed alone, and its share of the step goes into ``extra_info``.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from harness import CUDA, SIZES, Case, run_case
+
+METHODS = ("clip", "negclip", "ceclip", "degla", "c2lip", "composite")
+SETTINGS = {
+    "tiny": {"arch": "compclip-tiny", "map_arch": "compclip-tiny-map", "batch": 4, "precision": "fp32"},
+    "cpu": {"arch": "compclip-tiny", "map_arch": "compclip-tiny-map", "batch": 32, "precision": "fp32"},
+    "gpu": {"arch": "ViT-B-32", "map_arch": "ViT-B-32", "batch": 256, "precision": "bf16"},
+}[SIZES]
+# C2LIP's published terms need a logit bias only if the model has one; on a CLIP ViT they score without it.
+METHOD_ARGS = {
+    "composite": ["--loss.terms={negclip: 1.0, cmr: 0.2, imc: 0.2, igc: 0.1, tgc: 0.1, distill: 0.005, "
+                  "npc: 1.0, xac: 0.01}"],
+}
+
+
+@pytest.fixture(scope="module")
+def trainers(tmp_path_factory):
+    from compclip.train import build_trainer
+
+    built = {}
+
+    def get(method: str):
+        if method not in built:
+            arch = SETTINGS["map_arch"] if method == "c2lip" else SETTINGS["arch"]
+            argv = [
+                f"--loss.method={method}", f"--model.arch={arch}", "--model.pretrained=",
+                f"--data.batch_size={SETTINGS['batch']}", "--data.num_negatives=4",
+                f"--data.synthetic.num_train={max(64, 4 * SETTINGS['batch'])}", "--data.synthetic.num_val=8",
+                f"--data.synthetic.root={tmp_path_factory.getbasetemp() / 'world'}",
+                f"--deepspeed.precision={SETTINGS['precision']}", "--deepspeed.zero_stage=0",
+                "--optim.warmup_steps=1", "--optim.lr=1e-5", "--eval_before=false", "--eval_synthetic=false",
+                "--log.progress=false", "--log.tensorboard=false", f"--log.logs={tmp_path_factory.getbasetemp()}",
+                f"--log.name=bench-{method}", *METHOD_ARGS.get(method, []),
+            ]
+            trainer = build_trainer(argv)
+            batch = next(iter(trainer.loader))
+            built[method] = (trainer, batch)
+        return built[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_step(benchmark, rounds, trainers, method):
+    trainer, batch = trainers(method)
+    images = batch["images"].shape[0] * trainer.world
+    benchmark.group = f"train step {SETTINGS['arch']} batch={images} K=4 {SETTINGS['precision']}"
+    benchmark.name = method
+    run_case(benchmark, Case(setup=lambda: (batch,), run=trainer.train_step), max(rounds, 3))
+    if benchmark.stats is not None:
+        benchmark.extra_info["samples_per_s"] = float(f"{images / benchmark.stats.stats.mean:.4g}")
+    if trainer.teacher is not None:
+        start = time.perf_counter()
+        for _ in range(3):
+            trainer.teacher.update()
+        if CUDA:
+            torch.cuda.synchronize()
+        update = (time.perf_counter() - start) / 3
+        benchmark.extra_info["ema_update_ms"] = float(f"{update * 1e3:.4g}")
+        if benchmark.stats is not None:
+            benchmark.extra_info["ema_share"] = float(f"{update / benchmark.stats.stats.mean:.3g}")
