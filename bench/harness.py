@@ -46,6 +46,17 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def _release_free_heap() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``), so that memory the next call reuses
+    has to be faulted in again and shows in the resident peak. No-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -58,7 +69,7 @@ def peak_memory(fn: Callable[[], object]) -> int:
     """Bytes allocated at the peak of one call of ``fn`` beyond what was allocated before it.
 
     CUDA: ``max_memory_allocated`` after a reset. CPU: the rise of the process's peak resident set (VmHWM, reset
-    through /proc/self/clear_refs), which undercounts memory the allocator reuses from earlier frees.
+    through /proc/self/clear_refs) after the allocator's free pages went back to the OS (see above).
     """
     if CUDA:
         synchronize()
@@ -67,6 +78,7 @@ def peak_memory(fn: Callable[[], object]) -> int:
         fn()
         synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
