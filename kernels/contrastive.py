@@ -46,106 +46,20 @@ once on the host (a copy for non-contiguous views).
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-Scalar = Union[torch.Tensor, float]
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Host helpers shared by the kernel modules (grouped.py, xattn_pool.py import them).
-# --------------------------------------------------------------------------------------------------------------
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def block_size(requested: Optional[int], extent: int, default: int, floor: int = 16) -> int:
-    """A power-of-two block: ``requested`` if given, else the smaller of ``default`` and the padded extent.
-
-    Blocks that feed tl.dot must be ≥ 16 on a GPU; smaller requested ones work only in the interpreter."""
-    if requested is not None:
-        if requested < 1 or requested & (requested - 1):
-            raise ValueError(f"block sizes must be powers of two, got {requested}")
-        return requested
-    return max(floor, min(default, triton.next_power_of_2(max(extent, 1))))
-
-
-def dot_config(*tensors: torch.Tensor) -> Tuple[tl.dtype, str]:
-    """(dtype of tl.dot operands, input_precision): the shared 16-bit storage dtype on a GPU, else float32/ieee."""
-    dtypes = {t.dtype for t in tensors}
-    if not interpreting() and len(dtypes) == 1:
-        (dtype,) = dtypes
-        if dtype in (torch.float16, torch.bfloat16):
-            # input_precision only matters for float32 operands; 16-bit ones get Triton's default.
-            return _TL_DTYPES[dtype], "tf32"
-    return tl.float32, "ieee"
-
-
-def scalar_arg(value: Optional[Scalar], device: torch.device) -> torch.Tensor:
-    """A 1-element float32 device tensor holding a scale / bias (0 for None); the kernels read it by pointer,
-    so a CUDA scalar never has to be synchronised to the host."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().reshape(1).to(device=device, dtype=torch.float32)
-    return torch.full((1,), 0.0 if value is None else float(value), dtype=torch.float32, device=device)
-
-
-def scalar_grad(partials: torch.Tensor, like: Optional[Scalar], needed: bool) -> Optional[torch.Tensor]:
-    """Sum per-program partials into the gradient of a 0-d (or 1-element) tensor input; None where not needed."""
-    if not needed or not isinstance(like, torch.Tensor):
-        return None
-    return partials.sum().reshape(like.shape).to(like.dtype)
-
-
-def needs_grad(ctx, index: int) -> bool:
-    return bool(ctx.needs_input_grad[index])
-
-
-def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)``, skipped for an empty grid (a zero-size input)."""
-    if all(g > 0 for g in grid):
-        kernel[grid](*args, **meta)
-
-
-def contiguous(*tensors: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
-    return [t if t is None else t.contiguous() for t in tensors]
+from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
+                      scalar_arg, scalar_grad)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _dot_tile(
-    x_ptr, y_ptr,                      # data: X [X_ROWS, D], Y [Y_ROWS, D], row-major, unit column stride
-    x_idx, y_idx,                      # [BLOCK_X], [BLOCK_Y] int64 row indices
-    X_ROWS, Y_ROWS, D,                 # shapes
-    stride_x, stride_y,                # row strides
-    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """X[x_idx] @ Y[y_idx]ᵀ over the whole D, in BLOCK_D slices: [BLOCK_X, BLOCK_Y] float32 (0 where masked)."""
-    acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
-    x_valid = x_idx < X_ROWS
-    y_valid = y_idx < Y_ROWS
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_valid = offs_d < D
-        # [BLOCK_X, BLOCK_D]
-        x = tl.load(x_ptr + x_idx[:, None] * stride_x + offs_d[None, :],
-                    mask=x_valid[:, None] & d_valid[None, :], other=0.0)
-        # [BLOCK_D, BLOCK_Y], loaded transposed
-        y = tl.load(y_ptr + y_idx[None, :] * stride_y + offs_d[:, None],
-                    mask=y_valid[None, :] & d_valid[:, None], other=0.0)
-        acc = tl.dot(x.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    return acc
-
-
 @triton.jit
 def _contrastive_fwd_kernel(
     anchors_ptr, columns_ptr, scale_ptr, targets_ptr, extra_ptr,    # inputs
@@ -182,13 +96,6 @@ def _contrastive_fwd_kernel(
     lse = running_max + tl.log(running_sum)
     tl.store(lse_ptr + rows, lse, mask=row_valid)
     tl.store(loss_ptr + rows, lse - target_logit, mask=row_valid)
-
-
-@triton.jit
-def _load_rows(ptr, idx, offs_d, ROWS, D, stride):
-    """[len(idx), len(offs_d)] slice of a row-major [ROWS, D] matrix, float32, 0 where masked."""
-    mask = (idx < ROWS)[:, None] & (offs_d < D)[None, :]
-    return tl.load(ptr + idx[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

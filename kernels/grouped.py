@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .contrastive import Scalar, block_size, contiguous, launch, needs_grad, scalar_arg, scalar_grad
+from ._common import Scalar, block_size, contiguous, launch, needs_grad, scalar_arg, scalar_grad
 
 
 @triton.jit

@@ -54,8 +54,8 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from .contrastive import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
-                          scalar_arg, scalar_grad)
+from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
+                      scalar_arg, scalar_grad)
 
 
 @triton.jit
