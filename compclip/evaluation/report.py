@@ -33,17 +33,24 @@ def json_safe(value):
 
 
 def write_results(results: Mapping[str, BenchmarkResult], out_dir: str, label: Optional[str] = None) -> List[str]:
-    """Write `<out_dir>/<benchmark>.json` = {benchmark, model, metrics, details}; returns the paths."""
+    """Write `<out_dir>/<benchmark>.json` = the metrics alone, `{subset: accuracy, ...}` as the benchmarks' official
+    scripts write them, and `<out_dir>/<benchmark>.details.json` = {benchmark, model, details} (item counts,
+    files, per-group numbers). Returns the metric files' paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, result in results.items():
         path = os.path.join(out_dir, f"{name}.json")
-        record = {"benchmark": name, "model": label, "metrics": result.metrics, "details": result.details}
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(json_safe(record), handle, indent=2, sort_keys=False)
-            handle.write("\n")
+        _write_json(path, result.metrics)
+        _write_json(os.path.join(out_dir, f"{name}.details.json"),
+                    {"benchmark": name, "model": label, "details": result.details})
         paths.append(path)
     return paths
+
+
+def _write_json(path: str, record) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(json_safe(record), handle, indent=2, sort_keys=False)
+        handle.write("\n")
 
 
 def format_table(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:

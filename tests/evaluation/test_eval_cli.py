@@ -52,7 +52,7 @@ def test_cli_compares_checkpoints_and_writes_outputs(tmp_path, capsys):
         direct = evaluate(model, preprocess, tokenizer,
                           EvalConfig(sugarcrepe=str(tmp_path / "sc"), sugarcrepe_image_root=str(tmp_path / "images"),
                                      progress=False), "cpu")
-        assert written["metrics"]["swap_att"] == pytest.approx(direct["sugarcrepe"]["swap_att"])
+        assert written["swap_att"] == pytest.approx(direct["sugarcrepe"]["swap_att"])
         assert summary["results"][label]["sugarcrepe"]["mean"] == pytest.approx(direct["sugarcrepe"]["mean"])
     png = out / "comparison.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 1000

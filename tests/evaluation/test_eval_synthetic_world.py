@@ -20,5 +20,5 @@ def test_world_eval_sets(tmp_path):
     assert kinds <= set(results["sugarcrepe"]) and "retrieval" not in results["sugarcrepe"]
     assert 0.0 <= results["sugarcrepe"]["mean"] <= 1.0
     assert results["retrieval"]["text_to_image_R@10"] == 1.0  # 8 images: every caption's image is in the top 10
-    counts = json.loads((tmp_path / "out" / "sugarcrepe.json").read_text())["details"]["counts"]
+    counts = json.loads((tmp_path / "out" / "sugarcrepe.details.json").read_text())["details"]["counts"]
     assert set(counts) == set(results["sugarcrepe"]) - {"mean", "add_avg", "replace_avg", "swap_avg"}

@@ -66,7 +66,7 @@ def test_accuracy_valid_items_only(tmp_path):
         expected[name] = sum(correct) / len(correct)
         assert metrics[name] == pytest.approx(expected[name])
     assert metrics["mean"] == pytest.approx(sum(expected.values()) / 2)
-    details = json.loads((tmp_path / "out" / "valse.json").read_text())["details"]
+    details = json.loads((tmp_path / "out" / "valse.details.json").read_text())["details"]
     assert details["valid_counts"] == {"existence": 5, "plurals": 2}
     assert details["total_counts"] == {"existence": 6, "plurals": 3}
 

@@ -151,3 +151,26 @@ def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, mo
     for step in (3, 4):
         for key in ("loss", "loss/negclip", "loss/cmr", "loss/imc", "cmr_threshold/0", "lr"):
             assert resumed[step][key] == straight[step][key], (step, key)
+
+
+def test_evaluation_command_on_the_run_folder_agrees_with_the_trainer(tmp_path, one_process):
+    """The exported checkpoint of a run, read back by `compclip-eval` from the run folder alone (our own tiny
+    architecture included), scores the synthetic SugarCrepe-format sets exactly as the trainer's final evaluation
+    of the in-memory model did."""
+    from compclip.evaluation.__main__ import main as evaluate
+    from compclip.train import main
+
+    result = main(_tiny_args(ROOT / "configs" / "negclip.yaml", tmp_path, "run")
+                  + ["--eval_synthetic=true", "--eval_before=false"])
+    trained = result["after"]["sugarcrepe"]
+    world = tmp_path.parent / "synthetic-yaml"
+    out = tmp_path / "eval"
+    evaluate(["--checkpoint", str(tmp_path / "run"), "--sugarcrepe", str(world / "eval"),
+              "--sugarcrepe-image-root", str(world / "images" / "val"), "--out", str(out), "--no-progress",
+              "--device", "cpu"])
+    (written,) = list(out.glob("*/sugarcrepe.json"))
+    reread = json.loads(written.read_text())
+    subsets = [name for name in trained if name in reread and not name.endswith(("_avg", "mean"))]
+    assert len(subsets) == 5
+    for name in subsets:
+        assert reread[name] == pytest.approx(trained[name], abs=1e-12), name
