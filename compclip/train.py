@@ -713,6 +713,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             else:
                 lines.append(f"  load it: open_clip.create_model_and_transforms({cfg.model.arch!r}, "
                              f"pretrained={result['export']!r})")
+        try:
+            from compclip.plots import plot_runs
+
+            lines.append(f"curves: {plot_runs([str(trainer.run_dir)], str(trainer.run_dir / 'curves.png'))}")
+        except Exception as exc:  # the run itself is done and saved: a plotting failure must not turn it red
+            logger.warning("could not plot %s/metrics.jsonl: %s", trainer.run_dir, exc)
         lines.append(f"run folder: {trainer.run_dir}")
         text = "\n".join(lines)
         print(text, flush=True)

@@ -163,6 +163,7 @@ def test_evaluation_command_on_the_run_folder_agrees_with_the_trainer(tmp_path, 
     result = main(_tiny_args(ROOT / "configs" / "negclip.yaml", tmp_path, "run")
                   + ["--eval_synthetic=true", "--eval_before=false"])
     trained = result["after"]["sugarcrepe"]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000  # losses and the periodic evaluation, drawn
     world = tmp_path.parent / "synthetic-yaml"
     out = tmp_path / "eval"
     evaluate(["--checkpoint", str(tmp_path / "run"), "--sugarcrepe", str(world / "eval"),
