@@ -198,3 +198,32 @@ def test_a_prepared_manifest_of_the_synthetic_world_trains(tmp_path, one_process
     result = main(_tiny_args(ROOT / "configs" / "degla.yaml", tmp_path, "prepared")
                   + [f"--data.train_manifest={prepared}", "--eval_synthetic=false", "--eval_before=false"])
     assert result["steps"] == 2
+
+
+def test_training_on_the_triton_kernels_follows_the_reference(tmp_path):
+    """Every kernel-backed term in a real training run (the composite config: contrastive, grouped and XAC kernels)
+    on backend=triton, in Triton's interpreter, gives the loss curve of backend=torch. Separate processes: Triton
+    decides at import whether a kernel is interpreted."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+    env["TRITON_INTERPRET"] = "1"
+    curves = {}
+    for backend in ("torch", "triton"):
+        run = subprocess.run(
+            [sys.executable, "compclip/train.py", *_tiny_args(ROOT / "configs" / "tiny" / "composite.yaml", tmp_path,
+                                                             backend),
+             f"--loss.backend={backend}", "--deepspeed.zero_stage=0", "--optim.max_steps=3"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        backends = json.loads(run.stdout.split("kernel backends at step 0: ")[1].splitlines()[0])
+        assert set(backends.values()) == {backend} and len(backends) == 4
+        rows = [json.loads(line) for line in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
+        curves[backend] = [{k: v for k, v in row.items() if k.startswith("loss")} for row in rows if "loss" in row]
+    assert len(curves["triton"]) == 3
+    for ours, reference in zip(curves["triton"], curves["torch"]):
+        assert ours.keys() == reference.keys()
+        for key in reference:
+            assert ours[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
