@@ -117,7 +117,6 @@ def run_case(benchmark, case: Case, rounds: int) -> None:
         benchmark.extra_info["peak_memory_mb"] = float(f"{peak_memory(lambda: case.run(*inputs)) / 2**20:.4g}")
     except torch.cuda.OutOfMemoryError as exc:
         # A materialising provider that does not fit is a result too: reported as a skip with its size.
-        inputs = None
         torch.cuda.empty_cache()
         pytest.skip(f"out of GPU memory at this size ({str(exc).splitlines()[0]})")
     benchmark.extra_info["device"] = device_name()
