@@ -61,6 +61,13 @@ class EMATeacher:
         for (t_name, t), (s_name, s) in zip(self.module.named_parameters(), student.named_parameters()):
             if t_name != s_name or tuple(getattr(t, "ds_shape", t.shape)) != tuple(getattr(s, "ds_shape", s.shape)):
                 raise ValueError(f"EMATeacher: teacher parameter {t_name} does not match student {s_name}")
+        # Parameter-free layers must match too: a teacher with GELU where the student has QuickGELU (OpenAI
+        # weights) has the same parameters but computes different features.
+        student_types = {name: type(m) for name, m in student.named_modules()}
+        for name, module in self.module.named_modules():
+            if name in student_types and student_types[name] is not type(module):
+                raise ValueError(f"EMATeacher: teacher module {name or '<root>'} is {type(module).__name__}, "
+                                 f"the student's is {student_types[name].__name__}")
         self.copy_from(student)
 
     # ----------------------------------------------------------------------------------------------------------

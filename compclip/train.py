@@ -350,7 +350,9 @@ class Trainer:
             from compclip.ema import EMATeacher
 
             def build_teacher():
-                return Encoder(build_model(cfg.model.arch, "", cfg.model.force_quick_gelu, load_weights=False)[0])
+                # The architecture only, but with the student's activation: `pretrained` decides QuickGELU.
+                return Encoder(build_model(cfg.model.arch, cfg.model.pretrained, cfg.model.force_quick_gelu,
+                                           load_weights=False)[0])
             self.teacher = EMATeacher(self.engine.module, build_teacher, cfg.loss.ema_decay,
                                       zero3_config=self.ds_config)
             if getattr(self, "_init_teacher", None) is not None:
@@ -405,7 +407,8 @@ class Trainer:
         if run_eval:
             model = None
             if self.rank == 0:
-                model = build_model(self.cfg.model.arch, "", self.cfg.model.force_quick_gelu, load_weights=False)[0]
+                model = build_model(self.cfg.model.arch, self.cfg.model.pretrained, self.cfg.model.force_quick_gelu,
+                                    load_weights=False)[0]  # QuickGELU as in training
                 model.load_state_dict(state)
             results = self._evaluate_plain(model, label)
             if results:

@@ -138,3 +138,23 @@ def test_method_loss_is_the_weighted_sum_and_threshold_hooks():
     assert method.threshold.value.abs().sum() == 0
     method.load_state_dict(state)
     assert torch.equal(method.threshold.value, state["threshold"]["value"])
+
+
+def test_ema_teacher_refuses_a_teacher_with_another_activation():
+    """Same parameters, different parameter-free layers (GELU vs QuickGELU): the teacher would compute other
+    features, so it is an error rather than a silent mismatch; a matching teacher starts equal to the student."""
+    from compclip.ema import EMATeacher
+
+    torch.manual_seed(0)
+    student = Encoder(build_model("compclip-tiny", force_quick_gelu=True)[0])
+    with pytest.raises(ValueError, match="QuickGELU"):
+        EMATeacher(student, lambda: Encoder(build_model("compclip-tiny", load_weights=False)[0]), 0.9996)
+    teacher = EMATeacher(student, lambda: Encoder(build_model("compclip-tiny", force_quick_gelu=True)[0]), 0.9996)
+    images = torch.randn(2, 3, 64, 64)
+    text = build_model("compclip-tiny")[3](["a red circle", "a blue square"])
+    with torch.no_grad():
+        want = student.eval()(images, text)
+    got = teacher(images, text)
+    assert not teacher.module.training
+    torch.testing.assert_close(got.image, want.image)
+    torch.testing.assert_close(got.text, want.text)

@@ -227,3 +227,44 @@ def test_training_on_the_triton_kernels_follows_the_reference(tmp_path):
         assert ours.keys() == reference.keys()
         for key in reference:
             assert ours[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_run_from_openai_weights_keeps_quickgelu_in_the_teacher_and_the_evaluation(tmp_path, one_process,
+                                                                                      monkeypatch):
+    """OpenAI weights were trained with QuickGELU and `build_model` forces it for `pretrained: openai`; the EMA
+    teacher and the model the trainer evaluates are rebuilt from the architecture alone, and must get QuickGELU
+    too (with GELU the teacher starts off the student and the evaluation scores a different network)."""
+    import open_clip
+    import torch.nn as nn
+    from open_clip.transformer import QuickGELU
+
+    from compclip.ema import EMATeacher
+    from compclip.train import Trainer, main
+
+    real = open_clip.create_model_and_transforms
+
+    def offline(arch, pretrained=None, **kwargs):  # no hub here: "openai" = random weights, OpenAI's activation
+        return real(arch, pretrained=None if pretrained == "openai" else pretrained, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    seen = {}
+    real_update = EMATeacher.update
+
+    def update(self):
+        seen.setdefault("teacher", self.module)
+        return real_update(self)
+
+    def evaluate_plain(self, clip, label):
+        seen.setdefault("evaluated", []).append(clip)
+        return None
+
+    monkeypatch.setattr(EMATeacher, "update", update)
+    monkeypatch.setattr(Trainer, "_evaluate_plain", evaluate_plain)
+    main(_tiny_args(ROOT / "configs" / "degla.yaml", tmp_path, "openai")
+         + ["--model.pretrained=openai", "--optim.max_steps=1", "--eval_synthetic=true", "--eval_before=false"])
+
+    def activations(model):
+        return {type(m) for m in model.modules() if isinstance(m, (nn.GELU, QuickGELU))}
+
+    assert activations(seen["teacher"]) == {QuickGELU}
+    assert seen["evaluated"] and all(activations(model) == {QuickGELU} for model in seen["evaluated"])
