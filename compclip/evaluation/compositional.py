@@ -8,7 +8,8 @@ averaging, which follow each benchmark's authors:
 * SugarCrepe: accuracy per subset over its items (micro), then the mean of the subsets in each category
   (`add_avg`, `replace_avg`, `swap_avg`) and of all subsets (`mean`).
 * ARO VG-Relation / VG-Attribution: image cropped to the item's box, options [false, true]; the headline
-  `macro_accuracy` is the mean over relations (attribute pairs `a_b`) of their accuracy, as the ARO authors report.
+  `macro_accuracy` is the mean over relations (attribute pairs `a_b`) of their accuracy, as the ARO authors report;
+  like their code, VG-Attribution leaves out attribute pairs with fewer than 25 items.
 * ARO COCO-Order / Flickr30k-Order: the true caption against its four word-order perturbations, Precision@1.
   A perturbation that happens to equal the true caption is dropped (the authors' argmax gives such exact ties to
   the true caption, which sits first).
@@ -281,23 +282,37 @@ def load_aro_vg(path: str, kind: str, image_root=None, max_items=None) -> List[C
     return items
 
 
-def grouped_accuracy(items: Sequence[ChoiceItem], correct: np.ndarray, exclude=()) -> Tuple[float, Dict]:
-    """Macro accuracy over `item.group` (excluded groups left out) and {group: {accuracy, count}}."""
+ARO_ATTRIBUTION_MIN_COUNT = 25
+"""The ARO authors' `VG_Attribution.evaluate_scores` leaves attribute pairs with fewer than 25 test items out of
+the per-pair records that the macro accuracy averages."""
+
+
+def grouped_accuracy(items: Sequence[ChoiceItem], correct: np.ndarray, exclude=(),
+                     min_count: int = 0) -> Tuple[float, Dict]:
+    """Macro accuracy over `item.group` (excluded groups and groups of fewer than `min_count` items left out)
+    and {group: {accuracy, count}} of every group."""
     groups: Dict[str, List[bool]] = {}
     for item, hit in zip(items, correct):
         groups.setdefault(item.group, []).append(bool(hit))
     per_group = {name: {"accuracy": float(np.mean(hits)), "count": len(hits)} for name, hits in sorted(groups.items())}
-    macro = _mean(value["accuracy"] for name, value in per_group.items() if name not in set(exclude))
+    macro = _mean(value["accuracy"] for name, value in per_group.items()
+                  if name not in set(exclude) and value["count"] >= min_count)
     return macro, per_group
 
 
-def run_aro_vg(embedder: Embedder, path: str, kind: str, image_root=None, exclude=(), max_items=None):
+def run_aro_vg(embedder: Embedder, path: str, kind: str, image_root=None, exclude=(), max_items=None,
+               min_count: Optional[int] = None):
+    """`min_count`: groups with fewer items are left out of `macro_accuracy`; default: the ARO authors' rule
+    (attribute pairs with fewer than 25 items are dropped for VG-Attribution; every relation counts)."""
+    if min_count is None:
+        min_count = ARO_ATTRIBUTION_MIN_COUNT if kind == "attribution" else 0
     items = load_aro_vg(path, kind, image_root, max_items)
     correct, _ = score_items(embedder, items, desc=f"aro_vg_{kind}")
-    macro, per_group = grouped_accuracy(items, correct, exclude)
+    macro, per_group = grouped_accuracy(items, correct, exclude, min_count)
     metrics = {"macro_accuracy": macro, "micro_accuracy": float(correct.mean()) if len(items) else float("nan")}
+    too_small = [name for name, value in per_group.items() if value["count"] < min_count]
     return BenchmarkResult(metrics, {"count": len(items), "groups": per_group, "excluded": list(exclude),
-                                     "file": path})
+                                     "min_count": min_count, "excluded_too_small": too_small, "file": path})
 
 
 # ---------------------------------------------------------------------------------------------------------------

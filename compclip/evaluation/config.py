@@ -35,6 +35,9 @@ class EvalConfig:
     """Folder the VG items' `image_path` is relative to. Default: the folder of the annotation file."""
     aro_exclude_relations: List[str] = field(default_factory=list)
     """VG-Relation relation names left out of the macro average (e.g. symmetric relations); empty = all."""
+    aro_attribution_min_count: int = 25
+    """VG-Attribution attribute pairs with fewer items are left out of the macro average (25 in the ARO authors'
+    code); 0 keeps every pair."""
     aro_coco_order: Optional[str] = None
     """Karpathy-split JSON of COCO (`dataset_coco.json`, or a BLIP-style list of `{image, caption: [...]}`) for
     COCO-Order."""

@@ -28,7 +28,7 @@ def run_benchmarks(embedder: Embedder, cfg: EvalConfig) -> Dict[str, BenchmarkRe
                                                 cfg.aro_exclude_relations, limit)
     if cfg.aro_vg_attribution:
         results["aro_vg_attribution"] = run_aro_vg(embedder, cfg.aro_vg_attribution, "attribution",
-                                                   cfg.aro_vg_image_root, (), limit)
+                                                   cfg.aro_vg_image_root, (), limit, cfg.aro_attribution_min_count)
     for name, path, root in (("aro_coco_order", cfg.aro_coco_order, cfg.aro_coco_image_root),
                              ("aro_flickr_order", cfg.aro_flickr_order, cfg.aro_flickr_image_root)):
         if path:

@@ -3,10 +3,11 @@ perturbations and Precision@1, against direct open_clip computations."""
 import json
 
 import pytest
+import torch
 from evaltest_helpers import direct_choice_correct, make_image, tiny_model
 
 from compclip.evaluation import EvalConfig, EvalDataError, evaluate
-from compclip.evaluation.compositional import normalize_caption
+from compclip.evaluation.compositional import normalize_caption, run_aro_vg
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_vg_macro_accuracy_with_crops(tiny, tmp_path, kind):
     path = tmp_path / f"visual_genome_{kind}.json"
     path.write_text(json.dumps(items))
     field = "aro_vg_relation" if kind == "relation" else "aro_vg_attribution"
-    cfg = EvalConfig(**{field: str(path)}, progress=False)
+    # every attribute pair counts here (the authors' 25-item floor is tested on its own below)
+    cfg = EvalConfig(**{field: str(path)}, aro_attribution_min_count=0, progress=False)
     metrics = evaluate(model, preprocess, tokenizer, cfg, "cpu")[field]
     cases = [(str(tmp_path / item["image_path"]),
               (item["bbox_x"], item["bbox_y"], item["bbox_x"] + item["bbox_w"], item["bbox_y"] + item["bbox_h"]),
@@ -55,6 +57,43 @@ def test_vg_macro_accuracy_with_crops(tiny, tmp_path, kind):
         kept = [sum(hits) / len(hits) for key, hits in groups.items() if key != "near"]
         assert evaluate(model, preprocess, tokenizer, cfg, "cpu")[field]["macro_accuracy"] == \
             pytest.approx(sum(kept) / len(kept))
+
+
+class _ByPrefixEmbedder:
+    """Images all embed to e0; a caption starting with "yes" to e0 (score 1), any other to e1 (score 0)."""
+
+    def images(self, refs, desc=""):
+        return torch.tensor([[1.0, 0.0]]).repeat(len(refs), 1)
+
+    def texts(self, texts, desc=""):
+        return torch.tensor([[1.0, 0.0] if text.startswith("yes") else [0.0, 1.0] for text in texts])
+
+
+def test_vg_attribution_macro_leaves_out_pairs_under_25_items(tmp_path):
+    """ARO's VG_Attribution.evaluate_scores skips attribute pairs with fewer than 25 items (`attr_mask.sum() <
+    25`); the macro accuracy is the mean over the remaining pairs. Hand-worked: pair red_blue, 25 items, all
+    right (1.0); pair small_big, 3 items, all wrong (0.0) -> macro 1.0 (0.5 if the small pair were counted)."""
+    make_image(str(tmp_path / "images" / "0.jpg"), 0, size=(64, 48))
+    box = {"bbox_x": 1, "bbox_y": 2, "bbox_w": 30, "bbox_h": 20}
+    items = [dict(box, image_path="images/0.jpg", attributes=["red", "blue"], true_caption=f"yes {i}",
+                  false_caption=f"no {i}") for i in range(25)]
+    items += [dict(box, image_path="images/0.jpg", attributes=["small", "big"], true_caption=f"no true {i}",
+                   false_caption=f"yes false {i}") for i in range(3)]
+    path = tmp_path / "visual_genome_attribution.json"
+    path.write_text(json.dumps(items))
+    result = run_aro_vg(_ByPrefixEmbedder(), str(path), "attribution")
+    assert result.metrics["macro_accuracy"] == pytest.approx(1.0)
+    assert result.metrics["micro_accuracy"] == pytest.approx(25 / 28)
+    assert result.details["groups"]["small_big"] == {"accuracy": 0.0, "count": 3}
+    assert result.details["excluded_too_small"] == ["small_big"]
+    # the floor is configurable; 0 keeps every pair
+    assert run_aro_vg(_ByPrefixEmbedder(), str(path), "attribution", min_count=0).metrics["macro_accuracy"] == \
+        pytest.approx(0.5)
+    # VG-Relation keeps every relation, however small (the authors skip only empty ones)
+    for item in items:
+        item["relation_name"] = "_".join(item.pop("attributes"))
+    path.write_text(json.dumps(items))
+    assert run_aro_vg(_ByPrefixEmbedder(), str(path), "relation").metrics["macro_accuracy"] == pytest.approx(0.5)
 
 
 def test_vg_malformed_box_names_file_and_item(tiny, tmp_path):
