@@ -140,11 +140,17 @@ def capture_visual_tokens(clip: nn.Module, enabled: bool = True):
             store["class_token"] = output[:, 0] @ visual.proj
         handle = visual.ln_post.register_forward_hook(hook)
     else:
-        pool = visual.trunk.attn_pool
-        head = visual.head
+        trunk = visual.trunk
+        pool = trunk.attn_pool
 
         def hook(module, inputs, output):
-            store["tokens"] = head(_map_value_path(module, inputs[0]))
+            # After the pool, timm's forward_head applies fc_norm (and dropout) and its classifier head, then
+            # open_clip's head: identities for SigLIP, but part of the pooled path of other MAP towers.
+            tokens = _map_value_path(module, inputs[0])
+            for layer in (getattr(trunk, "fc_norm", None), getattr(trunk, "head", None), visual.head):
+                if layer is not None:
+                    tokens = layer(tokens)
+            store["tokens"] = tokens
         handle = pool.register_forward_hook(hook)
     try:
         yield store

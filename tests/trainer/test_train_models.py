@@ -158,3 +158,26 @@ def test_ema_teacher_refuses_a_teacher_with_another_activation():
     assert not teacher.module.training
     torch.testing.assert_close(got.image, want.image)
     torch.testing.assert_close(got.text, want.text)
+
+
+@pytest.mark.parametrize("head", ["stock", "fc_norm_and_trunk_head"])
+def test_map_tokens_follow_the_whole_pooled_path(head):
+    """When every patch token entering the MAP head is the same, attention over them returns that token's value,
+    so each visual token must equal the image embedding itself: the value path, then whatever the tower applies
+    after the pool (timm's fc_norm and classifier head, open_clip's head). Checked with the stock tiny SigLIP-style
+    tower and with a non-trivial fc_norm and trunk head (a timm MAP model built with fc_norm / num_classes)."""
+    torch.manual_seed(0)
+    model = build_model("compclip-tiny-map")[0].eval()
+    trunk = model.visual.trunk
+    if head != "stock":
+        trunk.fc_norm = torch.nn.LayerNorm(64)
+        torch.nn.init.normal_(trunk.fc_norm.weight)
+        trunk.head = torch.nn.Linear(64, 64)
+    same = trunk.norm.register_forward_hook(lambda module, inputs, output: output[:, :1].expand_as(output))
+    try:
+        with torch.no_grad(), capture_visual_tokens(model) as store:
+            pooled = model.encode_image(torch.randn(2, 3, 64, 64))
+    finally:
+        same.remove()
+    assert store["tokens"].shape == (2, 16, 64)
+    torch.testing.assert_close(store["tokens"], pooled.unsqueeze(1).expand(2, 16, 64), rtol=1e-5, atol=1e-5)
