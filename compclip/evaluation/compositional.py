@@ -11,8 +11,9 @@ averaging, which follow each benchmark's authors:
   `macro_accuracy` is the mean over relations (attribute pairs `a_b`) of their accuracy, as the ARO authors report;
   like their code, VG-Attribution leaves out attribute pairs with fewer than 25 items.
 * ARO COCO-Order / Flickr30k-Order: the true caption against its four word-order perturbations, Precision@1.
-  A perturbation that happens to equal the true caption is dropped (the authors' argmax gives such exact ties to
-  the true caption, which sits first).
+  A perturbation that is the same model input as the true caption (the same string, or the same tokens: spaCy's
+  "man ," and the caption's "man," tokenize alike) is dropped (the authors' argmax gives such exact ties to the
+  true caption, which sits first).
 * VALSE: valid items only (`mturk.caption >= 2`), pairwise accuracy caption > foil per piece, `mean` over pieces.
 * Generic JSONL `{image, captions, label}`: accuracy.
 """
@@ -329,6 +330,22 @@ def normalize_caption(caption: str, max_words: int = 30) -> str:
     return " ".join(words[:max_words])
 
 
+def _same_model_input(embedder, groups: Sequence[Sequence[str]]) -> List[List[bool]]:
+    """For each group [true, option...], whether each option is the same model input as the true caption: the
+    same tokens (the CLIP tokenizer drops the spaces that spaCy's tokens are joined with, so "a man , riding" and
+    "a man, riding" are one input), or the same string when the embedder has no tokenizer."""
+    tokenizer = getattr(embedder, "tokenizer", None)
+    if tokenizer is None or not groups:
+        return [[option == group[0] for option in group[1:]] for group in groups]
+    tokens = tokenizer([text for group in groups for text in group])
+    out, start = [], 0
+    for group in groups:
+        rows = tokens[start:start + len(group)]
+        out.append([bool(torch.equal(row, rows[0])) for row in rows[1:]])
+        start += len(group)
+    return out
+
+
 def run_order(embedder: Embedder, path: str, image_root=None, split="test", seed=0, spacy_model="en_core_web_sm",
               max_items=None, name="order") -> BenchmarkResult:
     from .perturb import OrderPerturber
@@ -344,11 +361,12 @@ def run_order(embedder: Embedder, path: str, image_root=None, split="test", seed
     cases = cases[:max_items]
     perturber = OrderPerturber(spacy_model, seed)
     perturbed = perturber.perturb_all([caption for _, _, caption in cases])
+    normalized = [[normalize_caption(caption)] + [normalize_caption(variant) for variant in variants]
+                  for (_, _, caption), variants in zip(cases, perturbed)]
+    same = _same_model_input(embedder, normalized)
     items, dropped = [], 0
-    for (image, item_id, caption), variants in zip(cases, perturbed):
-        true = normalize_caption(caption)
-        options = [normalize_caption(variant) for variant in variants]
-        kept = [option for option in options if option != true]
+    for (image, item_id, caption), (true, *options), identical in zip(cases, normalized, same):
+        kept = [option for option, twin in zip(options, identical) if not twin]
         dropped += len(options) - len(kept)
         if kept:
             items.append(ChoiceItem(item_id, image, [true] + kept, 0))

@@ -172,3 +172,36 @@ def test_missing_spacy_pipeline_is_a_clear_error(tiny, tmp_path):
     cfg = EvalConfig(aro_flickr_order=str(tmp_path / "k.json"), spacy_model="no_such_pipeline_xyz", progress=False)
     with pytest.raises(RuntimeError, match="spaCy pipeline 'no_such_pipeline_xyz' is not installed"):
         evaluate(model, preprocess, tokenizer, cfg, "cpu")
+
+
+def test_order_perturbation_with_the_captions_tokens_is_not_a_competitor(tiny, tmp_path, monkeypatch):
+    """spaCy joins its tokens with spaces ("a man , riding", "dog 's"), which the CLIP tokenizer drops: such a
+    perturbation is the caption itself to the model, an exact tie that the ARO authors' argmax gives to the true
+    caption (index 0). Hand-worked: caption 0's four perturbations are all token-identical to it -> correct
+    whatever the model; caption 1 has one real competitor, scored against it alone."""
+    import compclip.evaluation.perturb as perturb
+
+    captions = ["A man, riding a horse.", "A dog's toy is on the bed."]
+    variants = {captions[0]: ["a man , riding a horse", "a man ,riding a horse", "a man , riding a horse .",
+                              "A man , riding a horse"],
+                captions[1]: ["a dog 's toy is on the bed", "the bed 's toy is on a dog", "a dog's toy is on the bed .",
+                              "a dog 's toy is on the bed"]}
+
+    class FixedPerturber:
+        def __init__(self, spacy_model, seed):
+            pass
+
+        def perturb_all(self, texts):
+            return [variants[text] for text in texts]
+
+    monkeypatch.setattr(perturb, "OrderPerturber", FixedPerturber)
+    model, preprocess, tokenizer = tiny
+    make_image(str(tmp_path / "images" / "a.jpg"), 1)
+    (tmp_path / "k.json").write_text(json.dumps({"images": [
+        {"filepath": "images", "filename": "a.jpg", "split": "test", "sentences": [{"raw": c} for c in captions]}]}))
+    cfg = EvalConfig(aro_coco_order=str(tmp_path / "k.json"), progress=False)
+    metrics = evaluate(model, preprocess, tokenizer, cfg, "cpu")["aro_coco_order"]
+    image = str(tmp_path / "images" / "a.jpg")
+    second = direct_choice_correct(model, preprocess, tokenizer,
+                                   [(image, None, ["a dog's toy is on the bed", "the bed 's toy is on a dog"], 0)])
+    assert metrics["precision_at_1"] == pytest.approx((1 + sum(second)) / 2)
