@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .manifest import INVALID_NEGATIVE, Record
+from .negatives import normalise
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,18 @@ def select_negatives(negatives: Sequence[str] | None, valid: Sequence[bool] | No
     - fewer (but some): the sample's own negatives repeated cyclically, the repeats marked invalid;
     - none: the caption repeated, all invalid (no empty caption ever enters a softmax).
     `'###'` (CE-CLIP's unbuilt negative) stays as text with its mask False; an empty negative is replaced by
-    the caption, invalid.
+    the caption, invalid; a negative equal to the caption (case and punctuation aside) is marked invalid.
     """
     texts = list(negatives or [])
     mask = [True] * len(texts) if valid is None else [bool(v) for v in valid]
+    positive = normalise(caption)
     for slot, text in enumerate(texts):
         if text == INVALID_NEGATIVE:
             mask[slot] = False
         elif not text.strip():
             texts[slot], mask[slot] = caption, False
+        elif normalise(text) == positive:  # an imported "negative" that is the caption itself
+            mask[slot] = False
     if not texts:
         return [caption] * k, [False] * k
     if len(texts) > k:

@@ -30,6 +30,15 @@ def test_fewer_negatives_repeat_invalid_and_none_repeat_the_caption():
     assert select_negatives(["", "x"], [True, True], "cap", 2) == (["cap", "x"], [False, True])
 
 
+def test_a_negative_equal_to_the_caption_is_invalid():
+    """An imported list may hold the positive itself (NegCLIP swaps of two equal words, a DeGLA rewrite that
+    changed nothing): it is not a negative, so its mask is False; the text is kept (slot order, K stays K)."""
+    texts, valid = select_negatives(["A dog on a mat .", "a mat on a dog", "a dog on a mat"], [True, True, True],
+                                    "A dog on a mat.", 3)
+    assert texts == ["A dog on a mat .", "a mat on a dog", "a dog on a mat"]
+    assert valid == [False, True, False]
+
+
 def test_more_negatives_draw_k_per_epoch_deterministically():
     pool = [f"n{i}" for i in range(10)]
     valid = [i % 2 == 0 for i in range(10)]
