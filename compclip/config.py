@@ -405,6 +405,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if cfg.deepspeed.precision == "fp16" and cfg.deepspeed.zero_stage == 0:
+        # DeepSpeed's stage-0 FP16 optimizer keeps an fp32 master copy the logit-scale clamp cannot reach: the
+        # master would drift above the bound and overwrite the clamped value at the next step.
+        raise ConfigError("deepspeed.precision=fp16 needs deepspeed.zero_stage >= 1 (the logit_scale clamp cannot "
+                          "reach stage 0's fp16 master weights); use bf16, or ZeRO 1-3")
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise ConfigError(f"optim.schedule: expected cosine or constant, got {cfg.optim.schedule!r}")
     if len(cfg.optim.betas) != 2:

@@ -32,6 +32,7 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     (["--data.synthetic.num_trian=3"], "data.synthetic.num_trian"),
     (["--loss.terms.igc=heavy"], "loss.terms.igc"),
     (["--deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["--deepspeed.precision=fp16", "--deepspeed.zero_stage=0"], "deepspeed.precision=fp16 needs"),
 ])
 def test_errors_name_the_key(argv, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
