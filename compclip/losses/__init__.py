@@ -5,11 +5,13 @@
   ``degla_distill_loss``, ``siglip_loss``, ``c2lip_npc_loss``, ``concept_attention_pool``, ``c2lip_xac_loss``.
 * ``compclip.losses.terms``: the same losses on the global batch under data parallelism (``TERMS``,
   ``Features``, ``required_features``, ``CMRThreshold``).
+* ``compclip.losses.modules``: ``nn.Module`` wrappers — ``CompositionalLoss`` (any weighted terms) and
+  ``ClipLoss``, ``NegClipLoss``, ``CEClipLoss``, ``DeGLALoss``, ``C2LIPLoss`` with the published weights.
 
 Both run the kernel-level ops of ``compclip.kernels`` (Triton or reference, chosen by ``dispatch``) through one
 shared implementation per term (``compclip.losses.partials``).
 """
-from . import functional, terms  # noqa: F401
+from . import functional, modules, terms  # noqa: F401
 from .functional import (  # noqa: F401
     c2lip_npc_loss,
     c2lip_xac_loss,
@@ -24,6 +26,16 @@ from .functional import (  # noqa: F401
     negclip_loss,
     siglip_loss,
 )
+from .modules import (  # noqa: F401
+    PUBLISHED_WEIGHTS,
+    C2LIPLoss,
+    CEClipLoss,
+    ClipLoss,
+    CompositionalLoss,
+    DeGLALoss,
+    NegClipLoss,
+)
 from .terms import TERMS, CMRThreshold, Features, required_features  # noqa: F401
 
-__all__ = functional.__all__ + ["terms", "TERMS", "Features", "CMRThreshold", "required_features"]
+__all__ = functional.__all__ + ["terms", "modules", "TERMS", "Features", "CMRThreshold", "required_features"] \
+    + modules.__all__

@@ -6,13 +6,12 @@ brings CE-CLIP's adaptive threshold, a `tgc` / `distill` term brings the EMA tea
 """
 from __future__ import annotations
 
-import inspect
-
 from typing import Any, Dict, Optional, Set, Tuple, Type
 
 import torch
 
-from compclip.losses.terms import TERMS, CMRThreshold, Features, required_features
+from compclip.losses.modules import PUBLISHED_WEIGHTS, CompositionalLoss  # noqa: F401  (re-exported)
+from compclip.losses.terms import CMRThreshold, Features
 
 REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -35,7 +34,10 @@ def build_method(loss_cfg, *, num_negatives: int, has_logit_bias: bool) -> "Meth
 
 
 class Method:
-    """Base class: subclasses set `default_terms` (the published weights) or override `published_terms`."""
+    """Base class: subclasses set `default_terms` (the published weights) or override `published_terms`.
+
+    The loss itself is a `compclip.losses.modules.CompositionalLoss` (`objective`): the weighted sum of
+    global-batch terms and CE-CLIP's threshold state; the method adds which features to compute."""
 
     name = "method"
     default_terms: Dict[str, float] = {}
@@ -45,18 +47,14 @@ class Method:
         weights = dict(loss_cfg.terms) if loss_cfg.terms else self.published_terms()
         if not weights:
             raise ValueError(f"loss.terms: method {self.name!r} needs at least one term")
-        for term in list(weights) + list(loss_cfg.options):
-            if term not in TERMS:
-                raise ValueError(f"loss.terms: unknown term {term!r}; known: {sorted(TERMS)}")
-        self.weights: Dict[str, float] = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
-        self.options: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in loss_cfg.options.items()}
+        self.objective = CompositionalLoss(weights, loss_cfg.options, backend=loss_cfg.backend,
+                                           num_negatives=num_negatives, cmr_upper=loss_cfg.cmr_upper)
+        self.weights: Dict[str, float] = self.objective.weights
+        self.options: Dict[str, Dict[str, Any]] = self.objective.options
         self.backend = loss_cfg.backend
         self.ema_decay = loss_cfg.ema_decay
-        self.threshold: Optional[CMRThreshold] = (
-            CMRThreshold(num_negatives, loss_cfg.cmr_upper) if "cmr" in self.weights else None)
-        self.required: Set[str] = set()
-        for term in self.weights:
-            self.required |= required_features(term)
+        self.threshold: Optional[CMRThreshold] = self.objective.threshold
+        self.required: Set[str] = self.objective.required
 
     def published_terms(self) -> Dict[str, float]:
         return dict(self.default_terms)
@@ -79,36 +77,18 @@ class Method:
         return "tokens" in self.required
 
     # ---- the loss --------------------------------------------------------------------------------------------
-    def _term_options(self, term: str) -> Dict[str, Any]:
-        options = dict(self.options.get(term, {}))
-        if term == "cmr":
-            options.setdefault("threshold", self.threshold)
-        if "backend" in inspect.signature(TERMS[term]).parameters:
-            options.setdefault("backend", self.backend)
-        return options
-
     def loss(self, features: Features) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(weighted sum, {term: unweighted value}) on the global batch."""
-        parts: Dict[str, torch.Tensor] = {}
-        total = None
-        for term, weight in self.weights.items():
-            value = TERMS[term](features, **self._term_options(term))
-            parts[term] = value
-            total = value * weight if total is None else total + value * weight
-        return total, parts
+        return self.objective(features)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
         """CE-CLIP: θ = 0 at the start of every epoch."""
-        if self.threshold is not None:
-            self.threshold.reset()
+        self.objective.on_epoch_start()
 
     def after_step(self, features: Features) -> None:
         """After each micro-batch's backward: CE-CLIP's threshold from this global batch, for the next one."""
-        if self.threshold is not None:
-            detached = Features(**{k: (v.detach() if isinstance(v, torch.Tensor) else v)
-                                   for k, v in vars(features).items()})
-            self.threshold.update(detached, backend=self.backend)
+        self.objective.after_step(features)
 
     def log_values(self) -> Dict[str, float]:
         if self.threshold is None:

@@ -1,9 +1,12 @@
 """C2LIP (concept-centric): the contrastive loss (SigLIP's sigmoid loss, or CLIP InfoNCE for models without a
 logit bias) + 1.0 concept contrast (NPC) + 0.01 cross-modal attention contrast (XAC). No hard negatives."""
-from .base import Method, register
+from .base import PUBLISHED_WEIGHTS, Method, register
 
 
 @register("c2lip")
 class C2LIP(Method):
     def published_terms(self):
-        return {"siglip" if self.has_logit_bias else "clip": 1.0, "npc": 1.0, "xac": 0.01}
+        weights = dict(PUBLISHED_WEIGHTS["c2lip"])
+        if not self.has_logit_bias:  # a CLIP tower: InfoNCE in place of SigLIP's sigmoid loss
+            weights = {("clip" if name == "siglip" else name): weight for name, weight in weights.items()}
+        return weights

@@ -1,8 +1,8 @@
 """CE-CLIP (Zhang et al., 2024): NegCLIP term + 0.2 cross-modal rank (adaptive per-type threshold) + 0.2
 intra-modal contrast (the authors' latest script uses 0.3 for IMC; set it in the YAML)."""
-from .base import Method, register
+from .base import PUBLISHED_WEIGHTS, Method, register
 
 
 @register("ceclip")
 class CEClip(Method):
-    default_terms = {"negclip": 1.0, "cmr": 0.2, "imc": 0.2}
+    default_terms = PUBLISHED_WEIGHTS["ceclip"]

@@ -1,8 +1,8 @@
 """DeGLA (Hu et al., 2025): L_base (NegCLIP) + 0.1 image-grounded + 0.1 text-grounded contrast + 0.005
 distillation from a frozen EMA teacher (α = 0.9996, `loss.ema_decay`)."""
-from .base import Method, register
+from .base import PUBLISHED_WEIGHTS, Method, register
 
 
 @register("degla")
 class DeGLA(Method):
-    default_terms = {"negclip": 1.0, "igc": 0.1, "tgc": 0.1, "distill": 0.005}
+    default_terms = PUBLISHED_WEIGHTS["degla"]
