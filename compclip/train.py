@@ -71,7 +71,8 @@ def _single_process_environment() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def _init_distributed(cfg: TrainConfig):
+def init_process_group() -> None:
+    """The default process group through DeepSpeed, with its accelerator's backend (gloo on a CPU)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -88,6 +89,13 @@ def _init_distributed(cfg: TrainConfig):
         except Exception:  # pragma: no cover - depends on the DeepSpeed build
             pass
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def _init_distributed(cfg: TrainConfig):
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    init_process_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "cpu" or (cfg.device == "auto" and accelerator.device_name() == "cpu"):

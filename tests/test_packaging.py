@@ -1,10 +1,8 @@
 """The DeepSpeed pin: setup.py allows only versions that take 0-dim parameters (open_clip's logit_scale and
 logit_bias) through ZeRO-3, and the installed one is such a version (0.19.8 fails on them)."""
 import re
-import socket
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,24 +35,7 @@ class _ScaledLinear(torch.nn.Module):
         return (self.linear(x) * self.logit_scale.exp()).pow(2).mean()
 
 
-@pytest.fixture
-def single_rank_group(monkeypatch):
-    """A world of one, kept for the rest of the test process (DeepSpeed caches groups derived from it)."""
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
-        monkeypatch.setenv(key, value)  # DeepSpeed reads them at every initialize
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(port))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-
-
-def test_zero3_trains_a_model_with_a_0dim_parameter(single_rank_group):
+def test_zero3_trains_a_model_with_a_0dim_parameter(one_process):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 

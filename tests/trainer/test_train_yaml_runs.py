@@ -1,7 +1,6 @@
 """Every configs/*.yaml runs 2 steps on the CPU with the tiny overlay (one process, in this test process), and the
 bad inputs fail before training starts."""
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -9,27 +8,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 METHOD_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 METHOD_CONFIGS = [p for p in METHOD_CONFIGS if p.name != "tiny.yaml"]
-
-
-@pytest.fixture
-def one_process(monkeypatch):
-    """A world of one for in-process runs, created once per test process and kept: DeepSpeed caches groups
-    derived from the default group, so it must outlive every engine built on it."""
-    import torch
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
-        monkeypatch.setenv(key, value)  # DeepSpeed reads them at every initialize
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(port))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
 
 
 def _tiny_args(path, tmp_path, name):
