@@ -50,9 +50,6 @@ class Method:
         self.objective = CompositionalLoss(weights, loss_cfg.options, backend=loss_cfg.backend,
                                            num_negatives=num_negatives, cmr_upper=loss_cfg.cmr_upper)
         self.weights: Dict[str, float] = self.objective.weights
-        self.options: Dict[str, Dict[str, Any]] = self.objective.options
-        self.backend = loss_cfg.backend
-        self.ema_decay = loss_cfg.ema_decay
         self.threshold: Optional[CMRThreshold] = self.objective.threshold
         self.required: Set[str] = self.objective.required
 
@@ -96,12 +93,10 @@ class Method:
         return {f"cmr_threshold/{k}": float(v) for k, v in enumerate(self.threshold.value.tolist())}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "weights": dict(self.weights),
-                "threshold": self.threshold.state_dict() if self.threshold is not None else None}
+        return {"name": self.name, "weights": dict(self.weights), **self.objective.get_extra_state()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if self.threshold is not None and state.get("threshold") is not None:
-            self.threshold.load_state_dict(state["threshold"])
+        self.objective.set_extra_state(state)
 
     def describe(self) -> str:
         return f"{self.name}: " + " + ".join(f"{w:g}*{t}" for t, w in self.weights.items())
