@@ -57,6 +57,9 @@ import triton.language as tl
 from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
                       scalar_arg, scalar_grad)
 
+# F.normalize's clamp, v / max(‖v‖, NORM_EPS) (reference.NORM_EPS); also where q's gradient is cut off.
+NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
+
 
 @triton.jit
 def _pair_stats(
@@ -100,7 +103,7 @@ def _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias):
     valid = cidx < P
     owner = tl.load(owner_ptr + cidx, mask=valid, other=-1).to(tl.int64)
     sign = tl.where(owner == image, 1.0, -1.0)
-    logit = scale * w_dot_c / tl.maximum(tl.sqrt(norm_sq), 1e-12) + bias
+    logit = scale * w_dot_c / tl.maximum(tl.sqrt(norm_sq), NORM_EPS) + bias
     return logit, sign, valid
 
 
@@ -116,7 +119,7 @@ def _pair_grads(
         tok_ptr, concepts_ptr, dv_ptr, cidx, lidx, L, P, D, inv_temp, True, POOL,
         BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
     norm = tl.sqrt(norm_sq)
-    inv_n = 1.0 / tl.maximum(norm, 1e-12)
+    inv_n = 1.0 / tl.maximum(norm, NORM_EPS)
     cosine = w_dot_c * inv_n
     if POOL:
         gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -127,7 +130,7 @@ def _pair_grads(
         gamma = scale * dz
         w_dot_dv = gamma * w_dot_c
         e = gamma[:, None] * raw
-    q = tl.where(norm > 1e-12, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
+    q = tl.where(norm > NORM_EPS, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
     d_attn = e * inv_n[:, None] - q[:, None] * h                                      # [BLOCK_P, BLOCK_L]
     d_raw = attn * (d_attn - tl.sum(attn * d_attn, axis=1)[:, None]) * inv_temp
     return attn, d_raw, inv_n, q, gamma, dz, cosine
@@ -142,8 +145,8 @@ def _xattn_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(0).to(tl.int64)     # concept block: fast axis, so one image's tokens stay in L2
+    image = tl.program_id(1).to(tl.int64)
     cidx = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)                                    # [BLOCK_P]
     lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
     tok_ptr = tokens_ptr + image * L * D
@@ -151,7 +154,7 @@ def _xattn_fwd_kernel(
         tok_ptr, concepts_ptr, concepts_ptr, cidx, lidx, L, P, D, inv_temp, False, False,
         BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
     if POOL:
-        inv_n = 1.0 / tl.maximum(tl.sqrt(norm_sq), 1e-12)
+        inv_n = 1.0 / tl.maximum(tl.sqrt(norm_sq), NORM_EPS)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             tok = _load_rows(tok_ptr, lidx, offs_d, L, D, D)                             # [BLOCK_L, BLOCK_D]
@@ -164,7 +167,7 @@ def _xattn_fwd_kernel(
         logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
         margin = -sign * logit                                 # −log σ(y z) = softplus(−y z), computed stably
         loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
-        tl.store(out_ptr + image * tl.num_programs(1) + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(out_ptr + image * tl.num_programs(0) + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
 
 
 @triton.jit
@@ -176,8 +179,8 @@ def _xattn_bwd_tokens_kernel(
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(0).to(tl.int64)     # output D slice: fast axis, so one image's tokens stay in L2
+    image = tl.program_id(1).to(tl.int64)
     lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
     tok_ptr = tokens_ptr + image * L * D
@@ -249,14 +252,23 @@ def _xattn_bwd_concepts_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Host launchers (no autograd)
 # --------------------------------------------------------------------------------------------------------------
+MIN_BLOCK = 16   # smallest tl.dot extent on a GPU
+
+
 def _meta(tokens, concepts, block_p, block_d, block_do) -> dict:
     _, L, D = tokens.shape
     P = concepts.shape[0]
     dot_dtype, precision = dot_config(tokens, concepts)
+    for name, requested in (("block_p", block_p), ("block_d", block_d), ("block_do", block_do)):
+        if requested is not None and requested < MIN_BLOCK:
+            raise ValueError(f"{name} must be >= {MIN_BLOCK} (tl.dot needs M, N, K >= 16 on a GPU), got {requested}")
     block_l = block_size(None, L, 1 << 30)
-    # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward: fewer concepts per program for long L.
-    return dict(BLOCK_P=block_size(block_p, P, 32 if block_l <= 128 else 16), BLOCK_L=block_l,
-                BLOCK_D=block_size(block_d, D, 64), BLOCK_DO=block_size(block_do, D, 256),
+    long_l = block_l > 128
+    # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward and the d-tokens accumulator is
+    # [BLOCK_L, BLOCK_DO]: fewer concepts, thinner D slices for long L (keeps sm_80's shared memory at L ≤ 256).
+    return dict(BLOCK_P=block_size(block_p, P, 16 if long_l else 32), BLOCK_L=block_l,
+                BLOCK_D=block_size(block_d, D, 32 if long_l else 64),
+                BLOCK_DO=block_size(block_do, D, 64 if long_l else 256),
                 DOT_DTYPE=dot_dtype, PRECISION=precision)
 
 
@@ -268,7 +280,7 @@ def xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offse
     shape = (B, P, D) if pool else (B, n_blocks)
     out = torch.empty(shape, dtype=torch.float32, device=tokens.device)
     fwd_meta = {k: v for k, v in meta.items() if k != "BLOCK_DO"}
-    launch(_xattn_fwd_kernel, (B, n_blocks),
+    launch(_xattn_fwd_kernel, (n_blocks, B),
            tokens, concepts, owner, scale, bias,
            out,
            L, P, D, 1.0 / temperature, image_offset,
@@ -285,7 +297,7 @@ def xattn_backward(tokens, concepts, owner, scale, bias, grad, temperature, imag
     partials = torch.zeros(2, B, dtype=torch.float32, device=tokens.device)
     d_slices = triton.cdiv(D, meta["BLOCK_DO"])
     common = (owner, scale, bias, grad)
-    launch(_xattn_bwd_tokens_kernel, (B, d_slices),
+    launch(_xattn_bwd_tokens_kernel, (d_slices, B),
            tokens, concepts, *common,
            d_tokens, partials[0], partials[1],
            L, P, D, 1.0 / temperature, image_offset,
