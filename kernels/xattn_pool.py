@@ -3,7 +3,7 @@
 Forward, for image i (tokens u_il, l < L) and concept p (c_p); T = temperature, s = logit_scale, b = logit_bias::
 
     r_pl  = ⟨c_p, u_il⟩                      raw dots             a_pl = softmax_l(r_pl / T)
-    w_p   = Σ_l a_pl u_il                     pooled               n_p  = max(‖w_p‖, 1e-12),  v̂_p = w_p / n_p
+    w_p   = Σ_l a_pl u_il                     pooled               n_p  = max(‖w_p‖, ε),  v̂_p = w_p / n_p
     concept_attention_pool -> v̂ [B, P, D] (float32)
     z_p   = s ⟨v̂_p, c_p⟩ + b,  y_p = +1 if owner[p] == image_offset + i else −1
     xac_loss_sum -> Σ_i Σ_p softplus(−y_p z_p) = Σ −log σ(y z)          (0-d float32)
@@ -11,7 +11,7 @@ Forward, for image i (tokens u_il, l < L) and concept p (c_p); T = temperature, 
 Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B, P, D] for the pooling op; for XAC
 ``dv_p = γ_p c_p`` with dz_p = −g y_p σ(−y_p z_p), γ_p = s dz_p, g = ∂L/∂loss)::
 
-    q_p    = ⟨w_p, dv_p⟩ / n_p³   (0 where ‖w_p‖ ≤ 1e-12: the clamped norm has no gradient)
+    q_p    = ⟨w_p, dv_p⟩ / n_p³   (0 where ‖w_p‖ ≤ ε: the clamped norm has no gradient)
     ∂w_p   = dv_p / n_p − q_p w_p                                         through the normalisation
     ∂a_pl  = ⟨∂w_p, u_il⟩ = e_pl / n_p − q_p h_pl,  e_pl = ⟨dv_p, u_il⟩, h_pl = ⟨w_p, u_il⟩
     ∂r_pl  = a_pl (∂a_pl − Σ_l' a_pl' ∂a_pl') / T                          through the softmax
@@ -20,30 +20,45 @@ Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B,
     ∂s     = Σ dz_p ⟨v̂_p, c_p⟩,   ∂b = Σ dz_p      (XAC; per-image partials summed on the host)
 
 For XAC the [BP, L] quantities collapse: e = γ r and ⟨w, dv⟩ = γ ⟨w, c⟩, so nothing [B, P, D]-shaped is read
-or written. The temperature is a Python float (no gradient); ``owner`` and ``image_offset`` are integers.
+or written. ε = NORM_EPS = 1e-12 (F.normalize's clamp). The temperature is a Python float (no gradient);
+``owner`` and ``image_offset`` are integers.
 
 Shapes: tokens [B, L, D], concepts [P, D], owner [P] long; logit_scale / logit_bias 0-d tensors, floats or (bias)
 None. Gradients come back in each input's dtype.
 
-Passes. Every program handles one image against one block of BLOCK_P concepts; its [BLOCK_P, BLOCK_L] scores,
-attention, h and e stay on chip; the image's tokens are streamed in BLOCK_D slices (L1/L2-resident: one image's
-L·D tokens). Per (image, concept block) the statistics take two D sweeps: r (then the softmax), then w slice by
-slice for ‖w‖², ⟨w, c⟩ (and h, e in the backward).
+Passes (units of 2·B·P·L·D dot FLOPs; nDO = ⌈D / BLOCK_DO⌉). Every program handles one image against one block
+of BLOCK_P concepts; its [BLOCK_P, BLOCK_L] scores, attention, h and e stay on chip; the image's tokens are
+streamed in BLOCK_D slices. Per (image, concept block) the statistics take two D sweeps: r (then the softmax),
+then w slice by slice for ‖w‖², ⟨w, c⟩ (and h, e in the backward).
 
-* forward (one kernel, grid images × concept blocks): XAC writes one loss partial per program (summed on the
-  host: B·⌈P/BLOCK_P⌉ floats); pooling makes a third sweep writing v̂ (its output, the only [B, P, D] tensor).
+* forward (one kernel, grid concept blocks × images, image on the slow axis so its L·D tokens stay in L2 while
+  its concept blocks run): r + w = 2 passes. XAC writes one loss partial per program (summed on the host:
+  B·⌈P/BLOCK_P⌉ floats); pooling makes a third sweep writing v̂ (its output, the only [B, P, D] tensor): 3.
 * backward: two kernels, deterministic, no atomics, no partial tensors beyond B floats:
-  ``d tokens`` — grid images × output D slices of BLOCK_DO; loops over concept blocks; accumulates
+  ``d tokens`` — grid output D slices of BLOCK_DO × images; loops over concept blocks; accumulates
   Aᵀ ∂W + ∂Rᵀ C into an on-chip [BLOCK_L, BLOCK_DO] tile (and the ∂s, ∂b partials per image);
   ``d concepts`` — grid concept blocks × output D slices; loops over images; accumulates ∂R U (+ γ W / n) into
-  [BLOCK_P, BLOCK_DO]. Each output D slice recomputes the statistics (⌈D / BLOCK_DO⌉ recomputes per kernel), the
-  price of a bounded on-chip accumulator for any D.
+  [BLOCK_P, BLOCK_DO]. Each output D slice recomputes the statistics (r, w, h; pooling also e): 3·nDO + 3 and
+  3·nDO + 1 passes (pooling 4·nDO + 3, 4·nDO + 1), the price of a bounded on-chip accumulator for any D.
+* totals (XAC): 6·nDO + 6, i.e. 24 at D = 768 with BLOCK_DO = 256 (L ≤ 128) and 78 with BLOCK_DO = 64 (L > 128,
+  the default that keeps the d-tokens kernel inside sm_80's shared memory). SPEC's budget is 8: not met; the
+  per-pair statistics are recomputed for every D slice (issue #10).
 
 Extra memory: O(B·⌈P/BLOCK_P⌉) floats; [B, P, D] is never materialised by XAC.
 
-Limits: L is held in one tile (BLOCK_L = next_pow2(L) ≥ 16): fine up to a few hundred tokens (ViT-B/16: 196,
-ViT-L/14@336: 576), slower (register spills) towards L = 1024; any B, P ≥ 1 and D ≥ 1 (masking). Inputs are made
-contiguous once on the host. tl.dot numerics as in ``contrastive.py``.
+Limits. L is held in one tile (BLOCK_L = next_pow2(L) ≥ 16); shared memory and registers grow with it. Measured
+with ptxas (bf16, 8 warps, default blocks, D ∈ {512, 768}): L ≤ 256 fits the shared memory of sm_80 and sm_90
+but spills registers (≈ 0.1–0.7 KB/thread in the backward); L in (256, 512] fits both with 1.7–6 KB/thread of
+spills; L > 512 (BLOCK_L = 1024) needs 256 KB in the d-tokens kernel and does not launch on either. Concept
+blocks are 16–32 rows, so the 16-bit dots of the statistics run as mma.sync on sm_90 (wgmma only in d tokens).
+The interpreter (CPU) runs any L, B, P ≥ 1 and D ≥ 1 (masking). Requested blocks must be powers of two ≥ 16
+(tl.dot's smallest extent on a GPU). Inputs are made contiguous once on the host. tl.dot numerics as in
+``contrastive.py``: 16-bit inputs feed their own dtype to tl.dot on a GPU (softmax, statistics and accumulators
+in fp32; attention and gradient tiles are cast to the input dtype), fp32 inputs use tf32 on a GPU and ieee in
+the interpreter (``_common.dot_config``). Underflow rule for fp16 operands: attention probabilities are ≤ 1 and
+those below 2⁻²⁴ flush to 0, an absolute error ≤ 2⁻²⁴·L·max‖u‖ on w; XAC gradient tiles are formed for ∂L = 1
+(|dz| < 1) and ∂L multiplies the fp32 accumulators after the dots, so loss scaling or a tiny ∂L cannot flush
+them; pooling's ∂v̂ is cast as given (bf16 inputs have fp32's exponent range and need no rule).
 """
 from __future__ import annotations
 
@@ -110,7 +125,7 @@ def _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias):
 @triton.jit
 def _pair_grads(
     tok_ptr, concepts_ptr, dv_ptr, owner_ptr, cidx, lidx, image,
-    L, P, D, inv_temp, scale, bias, grad_loss,
+    L, P, D, inv_temp, scale, bias,
     POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -126,7 +141,7 @@ def _pair_grads(
         dz = gamma
     else:
         logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias)
-        dz = tl.where(valid, -grad_loss * sign * tl.sigmoid(-sign * logit), 0.0)
+        dz = tl.where(valid, -sign * tl.sigmoid(-sign * logit), 0.0)        # per unit ∂L: |dz| < 1
         gamma = scale * dz
         w_dot_dv = gamma * w_dot_c
         e = gamma[:, None] * raw
@@ -187,7 +202,12 @@ def _xattn_bwd_tokens_kernel(
     dv_ptr = grad_ptr + image * P * D
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    grad_loss = tl.load(grad_ptr).to(tl.float32)
+    # XAC: the gradient tiles are built for ∂L = 1 and the fp32 accumulators scaled by ∂L after the dots, so a
+    # small upstream gradient cannot underflow a 16-bit dot operand (pooling's ∂v̂ goes in as it is).
+    if POOL:
+        grad_loss = 1.0
+    else:
+        grad_loss = tl.load(grad_ptr).to(tl.float32)
     tok_out = _load_rows(tok_ptr, lidx, offs_o, L, D, D).to(DOT_DTYPE)                # [BLOCK_L, BLOCK_DO]
     acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)                             # ∂u_l[slice]
     scale_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -196,7 +216,7 @@ def _xattn_bwd_tokens_kernel(
         cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         attn, d_raw, inv_n, q, gamma, dz, cosine = _pair_grads(
             tok_ptr, concepts_ptr, dv_ptr, owner_ptr, cidx, lidx, image + image_offset,
-            L, P, D, inv_temp, scale, bias, grad_loss, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
+            L, P, D, inv_temp, scale, bias, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
         concept_out = _load_rows(concepts_ptr, cidx, offs_o, P, D, D)                    # [BLOCK_P, BLOCK_DO]
         pooled_out = tl.dot(attn.to(DOT_DTYPE), tok_out, input_precision=PRECISION)      # [BLOCK_P, BLOCK_DO]
         if POOL:
@@ -209,10 +229,10 @@ def _xattn_bwd_tokens_kernel(
         scale_acc += dz * cosine
         bias_acc += dz
     tl.store(d_tokens_ptr + (image * L + lidx[:, None]) * D + offs_o[None, :],
-             acc.to(d_tokens_ptr.dtype.element_ty), mask=(lidx < L)[:, None] & (offs_o < D)[None, :])
+             (acc * grad_loss).to(d_tokens_ptr.dtype.element_ty), mask=(lidx < L)[:, None] & (offs_o < D)[None, :])
     if not POOL:
-        tl.store(scale_partials_ptr + image, tl.sum(scale_acc, axis=0), mask=pid_d == 0)
-        tl.store(bias_partials_ptr + image, tl.sum(bias_acc, axis=0), mask=pid_d == 0)
+        tl.store(scale_partials_ptr + image, tl.sum(scale_acc, axis=0) * grad_loss, mask=pid_d == 0)
+        tl.store(bias_partials_ptr + image, tl.sum(bias_acc, axis=0) * grad_loss, mask=pid_d == 0)
 
 
 @triton.jit
@@ -231,22 +251,27 @@ def _xattn_bwd_concepts_kernel(
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    grad_loss = tl.load(grad_ptr).to(tl.float32)
+    # XAC: the gradient tiles are built for ∂L = 1 and the fp32 accumulators scaled by ∂L after the dots, so a
+    # small upstream gradient cannot underflow a 16-bit dot operand (pooling's ∂v̂ goes in as it is).
+    if POOL:
+        grad_loss = 1.0
+    else:
+        grad_loss = tl.load(grad_ptr).to(tl.float32)
     acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)                             # ∂c_p[slice]
     for image_i32 in range(0, B):
         image = pid_p * 0 + image_i32                  # int64 (a plain .to() fails on the interpreter's int)
         tok_ptr = tokens_ptr + image * L * D
         attn, d_raw, inv_n, q, gamma, dz, cosine = _pair_grads(
             tok_ptr, concepts_ptr, grad_ptr + image * P * D, owner_ptr, cidx, lidx, image + image_offset,
-            L, P, D, inv_temp, scale, bias, grad_loss, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
+            L, P, D, inv_temp, scale, bias, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
         tok_out = _load_rows(tok_ptr, lidx, offs_o, L, D, D).to(DOT_DTYPE)           # [BLOCK_L, BLOCK_DO]
         if POOL:
             direct = d_raw
         else:                                          # γ w / n = Σ_l (γ a_l / n) u_l: fold into one GEMM
             direct = d_raw + (gamma * inv_n)[:, None] * attn
         acc = tl.dot(direct.to(DOT_DTYPE), tok_out, acc, input_precision=PRECISION)
-    tl.store(d_concepts_ptr + cidx[:, None] * D + offs_o[None, :], acc.to(d_concepts_ptr.dtype.element_ty),
-             mask=(cidx < P)[:, None] & (offs_o < D)[None, :])
+    tl.store(d_concepts_ptr + cidx[:, None] * D + offs_o[None, :],
+             (acc * grad_loss).to(d_concepts_ptr.dtype.element_ty), mask=(cidx < P)[:, None] & (offs_o < D)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------
