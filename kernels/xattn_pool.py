@@ -51,6 +51,7 @@ with ptxas (bf16, 8 warps, default blocks, D ∈ {512, 768}): L ≤ 256 fits the
 but spills registers (≈ 0.1–0.7 KB/thread in the backward); L in (256, 512] fits both with 1.7–6 KB/thread of
 spills; L > 512 (BLOCK_L = 1024) needs 256 KB in the d-tokens kernel and does not launch on either. Concept
 blocks are 16–32 rows, so the 16-bit dots of the statistics run as mma.sync on sm_90 (wgmma only in d tokens).
+B ≤ 65,535 per call (images are grid axis 1).
 The interpreter (CPU) runs any L, B, P ≥ 1 and D ≥ 1 (masking). Requested blocks must be powers of two ≥ 16
 (tl.dot's smallest extent on a GPU). Inputs are made contiguous once on the host. tl.dot numerics as in
 ``contrastive.py``: 16-bit inputs feed their own dtype to tl.dot on a GPU (softmax, statistics and accumulators
