@@ -3,7 +3,7 @@
 Forward, for image i (tokens u_il, l < L) and concept p (c_p); T = temperature, s = logit_scale, b = logit_bias::
 
     r_pl  = ⟨c_p, u_il⟩                      raw dots             a_pl = softmax_l(r_pl / T)
-    w_p   = Σ_l a_pl u_il                     pooled               n_p  = max(‖w_p‖, 1e-12),  v̂_p = w_p / n_p
+    w_p   = Σ_l a_pl u_il                     pooled               n_p  = max(‖w_p‖, ε),  v̂_p = w_p / n_p
     concept_attention_pool -> v̂ [B, P, D] (float32)
     z_p   = s ⟨v̂_p, c_p⟩ + b,  y_p = +1 if owner[p] == image_offset + i else −1
     xac_loss_sum -> Σ_i Σ_p softplus(−y_p z_p) = Σ −log σ(y z)          (0-d float32)
@@ -11,7 +11,7 @@ Forward, for image i (tokens u_il, l < L) and concept p (c_p); T = temperature, 
 Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B, P, D] for the pooling op; for XAC
 ``dv_p = γ_p c_p`` with dz_p = −g y_p σ(−y_p z_p), γ_p = s dz_p, g = ∂L/∂loss)::
 
-    q_p    = ⟨w_p, dv_p⟩ / n_p³   (0 where ‖w_p‖ ≤ 1e-12: the clamped norm has no gradient)
+    q_p    = ⟨w_p, dv_p⟩ / n_p³   (0 where ‖w_p‖ ≤ ε: the clamped norm has no gradient)
     ∂w_p   = dv_p / n_p − q_p w_p                                         through the normalisation
     ∂a_pl  = ⟨∂w_p, u_il⟩ = e_pl / n_p − q_p h_pl,  e_pl = ⟨dv_p, u_il⟩, h_pl = ⟨w_p, u_il⟩
     ∂r_pl  = a_pl (∂a_pl − Σ_l' a_pl' ∂a_pl') / T                          through the softmax
@@ -20,30 +20,46 @@ Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B,
     ∂s     = Σ dz_p ⟨v̂_p, c_p⟩,   ∂b = Σ dz_p      (XAC; per-image partials summed on the host)
 
 For XAC the [BP, L] quantities collapse: e = γ r and ⟨w, dv⟩ = γ ⟨w, c⟩, so nothing [B, P, D]-shaped is read
-or written. The temperature is a Python float (no gradient); ``owner`` and ``image_offset`` are integers.
+or written. ε = NORM_EPS = 1e-12 (F.normalize's clamp). The temperature is a Python float (no gradient);
+``owner`` and ``image_offset`` are integers.
 
 Shapes: tokens [B, L, D], concepts [P, D], owner [P] long; logit_scale / logit_bias 0-d tensors, floats or (bias)
 None. Gradients come back in each input's dtype.
 
-Passes. Every program handles one image against one block of BLOCK_P concepts; its [BLOCK_P, BLOCK_L] scores,
-attention, h and e stay on chip; the image's tokens are streamed in BLOCK_D slices (L1/L2-resident: one image's
-L·D tokens). Per (image, concept block) the statistics take two D sweeps: r (then the softmax), then w slice by
-slice for ‖w‖², ⟨w, c⟩ (and h, e in the backward).
+Passes (units of 2·B·P·L·D dot FLOPs; nDO = ⌈D / BLOCK_DO⌉). Every program handles one image against one block
+of BLOCK_P concepts; its [BLOCK_P, BLOCK_L] scores, attention, h and e stay on chip; the image's tokens are
+streamed in BLOCK_D slices. Per (image, concept block) the statistics take two D sweeps: r (then the softmax),
+then w slice by slice for ‖w‖², ⟨w, c⟩ (and h, e in the backward).
 
-* forward (one kernel, grid images × concept blocks): XAC writes one loss partial per program (summed on the
-  host: B·⌈P/BLOCK_P⌉ floats); pooling makes a third sweep writing v̂ (its output, the only [B, P, D] tensor).
+* forward (one kernel, grid concept blocks × images, image on the slow axis so its L·D tokens stay in L2 while
+  its concept blocks run): r + w = 2 passes. XAC writes one loss partial per program (summed on the host:
+  B·⌈P/BLOCK_P⌉ floats); pooling makes a third sweep writing v̂ (its output, the only [B, P, D] tensor): 3.
 * backward: two kernels, deterministic, no atomics, no partial tensors beyond B floats:
-  ``d tokens`` — grid images × output D slices of BLOCK_DO; loops over concept blocks; accumulates
+  ``d tokens`` — grid output D slices of BLOCK_DO × images; loops over concept blocks; accumulates
   Aᵀ ∂W + ∂Rᵀ C into an on-chip [BLOCK_L, BLOCK_DO] tile (and the ∂s, ∂b partials per image);
   ``d concepts`` — grid concept blocks × output D slices; loops over images; accumulates ∂R U (+ γ W / n) into
-  [BLOCK_P, BLOCK_DO]. Each output D slice recomputes the statistics (⌈D / BLOCK_DO⌉ recomputes per kernel), the
-  price of a bounded on-chip accumulator for any D.
+  [BLOCK_P, BLOCK_DO]. Each output D slice recomputes the statistics (r, w, h; pooling also e): 3·nDO + 3 and
+  3·nDO + 1 passes (pooling 4·nDO + 3, 4·nDO + 1), the price of a bounded on-chip accumulator for any D.
+* totals (XAC): 6·nDO + 6, i.e. 24 at D = 768 with BLOCK_DO = 256 (L ≤ 128) and 78 with BLOCK_DO = 64 (L > 128,
+  the default that keeps the d-tokens kernel inside sm_80's shared memory). SPEC's budget is 8: not met; the
+  per-pair statistics are recomputed for every D slice (issue #10).
 
 Extra memory: O(B·⌈P/BLOCK_P⌉) floats; [B, P, D] is never materialised by XAC.
 
-Limits: L is held in one tile (BLOCK_L = next_pow2(L) ≥ 16): fine up to a few hundred tokens (ViT-B/16: 196,
-ViT-L/14@336: 576), slower (register spills) towards L = 1024; any B, P ≥ 1 and D ≥ 1 (masking). Inputs are made
-contiguous once on the host. tl.dot numerics as in ``contrastive.py``.
+Limits. L is held in one tile (BLOCK_L = next_pow2(L) ≥ 16); shared memory and registers grow with it. Measured
+with ptxas (bf16, 8 warps, default blocks, D ∈ {512, 768}): L ≤ 256 fits the shared memory of sm_80 and sm_90
+but spills registers (≈ 0.1–0.7 KB/thread in the backward); L in (256, 512] fits both with 1.7–6 KB/thread of
+spills; L > 512 (BLOCK_L = 1024) needs 256 KB in the d-tokens kernel and does not launch on either. Concept
+blocks are 16–32 rows, so the 16-bit dots of the statistics run as mma.sync on sm_90 (wgmma only in d tokens).
+B ≤ 65,535 per call (images are grid axis 1).
+The interpreter (CPU) runs any L, B, P ≥ 1 and D ≥ 1 (masking). Requested blocks must be powers of two ≥ 16
+(tl.dot's smallest extent on a GPU). Inputs are made contiguous once on the host. tl.dot numerics as in
+``contrastive.py``: 16-bit inputs feed their own dtype to tl.dot on a GPU (softmax, statistics and accumulators
+in fp32; attention and gradient tiles are cast to the input dtype), fp32 inputs use tf32 on a GPU and ieee in
+the interpreter (``_common.dot_config``). Underflow rule for fp16 operands: attention probabilities are ≤ 1 and
+those below 2⁻²⁴ flush to 0, an absolute error ≤ 2⁻²⁴·L·max‖u‖ on w; XAC gradient tiles are formed for ∂L = 1
+(|dz| < 1) and ∂L multiplies the fp32 accumulators after the dots, so loss scaling or a tiny ∂L cannot flush
+them; pooling's ∂v̂ is cast as given (bf16 inputs have fp32's exponent range and need no rule).
 """
 from __future__ import annotations
 
@@ -56,6 +72,9 @@ import triton.language as tl
 
 from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
                       scalar_arg, scalar_grad)
+
+# F.normalize's clamp, v / max(‖v‖, NORM_EPS) (reference.NORM_EPS); also where q's gradient is cut off.
+NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -100,14 +119,14 @@ def _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias):
     valid = cidx < P
     owner = tl.load(owner_ptr + cidx, mask=valid, other=-1).to(tl.int64)
     sign = tl.where(owner == image, 1.0, -1.0)
-    logit = scale * w_dot_c / tl.maximum(tl.sqrt(norm_sq), 1e-12) + bias
+    logit = scale * w_dot_c / tl.maximum(tl.sqrt(norm_sq), NORM_EPS) + bias
     return logit, sign, valid
 
 
 @triton.jit
 def _pair_grads(
     tok_ptr, concepts_ptr, dv_ptr, owner_ptr, cidx, lidx, image,
-    L, P, D, inv_temp, scale, bias, grad_loss,
+    L, P, D, inv_temp, scale, bias,
     POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -116,18 +135,18 @@ def _pair_grads(
         tok_ptr, concepts_ptr, dv_ptr, cidx, lidx, L, P, D, inv_temp, True, POOL,
         BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
     norm = tl.sqrt(norm_sq)
-    inv_n = 1.0 / tl.maximum(norm, 1e-12)
+    inv_n = 1.0 / tl.maximum(norm, NORM_EPS)
     cosine = w_dot_c * inv_n
     if POOL:
         gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
         dz = gamma
     else:
         logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias)
-        dz = tl.where(valid, -grad_loss * sign * tl.sigmoid(-sign * logit), 0.0)
+        dz = tl.where(valid, -sign * tl.sigmoid(-sign * logit), 0.0)        # per unit ∂L: |dz| < 1
         gamma = scale * dz
         w_dot_dv = gamma * w_dot_c
         e = gamma[:, None] * raw
-    q = tl.where(norm > 1e-12, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
+    q = tl.where(norm > NORM_EPS, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
     d_attn = e * inv_n[:, None] - q[:, None] * h                                      # [BLOCK_P, BLOCK_L]
     d_raw = attn * (d_attn - tl.sum(attn * d_attn, axis=1)[:, None]) * inv_temp
     return attn, d_raw, inv_n, q, gamma, dz, cosine
@@ -142,8 +161,8 @@ def _xattn_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(0).to(tl.int64)     # concept block: fast axis, so one image's tokens stay in L2
+    image = tl.program_id(1).to(tl.int64)
     cidx = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)                                    # [BLOCK_P]
     lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
     tok_ptr = tokens_ptr + image * L * D
@@ -151,7 +170,7 @@ def _xattn_fwd_kernel(
         tok_ptr, concepts_ptr, concepts_ptr, cidx, lidx, L, P, D, inv_temp, False, False,
         BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
     if POOL:
-        inv_n = 1.0 / tl.maximum(tl.sqrt(norm_sq), 1e-12)
+        inv_n = 1.0 / tl.maximum(tl.sqrt(norm_sq), NORM_EPS)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             tok = _load_rows(tok_ptr, lidx, offs_d, L, D, D)                             # [BLOCK_L, BLOCK_D]
@@ -164,7 +183,7 @@ def _xattn_fwd_kernel(
         logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
         margin = -sign * logit                                 # −log σ(y z) = softplus(−y z), computed stably
         loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
-        tl.store(out_ptr + image * tl.num_programs(1) + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(out_ptr + image * tl.num_programs(0) + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
 
 
 @triton.jit
@@ -176,15 +195,20 @@ def _xattn_bwd_tokens_kernel(
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(0).to(tl.int64)     # output D slice: fast axis, so one image's tokens stay in L2
+    image = tl.program_id(1).to(tl.int64)
     lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
     tok_ptr = tokens_ptr + image * L * D
     dv_ptr = grad_ptr + image * P * D
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    grad_loss = tl.load(grad_ptr).to(tl.float32)
+    # XAC: the gradient tiles are built for ∂L = 1 and the fp32 accumulators scaled by ∂L after the dots, so a
+    # small upstream gradient cannot underflow a 16-bit dot operand (pooling's ∂v̂ goes in as it is).
+    if POOL:
+        grad_loss = 1.0
+    else:
+        grad_loss = tl.load(grad_ptr).to(tl.float32)
     tok_out = _load_rows(tok_ptr, lidx, offs_o, L, D, D).to(DOT_DTYPE)                # [BLOCK_L, BLOCK_DO]
     acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)                             # ∂u_l[slice]
     scale_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -193,7 +217,7 @@ def _xattn_bwd_tokens_kernel(
         cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         attn, d_raw, inv_n, q, gamma, dz, cosine = _pair_grads(
             tok_ptr, concepts_ptr, dv_ptr, owner_ptr, cidx, lidx, image + image_offset,
-            L, P, D, inv_temp, scale, bias, grad_loss, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
+            L, P, D, inv_temp, scale, bias, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
         concept_out = _load_rows(concepts_ptr, cidx, offs_o, P, D, D)                    # [BLOCK_P, BLOCK_DO]
         pooled_out = tl.dot(attn.to(DOT_DTYPE), tok_out, input_precision=PRECISION)      # [BLOCK_P, BLOCK_DO]
         if POOL:
@@ -206,10 +230,10 @@ def _xattn_bwd_tokens_kernel(
         scale_acc += dz * cosine
         bias_acc += dz
     tl.store(d_tokens_ptr + (image * L + lidx[:, None]) * D + offs_o[None, :],
-             acc.to(d_tokens_ptr.dtype.element_ty), mask=(lidx < L)[:, None] & (offs_o < D)[None, :])
+             (acc * grad_loss).to(d_tokens_ptr.dtype.element_ty), mask=(lidx < L)[:, None] & (offs_o < D)[None, :])
     if not POOL:
-        tl.store(scale_partials_ptr + image, tl.sum(scale_acc, axis=0), mask=pid_d == 0)
-        tl.store(bias_partials_ptr + image, tl.sum(bias_acc, axis=0), mask=pid_d == 0)
+        tl.store(scale_partials_ptr + image, tl.sum(scale_acc, axis=0) * grad_loss, mask=pid_d == 0)
+        tl.store(bias_partials_ptr + image, tl.sum(bias_acc, axis=0) * grad_loss, mask=pid_d == 0)
 
 
 @triton.jit
@@ -228,35 +252,49 @@ def _xattn_bwd_concepts_kernel(
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    grad_loss = tl.load(grad_ptr).to(tl.float32)
+    # XAC: the gradient tiles are built for ∂L = 1 and the fp32 accumulators scaled by ∂L after the dots, so a
+    # small upstream gradient cannot underflow a 16-bit dot operand (pooling's ∂v̂ goes in as it is).
+    if POOL:
+        grad_loss = 1.0
+    else:
+        grad_loss = tl.load(grad_ptr).to(tl.float32)
     acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)                             # ∂c_p[slice]
     for image_i32 in range(0, B):
         image = pid_p * 0 + image_i32                  # int64 (a plain .to() fails on the interpreter's int)
         tok_ptr = tokens_ptr + image * L * D
         attn, d_raw, inv_n, q, gamma, dz, cosine = _pair_grads(
             tok_ptr, concepts_ptr, grad_ptr + image * P * D, owner_ptr, cidx, lidx, image + image_offset,
-            L, P, D, inv_temp, scale, bias, grad_loss, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
+            L, P, D, inv_temp, scale, bias, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
         tok_out = _load_rows(tok_ptr, lidx, offs_o, L, D, D).to(DOT_DTYPE)           # [BLOCK_L, BLOCK_DO]
         if POOL:
             direct = d_raw
         else:                                          # γ w / n = Σ_l (γ a_l / n) u_l: fold into one GEMM
             direct = d_raw + (gamma * inv_n)[:, None] * attn
         acc = tl.dot(direct.to(DOT_DTYPE), tok_out, acc, input_precision=PRECISION)
-    tl.store(d_concepts_ptr + cidx[:, None] * D + offs_o[None, :], acc.to(d_concepts_ptr.dtype.element_ty),
-             mask=(cidx < P)[:, None] & (offs_o < D)[None, :])
+    tl.store(d_concepts_ptr + cidx[:, None] * D + offs_o[None, :],
+             (acc * grad_loss).to(d_concepts_ptr.dtype.element_ty), mask=(cidx < P)[:, None] & (offs_o < D)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Host launchers (no autograd)
 # --------------------------------------------------------------------------------------------------------------
+MIN_BLOCK = 16   # smallest tl.dot extent on a GPU
+
+
 def _meta(tokens, concepts, block_p, block_d, block_do) -> dict:
     _, L, D = tokens.shape
     P = concepts.shape[0]
     dot_dtype, precision = dot_config(tokens, concepts)
+    for name, requested in (("block_p", block_p), ("block_d", block_d), ("block_do", block_do)):
+        if requested is not None and requested < MIN_BLOCK:
+            raise ValueError(f"{name} must be >= {MIN_BLOCK} (tl.dot needs M, N, K >= 16 on a GPU), got {requested}")
     block_l = block_size(None, L, 1 << 30)
-    # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward: fewer concepts per program for long L.
-    return dict(BLOCK_P=block_size(block_p, P, 32 if block_l <= 128 else 16), BLOCK_L=block_l,
-                BLOCK_D=block_size(block_d, D, 64), BLOCK_DO=block_size(block_do, D, 256),
+    long_l = block_l > 128
+    # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward and the d-tokens accumulator is
+    # [BLOCK_L, BLOCK_DO]: fewer concepts, thinner D slices for long L (keeps sm_80's shared memory at L ≤ 256).
+    return dict(BLOCK_P=block_size(block_p, P, 16 if long_l else 32), BLOCK_L=block_l,
+                BLOCK_D=block_size(block_d, D, 32 if long_l else 64),
+                BLOCK_DO=block_size(block_do, D, 64 if long_l else 256),
                 DOT_DTYPE=dot_dtype, PRECISION=precision)
 
 
@@ -268,7 +306,7 @@ def xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offse
     shape = (B, P, D) if pool else (B, n_blocks)
     out = torch.empty(shape, dtype=torch.float32, device=tokens.device)
     fwd_meta = {k: v for k, v in meta.items() if k != "BLOCK_DO"}
-    launch(_xattn_fwd_kernel, (B, n_blocks),
+    launch(_xattn_fwd_kernel, (n_blocks, B),
            tokens, concepts, owner, scale, bias,
            out,
            L, P, D, 1.0 / temperature, image_offset,
@@ -285,7 +323,7 @@ def xattn_backward(tokens, concepts, owner, scale, bias, grad, temperature, imag
     partials = torch.zeros(2, B, dtype=torch.float32, device=tokens.device)
     d_slices = triton.cdiv(D, meta["BLOCK_DO"])
     common = (owner, scale, bias, grad)
-    launch(_xattn_bwd_tokens_kernel, (B, d_slices),
+    launch(_xattn_bwd_tokens_kernel, (d_slices, B),
            tokens, concepts, *common,
            d_tokens, partials[0], partials[1],
            L, P, D, 1.0 / temperature, image_offset,

@@ -83,3 +83,28 @@ def test_float_scale_and_bias_get_no_gradient():
 def test_wide_embedding_default_blocks():
     _run_xac(2, 3, 3, 1030, 100.0, -10.0)
     _run_pool(1, 3, 2, 1030)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_long_token_axis(dtype):
+    # L = 300 pads to a 512-token tile; D = 21 (not a multiple of 8) gives two 16-wide D slices.
+    _run_xac(2, 300, 3, 21, 10.0, -1.0, 0.5, dtype=dtype, **SMALL)
+    _run_pool(1, 300, 2, 21, 0.5, dtype=dtype, **SMALL)
+
+
+def test_one_concept_and_ragged_owners():
+    # One concept (a 16-row block with 15 masked rows), owners outside this rank's images (all negatives).
+    _run_xac(3, 5, 1, 9, 10.0, -2.0, offset=4, **SMALL)
+    tokens, concepts, _ = _inputs(4, 9, 23, 17, torch.float32)
+    owner = torch.tensor([0] * 11 + [3] * 9 + [2] * 3)             # image 1 owns nothing
+    check_parity(reference.xac_loss_sum, functools.partial(xac_loss_sum, **SMALL),
+                 [tokens, concepts, owner, torch.tensor(10.0), torch.tensor(-1.0), 1.0, 0], torch.float32)
+
+
+@pytest.mark.parametrize("name", ["block_p", "block_d", "block_do"])
+def test_blocks_below_sixteen_are_rejected(name):
+    tokens, concepts, owner = _inputs(1, 3, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match=name):
+        xac_loss_sum(tokens, concepts, owner, 10.0, **{name: 8})
+    with pytest.raises(ValueError, match=name):
+        concept_attention_pool(tokens, concepts, **{name: 8})
