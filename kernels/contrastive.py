@@ -61,14 +61,63 @@ from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot
 # Kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _load_cols(c_ptr, x_ptr, cols, offs_d, N1, N, D, stride_c, stride_x, TRANS: tl.constexpr):
+    """Rows ``cols`` of the logical column matrix [C; X] (rows < N1 from C, the rest from X), one D slice, in the
+    storage dtype, 0 where masked: [len(cols), len(offs_d)], or its transpose when TRANS. Two predicated loads
+    with disjoint masks; adding them is exact (one of the two is 0)."""
+    in_c = cols < N1
+    in_x = (cols >= N1) & (cols < N)
+    x_row = tl.where(in_x, cols - N1, 0)
+    d_ok = offs_d < D
+    if TRANS:
+        c = tl.load(c_ptr + cols[None, :] * stride_c + offs_d[:, None], mask=in_c[None, :] & d_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + x_row[None, :] * stride_x + offs_d[:, None], mask=in_x[None, :] & d_ok[:, None],
+                    other=0.0)
+    else:
+        c = tl.load(c_ptr + cols[:, None] * stride_c + offs_d[None, :], mask=in_c[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + x_row[:, None] * stride_x + offs_d[None, :], mask=in_x[:, None] & d_ok[None, :],
+                    other=0.0)
+    return c + x
+
+
+@triton.jit
+def _store_cols(dc_ptr, dx_ptr, cols, offs_d, N1, N, D, value):
+    """Store a [len(cols), len(offs_d)] tile of the gradient of [C; X] into the two (contiguous) gradients."""
+    in_c = cols < N1
+    in_x = (cols >= N1) & (cols < N)
+    x_row = tl.where(in_x, cols - N1, 0)
+    d_ok = offs_d < D
+    tl.store(dc_ptr + cols[:, None] * D + offs_d[None, :], value.to(dc_ptr.dtype.element_ty),
+             mask=in_c[:, None] & d_ok[None, :])
+    tl.store(dx_ptr + x_row[:, None] * D + offs_d[None, :], value.to(dx_ptr.dtype.element_ty),
+             mask=in_x[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _logit_dots(a_ptr, c_ptr, x_ptr, rows, cols, M, N1, N, D, stride_a, stride_c, stride_x,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+    """⟨a_m, c_n⟩ for one tile over the whole D in BLOCK_D slices (pipelined loads): [BLOCK_M, BLOCK_N] float32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_ok = rows < M
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)                  # [BLOCK_M, BLOCK_D]
+        c = _load_cols(c_ptr, x_ptr, cols, offs_d, N1, N, D, stride_c, stride_x, True)         # [BLOCK_D, BLOCK_N]
+        acc = tl.dot(a.to(DOT_DTYPE), c.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
-    anchors_ptr, columns_ptr, scale_ptr, targets_ptr, extra_ptr,    # inputs
-    loss_ptr, lse_ptr,                                              # outputs [M] float32
-    M, N, D,                                                        # shapes
-    stride_a, stride_c,                                             # row strides
+    anchors_ptr, columns_ptr, extra_cols_ptr, scale_ptr, targets_ptr, extra_ptr,     # inputs
+    loss_ptr, lse_ptr,                                                               # outputs [M] float32
+    M, N1, N, D,                                                                     # shapes (N = N1 + N2)
+    stride_a, stride_c, stride_x,                                                    # row strides
     HAS_EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)          # [BLOCK_M]
     row_valid = rows < M
@@ -85,8 +134,8 @@ def _contrastive_fwd_kernel(
         target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)                              # [BLOCK_N]
-        dots = _dot_tile(anchors_ptr, columns_ptr, rows, cols, M, N, D, stride_a, stride_c,
-                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)            # [BLOCK_M, BLOCK_N]
+        dots = _logit_dots(anchors_ptr, columns_ptr, extra_cols_ptr, rows, cols, M, N1, N, D,
+                           stride_a, stride_c, stride_x, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
         logits = tl.where(cols[None, :] < N, scale * dots, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + \
@@ -100,50 +149,84 @@ def _contrastive_fwd_kernel(
 
 @triton.jit
 def _grad_coef_tile(
-    anchors_ptr, columns_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
+    anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale, grad_scale,
     rows, cols,                                        # [BLOCK_M], [BLOCK_N] int64
-    M, N, D, stride_a, stride_c,
+    M, N1, N, D, stride_a, stride_c, stride_x,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """G = g_m (p_mn − 1[n = t_m]) for one tile, recomputed from the saved lse: [BLOCK_M, BLOCK_N], 0 on padding."""
+    """σ·G = σ g_m (p_mn − 1[n = t_m]) for one tile, recomputed from the saved lse, already rounded to the dot
+    dtype: [BLOCK_M, BLOCK_N], 0 on padding. σ = ``grad_scale`` is the power of two that keeps σ·G in the normal
+    range of fp16 (see the module docstring); the caller divides its float32 accumulator by σ."""
     row_valid = rows < M
     target = tl.load(targets_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
-    grad = tl.load(grad_ptr + rows, mask=row_valid, other=0.0)                         # 0 on padding rows
-    dots = _dot_tile(anchors_ptr, columns_ptr, rows, cols, M, N, D, stride_a, stride_c,
-                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)                # [BLOCK_M, BLOCK_N]
+    grad = tl.load(grad_ptr + rows, mask=row_valid, other=0.0) * grad_scale            # 0 on padding rows
+    dots = _logit_dots(anchors_ptr, columns_ptr, extra_cols_ptr, rows, cols, M, N1, N, D,
+                       stride_a, stride_c, stride_x, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
     prob = tl.where((cols < N)[None, :], tl.exp(scale * dots - lse[:, None]), 0.0)
-    return grad[:, None] * (prob - (cols[None, :] == target[:, None]).to(tl.float32))
+    coef = grad[:, None] * (prob - (cols[None, :] == target[:, None]).to(tl.float32))
+    return coef.to(DOT_DTYPE)
 
 
 @triton.jit
 def _contrastive_bwd_anchors_kernel(
-    anchors_ptr, columns_ptr, scale_ptr, targets_ptr, extra_ptr, lse_ptr, grad_ptr,  # inputs
-    d_anchors_ptr, d_extra_ptr, scale_partials_ptr,                                  # outputs
-    M, N, D,                                                                         # shapes
-    stride_a, stride_c,                                                              # row strides
-    HAS_EXTRA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    anchors_ptr, columns_ptr, extra_cols_ptr, scale_ptr, grad_scale_ptr,             # inputs
+    targets_ptr, extra_ptr, lse_ptr, grad_ptr,
+    d_anchors_ptr, d_extra_ptr, scale_partials_ptr, d_cols_acc_ptr,                  # outputs
+    M, N1, N, D,                                                                     # shapes
+    stride_a, stride_c, stride_x,                                                    # row strides
+    HAS_EXTRA: tl.constexpr, ATOMIC_DC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, BLOCK_DO2: tl.constexpr, HAS_DO2: tl.constexpr, SLICE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
+    """∂A for BLOCK_M rows and one output slice of SLICE = BLOCK_DO (+ BLOCK_DO2) columns of D (the whole D when
+    D ≤ 1024). ATOMIC_DC: also add Gᵀ A for the same slice into the float32 ∂C buffer with atomics."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                    # [BLOCK_M]
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
+    row_valid = rows < M
+    offs_1 = pid_d * SLICE + tl.arange(0, BLOCK_DO)                                   # [BLOCK_DO]
+    offs_2 = pid_d * SLICE + BLOCK_DO + tl.arange(0, BLOCK_DO2)                       # [BLOCK_DO2]
     scale = tl.load(scale_ptr).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)                             # Σ_n G_mn c_n[slice]
+    grad_scale = tl.load(grad_scale_ptr)
+    unscale = scale / grad_scale
+    acc1 = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)                            # σ Σ_n G_mn c_n[slice]
+    acc2 = tl.zeros((BLOCK_M, BLOCK_DO2), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        coef = _grad_coef_tile(anchors_ptr, columns_ptr, targets_ptr, lse_ptr, grad_ptr, scale, rows, cols,
-                               M, N, D, stride_a, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)
-        cols_out = _load_rows(columns_ptr, cols, offs_o, N, D, stride_c)              # [BLOCK_N, BLOCK_DO]
-        acc = tl.dot(coef.to(DOT_DTYPE), cols_out.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    anchors_out = _load_rows(anchors_ptr, rows, offs_o, M, D, stride_a)               # [BLOCK_M, BLOCK_DO]
-    tl.store(scale_partials_ptr + pid_m * tl.num_programs(1) + pid_d, tl.sum(tl.sum(acc * anchors_out, 1), 0))
-    row_valid = rows < M
-    tl.store(d_anchors_ptr + rows[:, None] * D + offs_o[None, :], (scale * acc).to(d_anchors_ptr.dtype.element_ty),
-             mask=row_valid[:, None] & (offs_o < D)[None, :])
+        coef = _grad_coef_tile(anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
+                               grad_scale, rows, cols, M, N1, N, D, stride_a, stride_c, stride_x,
+                               BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
+        c1 = _load_cols(columns_ptr, extra_cols_ptr, cols, offs_1, N1, N, D, stride_c, stride_x, False)
+        acc1 = tl.dot(coef, c1.to(DOT_DTYPE), acc1, input_precision=PRECISION)
+        if HAS_DO2:
+            c2 = _load_cols(columns_ptr, extra_cols_ptr, cols, offs_2, N1, N, D, stride_c, stride_x, False)
+            acc2 = tl.dot(coef, c2.to(DOT_DTYPE), acc2, input_precision=PRECISION)
+        if ATOMIC_DC:
+            col_ok = (cols < N)[:, None]
+            a1 = tl.load(anchors_ptr + rows[:, None] * stride_a + offs_1[None, :],
+                         mask=row_valid[:, None] & (offs_1 < D)[None, :], other=0.0)
+            part1 = tl.dot(tl.trans(coef), a1.to(DOT_DTYPE), input_precision=PRECISION)   # [BLOCK_N, BLOCK_DO]
+            tl.atomic_add(d_cols_acc_ptr + cols[:, None] * D + offs_1[None, :], unscale * part1,
+                          mask=col_ok & (offs_1 < D)[None, :], sem="relaxed")
+            if HAS_DO2:
+                a2 = tl.load(anchors_ptr + rows[:, None] * stride_a + offs_2[None, :],
+                             mask=row_valid[:, None] & (offs_2 < D)[None, :], other=0.0)
+                part2 = tl.dot(tl.trans(coef), a2.to(DOT_DTYPE), input_precision=PRECISION)
+                tl.atomic_add(d_cols_acc_ptr + cols[:, None] * D + offs_2[None, :], unscale * part2,
+                              mask=col_ok & (offs_2 < D)[None, :], sem="relaxed")
+    a1 = _load_rows(anchors_ptr, rows, offs_1, M, D, stride_a)                        # [BLOCK_M, BLOCK_DO]
+    partial = tl.sum(tl.sum(acc1 * a1, 1), 0)
+    tl.store(d_anchors_ptr + rows[:, None] * D + offs_1[None, :],
+             (unscale * acc1).to(d_anchors_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_1 < D)[None, :])
+    if HAS_DO2:
+        a2 = _load_rows(anchors_ptr, rows, offs_2, M, D, stride_a)
+        partial += tl.sum(tl.sum(acc2 * a2, 1), 0)
+        tl.store(d_anchors_ptr + rows[:, None] * D + offs_2[None, :],
+                 (unscale * acc2).to(d_anchors_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_2 < D)[None, :])
+    tl.store(scale_partials_ptr + pid_m * tl.num_programs(1) + pid_d, partial / grad_scale)
     if HAS_EXTRA:
         target = tl.load(targets_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
@@ -155,90 +238,161 @@ def _contrastive_bwd_anchors_kernel(
 
 @triton.jit
 def _contrastive_bwd_columns_kernel(
-    anchors_ptr, columns_ptr, scale_ptr, targets_ptr, lse_ptr, grad_ptr,  # inputs
-    d_columns_ptr,                                                        # output [N, D]
-    M, N, D,                                                              # shapes
-    stride_a, stride_c,                                                   # row strides
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    anchors_ptr, columns_ptr, extra_cols_ptr, scale_ptr, grad_scale_ptr, targets_ptr, lse_ptr, grad_ptr,  # inputs
+    d_columns_ptr, d_extra_cols_ptr,                                      # outputs [N1, D], [N − N1, D]
+    M, N1, N, D,                                                          # shapes
+    stride_a, stride_c, stride_x,                                         # row strides
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, BLOCK_DO2: tl.constexpr, HAS_DO2: tl.constexpr, SLICE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
+    """∂C for BLOCK_N columns (of either source) and one output slice of D; one writer per element."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                    # [BLOCK_N]
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
+    offs_1 = pid_d * SLICE + tl.arange(0, BLOCK_DO)
+    offs_2 = pid_d * SLICE + BLOCK_DO + tl.arange(0, BLOCK_DO2)
     scale = tl.load(scale_ptr).to(tl.float32)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)                             # Σ_m G_mn a_m[slice]
+    grad_scale = tl.load(grad_scale_ptr)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)                            # σ Σ_m G_mn a_m[slice]
+    acc2 = tl.zeros((BLOCK_N, BLOCK_DO2), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        coef = _grad_coef_tile(anchors_ptr, columns_ptr, targets_ptr, lse_ptr, grad_ptr, scale, rows, cols,
-                               M, N, D, stride_a, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION)
-        anchors_out = _load_rows(anchors_ptr, rows, offs_o, M, D, stride_a)           # [BLOCK_M, BLOCK_DO]
-        acc = tl.dot(tl.trans(coef).to(DOT_DTYPE), anchors_out.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    tl.store(d_columns_ptr + cols[:, None] * D + offs_o[None, :], (scale * acc).to(d_columns_ptr.dtype.element_ty),
-             mask=(cols < N)[:, None] & (offs_o < D)[None, :])
+        coef = _grad_coef_tile(anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
+                               grad_scale, rows, cols, M, N1, N, D, stride_a, stride_c, stride_x,
+                               BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
+        a1 = tl.load(anchors_ptr + rows[:, None] * stride_a + offs_1[None, :],
+                     mask=(rows < M)[:, None] & (offs_1 < D)[None, :], other=0.0)      # [BLOCK_M, BLOCK_DO]
+        acc1 = tl.dot(tl.trans(coef), a1.to(DOT_DTYPE), acc1, input_precision=PRECISION)
+        if HAS_DO2:
+            a2 = tl.load(anchors_ptr + rows[:, None] * stride_a + offs_2[None, :],
+                         mask=(rows < M)[:, None] & (offs_2 < D)[None, :], other=0.0)
+            acc2 = tl.dot(tl.trans(coef), a2.to(DOT_DTYPE), acc2, input_precision=PRECISION)
+    unscale = scale / grad_scale
+    _store_cols(d_columns_ptr, d_extra_cols_ptr, cols, offs_1, N1, N, D, unscale * acc1)
+    if HAS_DO2:
+        _store_cols(d_columns_ptr, d_extra_cols_ptr, cols, offs_2, N1, N, D, unscale * acc2)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Host launchers (no autograd)
 # --------------------------------------------------------------------------------------------------------------
+FULL_D = 1024          # widest D whose gradient accumulator stays on chip in one piece (see the docstring)
+
+
+def _out_slices(D: int, block_do: Optional[int]) -> dict:
+    """Output-D slice of the backward kernels: BLOCK_DO (+ BLOCK_DO2), both powers of two.
+
+    Default: the whole D for D ≤ FULL_D, as the sum of at most two powers of two that covers it with the least
+    padding (768 = 512 + 256, 600 → 512 + 128, 1000 → 1024), so the recompute runs once per kernel;
+    beyond FULL_D, slices of FULL_D. ``block_do``: one slice of that width (tests use it for several slices)."""
+    if block_do is not None:
+        first, second = block_size(block_do, D, block_do), 0
+    elif D > FULL_D:
+        first, second = FULL_D, 0
+    else:
+        first = max(16, triton.next_power_of_2(D))
+        second = 0
+        if first > 16 and D <= 3 * first // 4:            # a half and a quarter-or-less cover D
+            first //= 2
+            second = max(16, triton.next_power_of_2(D - first))
+    return dict(BLOCK_DO=first, BLOCK_DO2=max(second, 16), HAS_DO2=second > 0, SLICE=first + second)
+
+
 def _blocks(M: int, N: int, D: int, block_m, block_n, block_d, block_do) -> dict:
+    """Tile sizes of the three kernels: {"fwd": …, "bwd_a": …, "bwd_c": …, "out": the output-D slice}.
+
+    The backward accumulator is [rows, SLICE] float32 over 8 warps: 64 rows up to SLICE = 512 (128 registers a
+    thread), 32 rows beyond (≤ 1024 wide, again ≤ 128 registers a thread)."""
+    out = _out_slices(D, block_do)
+    acc_rows = 64 if out["SLICE"] <= 512 else 32
+    bd = block_size(block_d, D, 64)
     return dict(
-        BLOCK_M=block_size(block_m, M, 64),
-        BLOCK_N=block_size(block_n, N, 64),
-        BLOCK_D=block_size(block_d, D, 64),
-        BLOCK_DO=block_size(block_do, D, 256),
+        fwd=dict(BLOCK_M=block_size(block_m, M, 128), BLOCK_N=block_size(block_n, N, 64), BLOCK_D=bd),
+        bwd_a=dict(BLOCK_M=block_size(block_m, M, acc_rows), BLOCK_N=block_size(block_n, N, 64), BLOCK_D=bd),
+        bwd_c=dict(BLOCK_M=block_size(block_m, M, 64), BLOCK_N=block_size(block_n, N, acc_rows), BLOCK_D=bd),
+        out=out,
     )
 
 
-def contrastive_forward(anchors, columns, scale, targets, extra, blocks) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss [M], lse [M]) float32; all tensors contiguous, ``scale`` a 1-element float32 tensor."""
+STAGES = 3             # software-pipelining depth of the D loop of every logits recompute
+NUM_WARPS = 8
+
+
+def _dot_config(*tensors):
+    return dot_config(*tensors, follow_tf32=True)
+
+
+def grad_scale_of(grad: torch.Tensor) -> torch.Tensor:
+    """σ = 2^(14 − ceil(log2 max|g|)), a 1-element float32 device tensor (no host sync). Since |p − 1[n = t]| ≤ 1,
+    |σ·G| ≤ 2^14 < 65504 (fp16 max), and σ·G stays a normal fp16 number down to |G| = 2^-28 · max|g|."""
+    peak = grad.abs().amax().reshape(1).clamp(min=2.0 ** -100, max=2.0 ** 100)
+    return torch.exp2(14.0 - torch.ceil(torch.log2(peak)))
+
+
+def contrastive_forward(anchors, columns, extra_columns, scale, targets, extra, blocks):
+    """(loss [M], lse [M]) float32; all tensors contiguous, ``scale`` a 1-element float32 tensor; the columns are
+    [columns; extra_columns] (extra_columns may be None)."""
     M, D = anchors.shape
-    N = columns.shape[0]
+    N1 = columns.shape[0]
+    second = extra_columns if extra_columns is not None else columns
+    N = N1 + (extra_columns.shape[0] if extra_columns is not None else 0)
     loss = torch.empty(M, dtype=torch.float32, device=anchors.device)
     lse = torch.empty_like(loss)
-    dot_dtype, precision = dot_config(anchors, columns)
-    launch(_contrastive_fwd_kernel, (triton.cdiv(M, blocks["BLOCK_M"]),),
-        anchors, columns, scale, targets, extra if extra is not None else lse,
+    dot_dtype, precision = _dot_config(anchors, columns, second)
+    meta = blocks["fwd"]
+    launch(_contrastive_fwd_kernel, (triton.cdiv(M, meta["BLOCK_M"]),),
+        anchors, columns, second, scale, targets, extra if extra is not None else lse,
         loss, lse,
-        M, N, D,
-        anchors.stride(0), columns.stride(0),
-        HAS_EXTRA=extra is not None,
-        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
-        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        M, N1, N, D,
+        anchors.stride(0), columns.stride(0), second.stride(0),
+        HAS_EXTRA=extra is not None, **meta,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, STAGES=STAGES, num_warps=NUM_WARPS,
     )
     return loss, lse
 
 
-def contrastive_backward(anchors, columns, scale, targets, extra, lse, grad, blocks):
-    """(d_anchors, d_columns, d_scale_partials, d_extra or None); grad [M] float32 contiguous."""
+def contrastive_backward(anchors, columns, extra_columns, scale, targets, extra, lse, grad, blocks,
+                         deterministic: bool = True):
+    """(d_anchors, d_columns, d_extra_columns or None, d_scale_partials, d_extra or None); grad [M] float32."""
     M, D = anchors.shape
-    N = columns.shape[0]
-    dot_dtype, precision = dot_config(anchors, columns)
+    N1 = columns.shape[0]
+    second = extra_columns if extra_columns is not None else columns
+    N = N1 + (extra_columns.shape[0] if extra_columns is not None else 0)
+    dot_dtype, precision = _dot_config(anchors, columns, second)
+    grad_scale = grad_scale_of(grad)
     d_anchors = torch.empty_like(anchors)
-    d_columns = torch.empty_like(columns)
     d_extra = torch.empty_like(extra) if extra is not None else None
-    d_slices = triton.cdiv(D, blocks["BLOCK_DO"])
-    grid_a = (triton.cdiv(M, blocks["BLOCK_M"]), d_slices)
+    out = blocks["out"]
+    d_slices = triton.cdiv(D, out["SLICE"])
+    meta_a = blocks["bwd_a"]
+    grid_a = (triton.cdiv(M, meta_a["BLOCK_M"]), d_slices)
     scale_partials = torch.empty(grid_a[0] * grid_a[1], dtype=torch.float32, device=anchors.device)
-    # 8 warps: the [BLOCK, BLOCK_DO] float32 accumulator is 64 KiB at the default 64 × 256.
-    common = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
-                  BLOCK_DO=blocks["BLOCK_DO"], DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8)
+    common = dict(**out, DOT_DTYPE=dot_dtype, PRECISION=precision, STAGES=STAGES, num_warps=NUM_WARPS)
+    # The atomic path accumulates ∂[C; X] in one float32 buffer (the atomics need it), cast per source at the end.
+    d_cols_acc = torch.zeros((N, D), dtype=torch.float32, device=anchors.device) if not deterministic else lse
     launch(_contrastive_bwd_anchors_kernel, grid_a,
-        anchors, columns, scale, targets, extra if extra is not None else lse, lse, grad,
-        d_anchors, d_extra if d_extra is not None else lse, scale_partials,
-        M, N, D,
-        anchors.stride(0), columns.stride(0),
-        HAS_EXTRA=extra is not None, **common,
+        anchors, columns, second, scale, grad_scale, targets, extra if extra is not None else lse, lse, grad,
+        d_anchors, d_extra if d_extra is not None else lse, scale_partials, d_cols_acc,
+        M, N1, N, D,
+        anchors.stride(0), columns.stride(0), second.stride(0),
+        HAS_EXTRA=extra is not None, ATOMIC_DC=not deterministic, **meta_a, **common,
     )
-    grid_c = (triton.cdiv(N, blocks["BLOCK_N"]), d_slices)
-    launch(_contrastive_bwd_columns_kernel, grid_c,
-        anchors, columns, scale, targets, lse, grad,
-        d_columns,
-        M, N, D,
-        anchors.stride(0), columns.stride(0),
-        **common,
-    )
-    return d_anchors, d_columns, scale_partials, d_extra
+    if deterministic:
+        d_columns = torch.empty_like(columns)
+        d_extra_columns = torch.empty_like(extra_columns) if extra_columns is not None else None
+        meta_c = blocks["bwd_c"]
+        launch(_contrastive_bwd_columns_kernel, (triton.cdiv(N, meta_c["BLOCK_N"]), d_slices),
+            anchors, columns, second, scale, grad_scale, targets, lse, grad,
+            d_columns, d_extra_columns if d_extra_columns is not None else d_columns,
+            M, N1, N, D,
+            anchors.stride(0), columns.stride(0), second.stride(0),
+            **meta_c, **common,
+        )
+    else:
+        d_columns = d_cols_acc[:N1].to(columns.dtype)
+        d_extra_columns = d_cols_acc[N1:].to(extra_columns.dtype) if extra_columns is not None else None
+    return d_anchors, d_columns, d_extra_columns, scale_partials, d_extra
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,29 +400,34 @@ def contrastive_backward(anchors, columns, scale, targets, extra, lse, grad, blo
 # --------------------------------------------------------------------------------------------------------------
 class ContrastiveRowLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchors, columns, logit_scale, targets, extra_logits, blocks):
-        anchors, columns, targets, extra_logits = contiguous(anchors, columns, targets, extra_logits)
+    def forward(ctx, anchors, columns, extra_columns, logit_scale, targets, extra_logits, blocks, deterministic):
+        anchors, columns, extra_columns, targets, extra_logits = contiguous(
+            anchors, columns, extra_columns, targets, extra_logits)
         scale = scalar_arg(logit_scale, anchors.device)
-        loss, lse = contrastive_forward(anchors, columns, scale, targets, extra_logits, blocks)
-        ctx.save_for_backward(anchors, columns, scale, targets, extra_logits, lse)
+        loss, lse = contrastive_forward(anchors, columns, extra_columns, scale, targets, extra_logits, blocks)
+        ctx.save_for_backward(anchors, columns, extra_columns, scale, targets, extra_logits, lse)
         ctx.logit_scale = logit_scale if isinstance(logit_scale, torch.Tensor) else None
         ctx.blocks = blocks
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        anchors, columns, scale, targets, extra_logits, lse = ctx.saved_tensors
+        anchors, columns, extra_columns, scale, targets, extra_logits, lse = ctx.saved_tensors
         grad = grad_loss.to(torch.float32).contiguous()
-        d_anchors, d_columns, partials, d_extra = contrastive_backward(
-            anchors, columns, scale, targets, extra_logits, lse, grad, ctx.blocks)
+        d_anchors, d_columns, d_extra_columns, partials, d_extra = contrastive_backward(
+            anchors, columns, extra_columns, scale, targets, extra_logits, lse, grad, ctx.blocks,
+            ctx.deterministic)
         return (
             d_anchors if needs_grad(ctx, 0) else None,
             d_columns if needs_grad(ctx, 1) else None,
-            scalar_grad(partials, ctx.logit_scale, needs_grad(ctx, 2)),
+            d_extra_columns if needs_grad(ctx, 2) else None,
+            scalar_grad(partials, ctx.logit_scale, needs_grad(ctx, 3)),
             None,
-            d_extra if needs_grad(ctx, 4) else None,
+            d_extra if needs_grad(ctx, 5) else None,
+            None,
             None,
         )
 
@@ -280,24 +439,35 @@ def contrastive_row_loss(
     targets: torch.Tensor,
     extra_logits: Optional[torch.Tensor] = None,
     *,
+    extra_columns: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     block_d: Optional[int] = None,
     block_do: Optional[int] = None,
 ) -> torch.Tensor:
-    """Per-row softmax cross-entropy of ``s · anchors · columnsᵀ`` (see ``reference.contrastive_row_loss``).
+    """Per-row softmax cross-entropy of ``s · anchors · [columns; extra_columns]ᵀ`` (see
+    ``reference.contrastive_row_loss``).
 
-    anchors [M, D], columns [N, D], targets [M] long (column index or −1 = the extra logit), extra_logits [M]
-    or None. Returns [M] float32. ``block_*`` override the tile sizes (powers of two; tests use small ones).
+    anchors [M, D], columns [N1, D], extra_columns [N2, D] or None (a second column source, read in place: no
+    concatenation; column index N1 + j is extra_columns[j]), targets [M] long (column index or −1 = the extra
+    logit), extra_logits [M] or None. Returns [M] float32. ``deterministic=False`` accumulates ∂columns with
+    float32 atomics in the ∂anchors kernel (one recompute fewer, run-to-run bitwise differences). ``block_*``
+    override the tile sizes (powers of two, rounded up to 16; tests use small ones).
     """
     if anchors.dim() != 2 or columns.dim() != 2 or anchors.shape[1] != columns.shape[1]:
         raise ValueError(f"anchors [M, D] and columns [N, D] expected, got {tuple(anchors.shape)} and "
                          f"{tuple(columns.shape)}")
+    if extra_columns is not None and (extra_columns.dim() != 2 or extra_columns.shape[1] != columns.shape[1]
+                                      or extra_columns.dtype != columns.dtype):
+        raise ValueError(f"extra_columns [N2, D] of the columns' dtype expected, got {tuple(extra_columns.shape)} "
+                         f"{extra_columns.dtype}")
     if targets.shape != anchors.shape[:1] or (extra_logits is not None and extra_logits.shape != targets.shape):
         raise ValueError("targets (and extra_logits) must have shape [M]")
     M, D = anchors.shape
-    N = columns.shape[0]
+    N = columns.shape[0] + (extra_columns.shape[0] if extra_columns is not None else 0)
     if N == 0 and extra_logits is None:
         raise ValueError("contrastive_row_loss needs at least one column or an extra logit per row")
     blocks = _blocks(M, N, D, block_m, block_n, block_d, block_do)
-    return ContrastiveRowLoss.apply(anchors, columns, logit_scale, targets, extra_logits, blocks)
+    return ContrastiveRowLoss.apply(anchors, columns, extra_columns, logit_scale, targets, extra_logits, blocks,
+                                    deterministic)
