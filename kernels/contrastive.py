@@ -13,36 +13,47 @@ Backward (g_m = ∂L/∂loss_m, p_mn = exp(x_mn − lse_m) recomputed from the s
     ∂L/∂s    = Σ_m Σ_n G_mn ⟨a_m, c_n⟩ = Σ_m ⟨a_m, Σ_n G_mn c_n⟩
     ∂L/∂e_m  = g_m (exp(e_m − lse_m) − 1[t_m = −1])
 
-Shapes: anchors [M, D], columns [N, D], targets [M] long (column index, or −1 for the extra logit, which then
-must be given), extra_logits [M] or None, logit_scale 0-d tensor or Python float (no gradient then).
-Output: [M] float32. Gradients come back in each input's dtype.
+Shapes: anchors [M, D], columns [N1, D], extra_columns [N2, D] or None (a second column source, read in place:
+the logical columns are [columns; extra_columns], N = N1 + N2; NegCLIP passes texts and negatives.flatten(0, 1)
+so that the [B + BK, D] concatenation is never copied), targets [M] long (column index in [0, N), or −1 for the
+extra logit, which then must be given), extra_logits [M] or None, logit_scale 0-d tensor or Python float (no
+gradient then). Output: [M] float32. Gradients come back per source, in each input's dtype.
 
-Passes (GEMM-equivalents of M·N·D multiply-adds):
+Passes (GEMM-equivalents of M·N·D multiply-adds, per direction, forward + backward):
 
 * forward: one kernel, grid over row blocks; each program streams every column tile, recomputes its
-  [BLOCK_M, BLOCK_N] logits tile over D in BLOCK_D slices and folds it into a running max / sum. Saves lse [M].
-  1 GEMM.
-* backward: two kernels, both deterministic (no atomics; every output element has exactly one writer).
-  ``dA`` — grid (row blocks × output D slices of BLOCK_DO): recompute the tile, G, then acc += G @ C[:, slice];
-  it also writes ∂e and one ∂s partial per program (Σ ⟨a, acc⟩ over its slice; summed on the host).
-  ``dC`` — grid (column blocks × output D slices): recompute the transposed tile, acc += Gᵀ @ A[:, slice].
-  1 + 1 GEMMs of recompute and 1 + 1 of gradient, i.e. 4 GEMMs when D ≤ BLOCK_DO; each further D slice
-  repeats the recompute (cost ceil(D / BLOCK_DO) recomputes per kernel), the price of holding only a
-  [BLOCK, BLOCK_DO] accumulator on chip for any D. Atomics would save one recompute but make gradients
-  run-to-run nondeterministic.
+  [BLOCK_M, BLOCK_N] logits tile over D in BLOCK_D slices (pipelined loads) and folds it into a running max /
+  sum. Saves lse [M]. 1 GEMM.
+* backward, deterministic (default; no atomics, every output element has exactly one writer):
+  ``dA`` — grid (row blocks × output slices): recompute the tile, G, then acc += G @ C[:, slice]; it also writes
+  ∂e and one ∂s partial per program. ``dC`` — grid (column blocks × output slices): recompute, acc += Gᵀ A.
+  The output slice is the whole D for D ≤ 1024 (FULL_D), held as one or two power-of-two accumulators
+  (768 = 512 + 256), so each kernel recomputes once: 2 + 2 GEMMs, **5 passes in all** (plus the padding of the
+  slice to a power of two, none at 512 / 768 / 1024). Beyond 1024, slices of 1024, each repeating the recompute.
+* backward, ``deterministic=False``: one kernel; the dA programs also add Gᵀ A of their tile into a float32
+  ∂C buffer with atomics (as flash attention's dQ): 1 recompute + 2 gradient GEMMs, **4 passes in all**; the
+  float-add order varies run to run.
 
-Memory: besides inputs and gradients, lse [M] float32 and the ∂s partials (one float per dA program):
-O(M + N). The [M, N] logits matrix is never materialised. Traffic per forward program: its anchor rows once per
-column tile (L1/L2-resident) plus every column once.
+Memory: besides inputs and gradients, lse [M] float32 and the ∂s partials (one float per dA program): O(M + N).
+The [M, N] logits matrix is never materialised. The atomic path adds a float32 [N, D] ∂C buffer (cast per source
+at the end). Each backward accumulator is [rows, slice] float32 over 8 warps (64 rows up to 512 wide, 32 rows up
+to 1024): about 128 registers a thread for the accumulator alone.
 
-Numerics: tiles are loaded and converted to float32 at once; tl.dot receives its operands in the storage
-dtype when the inputs are fp16/bf16 (products are exact, accumulation in float32; G is rounded to that dtype
-for the gradient GEMMs, as flash attention does) and in float32 ("ieee", no TF32) for float32 inputs and under
-the interpreter (which cannot multiply bf16). Targets are not range-checked (that would need a device sync):
-an index outside [−1, N) gives a meaningless row.
+Numerics: tl.dot receives its operands in the storage dtype when the inputs are fp16/bf16 (products exact,
+accumulation in float32); float32 inputs use TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set (PyTorch's
+rule), else "ieee"; the interpreter always runs float32 "ieee" (it cannot multiply bf16). The gradient GEMMs
+take G rounded to the dot dtype, and at real sizes G = g·(p − 1) is tiny (g = 1/2B ≈ 1.5e-5, p ≈ 1e-6 … 1e-1):
+fp16 would flush or denormalise it (normal min 6.1e-5). **Rule:** G is multiplied by the power of two
+σ = 2^(14 − ceil(log2 max|g|)) before the cast (so |σG| ≤ 2^14 < 65504 and every |G| ≥ 2^-28·max|g| stays a
+normal fp16 number), and the float32 accumulator is multiplied by s/σ; σ is computed on the device (no sync) and,
+being a power of two, adds no rounding. The same rule runs for bf16 and float32, where it is harmless.
+tests/kernels/test_kernel_contrastive_numerics.py checks this sequence at B = 32,768, K = 4, D = 512, s = 100.
+Targets are not range-checked (that would need a device sync): an index outside [−1, N) gives a meaningless row.
 
-Limits: any M, N ≥ 1, D ≥ 1 (masking handles non powers of two); offsets are int64. Inputs are made contiguous
-once on the host (a copy for non-contiguous views).
+Limits: any M, N ≥ 1, D ≥ 1 (masking handles non powers of two); offsets are int64; requested blocks are powers of
+two, rounded up to 16 (smaller tl.dot blocks do not compile on a GPU). Inputs are made contiguous once on the host
+(a copy for non-contiguous views). Register fit: see the ptxas table in FINDINGS / the commit message (at the
+default tiles the bf16 backward kernels spill on sm_90 at D = 512; tuning is open).
 """
 from __future__ import annotations
 
@@ -438,9 +449,9 @@ def contrastive_row_loss(
     logit_scale: Scalar,
     targets: torch.Tensor,
     extra_logits: Optional[torch.Tensor] = None,
-    *,
     extra_columns: Optional[torch.Tensor] = None,
     deterministic: bool = True,
+    *,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     block_d: Optional[int] = None,
