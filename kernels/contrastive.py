@@ -167,8 +167,9 @@ def _grad_coef_tile(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """σ·G = σ g_m (p_mn − 1[n = t_m]) for one tile, recomputed from the saved lse, already rounded to the dot
-    dtype: [BLOCK_M, BLOCK_N], 0 on padding. σ = ``grad_scale`` is the power of two that keeps σ·G in the normal
-    range of fp16 (see the module docstring); the caller divides its float32 accumulator by σ."""
+    dtype: [BLOCK_M, BLOCK_N], 0 on padding, and the tile's Σ σG·⟨a, c⟩ (float32 scalar). σ = ``grad_scale`` is the
+    power of two that keeps σ·G in the normal range of fp16 (see the module docstring); the caller divides its
+    float32 accumulators by σ."""
     row_valid = rows < M
     target = tl.load(targets_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
@@ -177,7 +178,9 @@ def _grad_coef_tile(
                        stride_a, stride_c, stride_x, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
     prob = tl.where((cols < N)[None, :], tl.exp(scale * dots - lse[:, None]), 0.0)
     coef = grad[:, None] * (prob - (cols[None, :] == target[:, None]).to(tl.float32))
-    return coef.to(DOT_DTYPE)
+    # Σ σG_mn ⟨a_m, c_n⟩ over the tile: σ·∂s from the float32 G and the dots already on chip (no epilogue reload
+    # of the anchors, whose [rows, D] float32 copy would not fit next to the accumulator).
+    return coef.to(DOT_DTYPE), tl.sum(tl.sum(coef * dots, 1), 0)
 
 
 @triton.jit
@@ -205,11 +208,13 @@ def _contrastive_bwd_anchors_kernel(
     unscale = scale / grad_scale
     acc1 = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)                            # σ Σ_n G_mn c_n[slice]
     acc2 = tl.zeros((BLOCK_M, BLOCK_DO2), dtype=tl.float32)
+    partial = 0.0                                                                     # σ·∂s of these rows
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        coef = _grad_coef_tile(anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
+        coef, tile_partial = _grad_coef_tile(anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
                                grad_scale, rows, cols, M, N1, N, D, stride_a, stride_c, stride_x,
                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
+        partial += tile_partial
         c1 = _load_cols(columns_ptr, extra_cols_ptr, cols, offs_1, N1, N, D, stride_c, stride_x, False)
         acc1 = tl.dot(coef, c1.to(DOT_DTYPE), acc1, input_precision=PRECISION)
         if HAS_DO2:
@@ -228,16 +233,13 @@ def _contrastive_bwd_anchors_kernel(
                 part2 = tl.dot(tl.trans(coef), a2.to(DOT_DTYPE), input_precision=PRECISION)
                 tl.atomic_add(d_cols_acc_ptr + cols[:, None] * D + offs_2[None, :], unscale * part2,
                               mask=col_ok & (offs_2 < D)[None, :], sem="relaxed")
-    a1 = _load_rows(anchors_ptr, rows, offs_1, M, D, stride_a)                        # [BLOCK_M, BLOCK_DO]
-    partial = tl.sum(tl.sum(acc1 * a1, 1), 0)
     tl.store(d_anchors_ptr + rows[:, None] * D + offs_1[None, :],
              (unscale * acc1).to(d_anchors_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_1 < D)[None, :])
     if HAS_DO2:
-        a2 = _load_rows(anchors_ptr, rows, offs_2, M, D, stride_a)
-        partial += tl.sum(tl.sum(acc2 * a2, 1), 0)
         tl.store(d_anchors_ptr + rows[:, None] * D + offs_2[None, :],
                  (unscale * acc2).to(d_anchors_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_2 < D)[None, :])
-    tl.store(scale_partials_ptr + pid_m * tl.num_programs(1) + pid_d, partial / grad_scale)
+    # Every output slice recomputed the same G: the first one reports the partial, the others 0.
+    tl.store(scale_partials_ptr + pid_m * tl.num_programs(1) + pid_d, tl.where(pid_d == 0, partial / grad_scale, 0.0))
     if HAS_EXTRA:
         target = tl.load(targets_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
@@ -269,9 +271,9 @@ def _contrastive_bwd_columns_kernel(
     acc2 = tl.zeros((BLOCK_N, BLOCK_DO2), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        coef = _grad_coef_tile(anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
-                               grad_scale, rows, cols, M, N1, N, D, stride_a, stride_c, stride_x,
-                               BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
+        coef, _ = _grad_coef_tile(anchors_ptr, columns_ptr, extra_cols_ptr, targets_ptr, lse_ptr, grad_ptr, scale,
+                                  grad_scale, rows, cols, M, N1, N, D, stride_a, stride_c, stride_x,
+                                  BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, STAGES)
         a1 = tl.load(anchors_ptr + rows[:, None] * stride_a + offs_1[None, :],
                      mask=(rows < M)[:, None] & (offs_1 < D)[None, :], other=0.0)      # [BLOCK_M, BLOCK_DO]
         acc1 = tl.dot(tl.trans(coef), a1.to(DOT_DTYPE), acc1, input_precision=PRECISION)
@@ -310,18 +312,35 @@ def _out_slices(D: int, block_do: Optional[int]) -> dict:
     return dict(BLOCK_DO=first, BLOCK_DO2=max(second, 16), HAS_DO2=second > 0, SLICE=first + second)
 
 
-def _blocks(M: int, N: int, D: int, block_m, block_n, block_d, block_do) -> dict:
-    """Tile sizes of the three kernels: {"fwd": …, "bwd_a": …, "bwd_c": …, "out": the output-D slice}.
+def _blocks(M: int, N: int, D: int, block_m, block_n, block_d, block_do, deterministic: bool = True,
+            arch: int = 90) -> dict:
+    """Tile sizes of the kernels: {"fwd": …, "bwd_a": …, "bwd_c": …, "out": the output-D slice}.
 
-    The backward accumulator is [rows, SLICE] float32 over 8 warps: 64 rows up to SLICE = 512 (128 registers a
-    thread), 32 rows beyond (≤ 1024 wide, again ≤ 128 registers a thread)."""
+    Chosen so that every kernel compiles without register spills for bf16/fp16 on sm_80 and sm_90 at D ≤ 1024
+    (ptxas -v; see the table in the commit that set them). The backward accumulator is [rows, SLICE] float32 over
+    8 warps, 64 rows up to SLICE = 512 (128 registers a thread), 32 rows beyond (≤ 1024 wide, again ≤ 128); the
+    streamed dimension (columns in dA, anchors in dC) is narrow, 32 (16 beyond SLICE = 768), since its
+    [streamed, SLICE] operand tile is what pushes a kernel past 255 registers; the dC recompute reads D in slices
+    of 32. The atomic dA kernel also holds a [streamed, SLICE] float32 Gᵀ A tile: half the rows, streamed 16.
+    ``arch``: compute capability ×10 of the device (90 on the CPU / interpreter)."""
     out = _out_slices(D, block_do)
-    acc_rows = 64 if out["SLICE"] <= 512 else 32
-    bd = block_size(block_d, D, 64)
+    wide = out["SLICE"] > 512
+    if deterministic:
+        acc_rows, streamed = (32, 16 if out["SLICE"] > 768 else 32) if wide else (64, 32)
+        if arch < 90:                  # mma.sync (sm_80) needs more registers than wgmma for the same dA tiles
+            streamed_a = 16
+        else:
+            streamed_a = streamed
+    else:
+        acc_rows, streamed = (16 if wide else 32), 16
+        streamed_a = streamed
     return dict(
-        fwd=dict(BLOCK_M=block_size(block_m, M, 128), BLOCK_N=block_size(block_n, N, 64), BLOCK_D=bd),
-        bwd_a=dict(BLOCK_M=block_size(block_m, M, acc_rows), BLOCK_N=block_size(block_n, N, 64), BLOCK_D=bd),
-        bwd_c=dict(BLOCK_M=block_size(block_m, M, 64), BLOCK_N=block_size(block_n, N, acc_rows), BLOCK_D=bd),
+        fwd=dict(BLOCK_M=block_size(block_m, M, 128), BLOCK_N=block_size(block_n, N, 64),
+                 BLOCK_D=block_size(block_d, D, 64)),
+        bwd_a=dict(BLOCK_M=block_size(block_m, M, acc_rows), BLOCK_N=block_size(block_n, N, streamed_a),
+                   BLOCK_D=block_size(block_d, D, 64)),
+        bwd_c=dict(BLOCK_M=block_size(block_m, M, streamed), BLOCK_N=block_size(block_n, N, acc_rows),
+                   BLOCK_D=block_size(block_d, D, 32)),
         out=out,
     )
 
@@ -479,6 +498,10 @@ def contrastive_row_loss(
     N = columns.shape[0] + (extra_columns.shape[0] if extra_columns is not None else 0)
     if N == 0 and extra_logits is None:
         raise ValueError("contrastive_row_loss needs at least one column or an extra logit per row")
-    blocks = _blocks(M, N, D, block_m, block_n, block_d, block_do)
+    arch = 90
+    if anchors.is_cuda:
+        major, minor = torch.cuda.get_device_capability(anchors.device)
+        arch = 10 * major + minor
+    blocks = _blocks(M, N, D, block_m, block_n, block_d, block_do, deterministic, arch)
     return ContrastiveRowLoss.apply(anchors, columns, extra_columns, logit_scale, targets, extra_logits, blocks,
                                     deterministic)
