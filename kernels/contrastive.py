@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
+from ._common import (Scalar, block_size, contiguous, dot_config, launch, needs_grad,
                       scalar_arg, scalar_grad)
 
 

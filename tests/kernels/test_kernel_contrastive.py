@@ -103,7 +103,7 @@ def _two_source_kernel(deterministic, blocks):
     (7, 7, 3, 33, SMALL),            # N = 7 + 21: a column tile straddles the two sources; three D slices
     (20, 13, 2, 19, SMALL),          # two row tiles, D not a multiple of 8
     (5, 6, 4, 37, {}),               # default blocks: one output slice of 32 + 16 (the two-accumulator path)
-    (3, 3, 1, 100, {}),              # default blocks: 64 + 64 (D not a power of two, not a multiple of 8)
+    (3, 3, 1, 100, {}),              # default blocks: one 128-wide slice (D not a power of two nor a multiple of 8)
 ])
 def test_two_sources(M, B, K, D, blocks, dtype, deterministic):
     g = torch.Generator().manual_seed(M * 1000 + D)
@@ -134,3 +134,17 @@ def test_default_output_slice_covers_d_once(D, slice_):
     """Up to D = 1024 the backward kernels hold the whole D: one recompute per kernel (5 passes in all)."""
     out = contrastive._blocks(32768, 163840, D, None, None, None, None)["out"]
     assert out["SLICE"] == slice_ and out["SLICE"] >= min(D, contrastive.FULL_D)
+
+
+@pytest.mark.parametrize("allow_tf32, expected", [(True, "tf32"), (False, "ieee")])
+def test_float32_dots_follow_allow_tf32(monkeypatch, allow_tf32, expected):
+    """On a GPU float32 inputs use TF32 exactly when PyTorch's matmul flag allows it; 16-bit inputs keep their
+    storage dtype; the interpreter always gets float32 "ieee"."""
+    from compclip.kernels import _common
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    x = torch.zeros(2, 2)
+    assert contrastive._dot_config(x, x)[1] == "ieee"                    # interpreter
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
+    assert contrastive._dot_config(x, x)[1] == expected
+    assert _common.dot_config(x, x)[1] == "ieee"                         # other kernels: unchanged default
+    assert contrastive._dot_config(x.half(), x.half())[0] == _common.tl.float16
