@@ -319,7 +319,7 @@ def _blocks(M: int, N: int, D: int, block_m, block_n, block_d, block_do, determi
     """Tile sizes of the kernels: {"fwd": …, "bwd_a": …, "bwd_c": …, "out": the output-D slice}.
 
     Chosen so that every kernel compiles without register spills for bf16/fp16 on sm_80 and sm_90 at D ≤ 1024
-    (ptxas -v; see the table in the commit that set them). The backward accumulator is [rows, SLICE] float32 over
+    (ptxas -v; see "Register fit" in the module docstring). The backward accumulator is [rows, SLICE] float32 over
     8 warps, 64 rows up to SLICE = 512 (128 registers a thread), 32 rows beyond (≤ 1024 wide, again ≤ 128); the
     streamed dimension (columns in dA, anchors in dC) is narrow, 32 (16 beyond SLICE = 768), since its
     [streamed, SLICE] operand tile is what pushes a kernel past 255 registers; the dC recompute reads D in slices
