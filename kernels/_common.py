@@ -34,22 +34,29 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 def block_size(requested: Optional[int], extent: int, default: int, floor: int = 16) -> int:
     """A power-of-two block: ``requested`` if given, else the smaller of ``default`` and the padded extent.
 
-    Blocks that feed tl.dot must be ≥ 16 on a GPU; smaller requested ones work only in the interpreter."""
+    Blocks that feed tl.dot must be ≥ 16 on a GPU (a block of 8 fails to compile), so a requested block below
+    ``floor`` is rounded up to it; the interpreter would accept it, but a test must not pass on a shape the GPU
+    cannot compile."""
     if requested is not None:
         if requested < 1 or requested & (requested - 1):
             raise ValueError(f"block sizes must be powers of two, got {requested}")
-        return requested
+        return max(requested, floor)
     return max(floor, min(default, triton.next_power_of_2(max(extent, 1))))
 
 
-def dot_config(*tensors: torch.Tensor) -> Tuple[tl.dtype, str]:
-    """(dtype of tl.dot operands, input_precision): the shared 16-bit storage dtype on a GPU, else float32/ieee."""
+def dot_config(*tensors: torch.Tensor, follow_tf32: bool = False) -> Tuple[tl.dtype, str]:
+    """(dtype of tl.dot operands, input_precision): the shared 16-bit storage dtype on a GPU, else float32/ieee.
+
+    ``follow_tf32``: float32 inputs on a GPU use "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is set
+    (PyTorch's own rule for float32 matmuls); the interpreter always gets "ieee"."""
     dtypes = {t.dtype for t in tensors}
     if not interpreter_enabled() and len(dtypes) == 1:
         (dtype,) = dtypes
         if dtype in (torch.float16, torch.bfloat16):
             # input_precision only matters for float32 operands; 16-bit ones get Triton's default.
             return _TL_DTYPES[dtype], "tf32"
+        if dtype == torch.float32 and follow_tf32 and torch.backends.cuda.matmul.allow_tf32:
+            return tl.float32, "tf32"
     return tl.float32, "ieee"
 
 

@@ -43,8 +43,15 @@ def contrastive_row_loss(
     logit_scale: Scalar,
     targets: torch.Tensor,
     extra_logits: Optional[torch.Tensor] = None,
+    extra_columns: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Per-row softmax cross-entropy of ``s · anchors · columnsᵀ``.
+
+    ``extra_columns`` [N2, D] (optional): a second column source, appended after ``columns`` (column N + j is
+    ``extra_columns[j]``); the Triton kernel reads it in place, here it is simply concatenated.
+    ``deterministic`` is accepted for signature parity with the kernel (whose ``False`` picks its atomic
+    backward); the reference is always deterministic.
 
     anchors [M, D], columns [N, D], targets [M] long. ``targets[m]`` is a column index in [0, N), or -1 to mean
     the row's extra logit. ``extra_logits`` [M] (optional) is one more logit per row that takes part in the
@@ -54,6 +61,8 @@ def contrastive_row_loss(
 
     Returns [M] in the accumulation dtype.
     """
+    if extra_columns is not None:
+        columns = torch.cat([columns, extra_columns])
     dtype = accumulation_dtype(anchors, columns, extra_logits)
     scale = _as(logit_scale, dtype, anchors.device)
     logits = scale * (anchors.to(dtype) @ columns.to(dtype).t())

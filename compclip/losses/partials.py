@@ -53,10 +53,11 @@ def multi_negative_sum(image, text, image_cols, text_cols, negative_cols, logit_
     image, text [b, D]; image_cols, text_cols [B, D]; negative_cols [B, K, D] or None. Target of row i: column
     offset + i. Divide by 2B for the symmetric mean.
     """
-    columns = text_cols if negative_cols is None else torch.cat([text_cols, negative_cols.flatten(0, 1)])
+    # The negatives are a second column source read in place (no [B + BK, D] concatenated copy).
+    negatives = None if negative_cols is None else negative_cols.flatten(0, 1)
     targets = _rows(image.shape[0], offset, image.device)
-    op = kernel_op("contrastive_row_loss", backend, (image, text, image_cols, columns, logit_scale))
-    image_to_text = op(image, columns, logit_scale, targets)
+    op = kernel_op("contrastive_row_loss", backend, (image, text, image_cols, text_cols, negatives, logit_scale))
+    image_to_text = op(image, text_cols, logit_scale, targets, extra_columns=negatives)
     text_to_image = op(text, image_cols, logit_scale, targets)
     return image_to_text.sum() + text_to_image.sum()
 
