@@ -125,3 +125,32 @@ def test_rng_states_round_trip_through_weights_only_checkpoint(tmp_path):
     with pytest.raises(pickle.UnpicklingError):  # the raw numpy state is what weights_only refuses
         torch.save({"rng": state}, path)
         torch.load(path, weights_only=True)
+
+
+def test_checkpoint_extras_with_safe_rng_load_weights_only(tmp_path):
+    """What the trainer's `compclip_rank{r}.pt` holds (RNG, CE-CLIP threshold, EMA teacher, data position, counters)
+    loads with `weights_only=True` once the RNG goes through `rng_state_to_safe`."""
+    from compclip.ema import EMATeacher
+    from compclip.losses import CMRThreshold
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+
+    teacher = EMATeacher(build(), build, 0.9)
+    teacher.update()
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": [torch.get_rng_state()]}  # stand-in for torch.cuda.get_rng_state_all(): a list of ByteTensors
+    extras = {"rng": rng_state_to_safe(state), "method": {"name": "ceclip", "weights": {"negclip": 1.0, "cmr": 0.2},
+                                                            "threshold": CMRThreshold(4).state_dict()},
+              "nonfinite": 0, "teacher": teacher.state_dict(), "epoch": 1, "micro_in_epoch": 3, "global_step": 7,
+              "data": {"epoch": 1, "batch": 3, "skipped": 0, "consumed": [12, 12]}}
+    path = tmp_path / "compclip_rank0.pt"
+    torch.save(extras, path)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert loaded["teacher"]["shapes"] == extras["teacher"]["shapes"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded["teacher"]["storage"], extras["teacher"]["storage"]))
+    assert torch.equal(loaded["method"]["threshold"]["value"], extras["method"]["threshold"]["value"])
+    restored = rng_state_from_safe(loaded["rng"])
+    assert restored["python"] == state["python"] and torch.equal(restored["cuda"][0], state["cuda"][0])
+    assert all(_same(a, b) for a, b in zip(restored["numpy"], state["numpy"]))
