@@ -4,7 +4,7 @@
 | kind     | file                   | content                                                                          |
 |----------|------------------------|----------------------------------------------------------------------------------|
 | negclip  | TSV                    | columns `title` (caption), `filepath`, `neg_caption` (Python list literal)       |
-| ceclip   | .npy (allow_pickle)    | a list/array of dicts (or one dict) with `caption`, `relation_aug_caption`,       |
+| ceclip   | .npy (object array)    | a list/array of dicts (or one dict) with `caption`, `relation_aug_caption`,       |
 |          |                        | `adj_aug_caption`, `noun_aug_caption`, `verb_aug_caption`, `valid_caption`, and    |
 |          |                        | `image_path` or a COCO `image_id`                                                 |
 | degla    | JSON                   | `[{"image_id", "original", "enhanced": [...]}]`, COCO train2014 images            |
@@ -12,6 +12,10 @@
 
 WebDataset shards whose json carries `nounphrases` (C2LIP) are read directly by the loader
 (`compclip.data.shards`), no import needed.
+
+The two pickled formats (C2LIP's `.pkl`, CE-CLIP's object `.npy`) are read with `compclip.safe_pickle`'s
+restricted unpickler: builtins containers/scalars and numpy arrays only; any other global in a downloaded file
+(code execution) raises `UnsafePickleError` naming the file and the global, before anything runs.
 """
 from __future__ import annotations
 
@@ -19,11 +23,11 @@ import ast
 import csv
 import json
 import os
-import pickle
 import sys
 
 import numpy as np
 
+from ..safe_pickle import load_npy, load_pickle
 from .manifest import INVALID_NEGATIVE, ManifestError
 
 CECLIP_SLOTS = ("relation_aug_caption", "adj_aug_caption", "noun_aug_caption", "verb_aug_caption")
@@ -90,7 +94,7 @@ def _ceclip_valid(sample: dict, negatives: list[str], source: str) -> list[bool]
 
 def import_ceclip(path: str, image_root: str = "", coco_split: str = "train2014") -> list[dict]:
     """CE-CLIP `.npy`: typed slots kept in CE-CLIP's order; `'###'` and unfilled `<mask>` are invalid."""
-    loaded = np.load(path, allow_pickle=True)
+    loaded = load_npy(path)
     samples = loaded.item() if loaded.ndim == 0 else loaded.tolist()
     if isinstance(samples, dict):
         samples = [samples] if "caption" in samples else list(samples.values())
@@ -135,8 +139,7 @@ def _first(sample: dict, keys: tuple[str, ...]):
 
 def import_c2lip(path: str, image_root: str = "") -> list[dict]:
     """C2LIP pickle: concepts from `nounphrases`; an empty list means the caption is the one concept."""
-    with open(path, "rb") as handle:
-        samples = pickle.load(handle)
+    samples = load_pickle(path)
     if isinstance(samples, dict):
         samples = list(samples.values())
     rows = []

@@ -28,23 +28,49 @@ def _build():
     return _Tiny()
 
 
-def _worker(rank, world, port, results):
+def _init_rank(rank, world, port):
+    """This spawned process as gloo rank `rank` of `world`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _engine(stage, lr, **extra):
+    """A DeepSpeed engine over `_build()` with AdamW(lr) at ZeRO `stage`; `extra` joins the config."""
+    import deepspeed
+
+    model = _build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, **extra}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, config
+
+
+def _closed_form(history, decay):
+    """θ*_n = αⁿ θ_0 + Σ_k α^(n−k) (1−α) θ_k of a list of {name: tensor} snapshots θ_0 … θ_n."""
+    steps = len(history) - 1
+    expected = {}
+    for name in history[0]:
+        value = decay ** steps * history[0][name]
+        for k in range(1, steps + 1):
+            value = value + decay ** (steps - k) * (1 - decay) * history[k][name]
+        expected[name] = value
+    return expected
+
+
+def _worker(rank, world, port, results):
+    _init_rank(rank, world, port)
     from deepspeed.utils import safe_get_full_fp32_param
 
     from compclip.ema import EMATeacher
 
-    deepspeed.init_distributed(dist_backend="gloo")
     out = {}
     for stage in (1, 2, 3):
-        model = _build()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        engine, config = _engine(stage, 0.05)
         teacher = EMATeacher(engine.module, _build, DECAY, zero3_config=config)
 
         def full_student():
@@ -60,12 +86,7 @@ def _worker(rank, world, port, results):
             teacher(torch.randn(2, 6, generator=generator))  # forwards between updates, as in training
             teacher.update()
             history.append(full_student())
-        expected = {}
-        for name in history[0]:
-            value = DECAY ** STEPS * history[0][name]
-            for k in range(1, STEPS + 1):
-                value = value + DECAY ** (STEPS - k) * (1 - DECAY) * history[k][name]
-            expected[name] = value
+        expected = _closed_form(history, DECAY)
         got = teacher.full_parameters()
         # The teacher's forward must see the updated shards (ZeRO-3 keeps small parameters gathered after its
         # first traced step unless told otherwise), so compare it with the closed form's forward too.

@@ -1,0 +1,138 @@
+"""Loading untrusted pickles, and checkpoint extras that load with `torch.load(weights_only=True)`.
+
+Unpickling runs code: every GLOBAL/STACK_GLOBAL opcode names a callable that REDUCE then calls with pickled
+arguments, so a downloaded `.pkl` (C2LIP) or object `.npy` (CE-CLIP, `np.load(allow_pickle=True)`) may e.g.
+write files through `os.system` or `pathlib.Path.write_text`. `SafeUnpickler` resolves only the globals in
+`ALLOWED_GLOBALS` and refuses every other one *before* importing it, with an `UnsafePickleError` naming the file
+and the refused `module.name`; nothing the pickle asks for runs.
+
+Allowed: the builtins containers and scalars that pickle cannot write as plain opcodes (set, frozenset, complex,
+bytearray, ..., also under protocol 2's `__builtin__` name), `_codecs.encode` (protocol 2 writes bytes with it),
+`collections.OrderedDict`, and numpy's array / dtype / scalar reconstruction: `numpy._core.multiarray._reconstruct`
+and `.scalar`, `numpy._core.numeric._frombuffer` (protocol 5 arrays), `numpy.ndarray`, `numpy.dtype`, also under
+numpy 1.x's `numpy.core` names (numpy 2.x itself writes `numpy._core`). Object arrays hold these recursively.
+A reconstructed ndarray can only carry data and a dtype (object items come from the same restricted unpickler).
+
+`.npy` (`load_npy`): the header is parsed by `numpy.lib.format` (`read_magic`, `read_array_header_1_0/2_0`);
+an object-dtype payload is the pickled array (`np.save` pickles object arrays), read with `SafeUnpickler`;
+other dtypes are plain data and are read by numpy without pickle.
+
+Checkpoint extras: `torch.load(weights_only=True)` accepts dicts, lists, tuples, str, int, float, bool, None and
+tensors, but not numpy arrays. `rng_state_to_safe` turns the RNG states into exactly these (numpy's MT19937 key
+becomes an int64 tensor) and `rng_state_from_safe` undoes it, bit for bit.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+import random
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a global outside `ALLOWED_GLOBALS`."""
+
+
+def _allowed_globals() -> Dict[tuple, Any]:
+    builtin = {name: getattr(__import__("builtins"), name) for name in (
+        "set", "frozenset", "complex", "bytearray", "bytes", "str", "int", "float", "bool", "list", "tuple",
+        "dict", "slice", "range")}
+    numpy_core = {"multiarray._reconstruct": np._core.multiarray._reconstruct,
+                  "multiarray.scalar": np._core.multiarray.scalar,
+                  "numeric._frombuffer": np._core.numeric._frombuffer}
+    allowed = {("_codecs", "encode"): __import__("_codecs").encode,
+               ("collections", "OrderedDict"): collections.OrderedDict,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("builtins", "__builtin__"):
+        allowed.update({(module, name): value for name, value in builtin.items()})
+    for prefix in ("numpy._core", "numpy.core"):  # numpy 2.x writes numpy._core; numpy 1.x wrote numpy.core
+        for dotted, value in numpy_core.items():
+            sub, name = dotted.split(".")
+            allowed[(f"{prefix}.{sub}", name)] = value
+    return allowed
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+"""(module, name) -> object: the only globals `SafeUnpickler` resolves."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that resolves only `ALLOWED_GLOBALS`; `source` names the file in errors."""
+
+    def __init__(self, handle, source: str = "<pickle>"):
+        super().__init__(handle)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self.source}: refusing to unpickle global {module}.{name} (only builtins containers/scalars "
+                "and numpy arrays/dtypes/scalars are allowed; a data file should need nothing else)") from None
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"{self.source}: refusing a persistent id in the pickle ({pid!r})")
+
+
+def load_pickle(path: str) -> Any:
+    """The object in pickle file `path`, unpickled by `SafeUnpickler`."""
+    with open(path, "rb") as handle:
+        return SafeUnpickler(handle, str(path)).load()
+
+
+def load_npy(path: str) -> np.ndarray:
+    """The array in `.npy` file `path`; an object array is unpickled by `SafeUnpickler`, never by numpy."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as handle:
+        version = npy.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(handle)
+        else:  # (3, 0): utf-8 field names; numpy has no public reader for its header
+            shape, fortran, dtype = npy._read_array_header(handle, version)
+        if not dtype.hasobject:
+            data = handle.read()
+            count = int(np.prod(shape, dtype=np.int64))
+            array = np.frombuffer(data, dtype=dtype, count=count)
+            return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
+        array = SafeUnpickler(handle, str(path)).load()
+    if not isinstance(array, np.ndarray) or tuple(array.shape) != tuple(shape):
+        raise pickle.UnpicklingError(f"{path}: payload is not the object array of shape {shape} the header declares")
+    return array
+
+
+# ---- RNG states for weights_only checkpoints ---------------------------------------------------------------------
+def rng_state_to_safe(state: Dict[str, Any]) -> Dict[str, Any]:
+    """{"python": random.getstate(), "numpy": np.random.get_state(), "torch": ByteTensor, "cuda"?: [ByteTensor]}
+    -> the same information as lists, ints, floats and tensors only (`torch.load(weights_only=True)` loads it)."""
+    version, key, gauss = state["python"]
+    kind, mt, pos, has_gauss, cached = state["numpy"]
+    out = {"python": [int(version), torch.tensor(key, dtype=torch.int64), None if gauss is None else float(gauss)],
+           "numpy": [str(kind), torch.from_numpy(np.asarray(mt, dtype=np.int64)), int(pos), int(has_gauss),
+                     float(cached)],
+           "torch": state["torch"]}
+    if "cuda" in state:
+        out["cuda"] = list(state["cuda"])
+    return out
+
+
+def rng_state_from_safe(safe: Dict[str, Any]) -> Dict[str, Any]:
+    """Inverse of `rng_state_to_safe`: arguments for random.setstate / np.random.set_state / torch.set_rng_state."""
+    version, key, gauss = safe["python"]
+    kind, mt, pos, has_gauss, cached = safe["numpy"]
+    out = {"python": (int(version), tuple(int(v) for v in key.tolist()), gauss),
+           "numpy": (kind, mt.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)),
+           "torch": safe["torch"]}
+    if "cuda" in safe:
+        out["cuda"] = list(safe["cuda"])
+    return out
+
+
+__all__ = ["ALLOWED_GLOBALS", "SafeUnpickler", "UnsafePickleError", "load_npy", "load_pickle",
+           "rng_state_from_safe", "rng_state_to_safe"]
