@@ -8,7 +8,8 @@ shapes, with ``launch`` (``_common.launch``, as bound in every kernel module) re
 allocated or run, but every (kernel, grid, args, meta) the host launchers would issue is captured. Each distinct
 launch is then specialised exactly as Triton's own launcher would (its binder and ``_pack_args``: pointer dtypes,
 i32/i64 scalars, constexprs, ``tt.divisibility`` = 16 for pointers and ints that are multiples of 16) for a
-``GPUTarget("cuda", cc, 32)`` and compiled with ``triton.compile`` (Triton's cache dir makes reruns fast). The
+``GPUTarget("cuda", cc, 32)`` and compiled with ``triton.compile``; results are cached on disk (``$COMPCLIP_AOT_CACHE`` or
+<triton cache dir>/compclip-aot, keyed by kernel source hash + signature + options + arch) so a rerun is fast. The
 bundled ``ptxas -v`` then reports registers and spills; shared memory is the larger of Triton's dynamic
 allocation (``metadata.shared``) and ptxas' static figure, against the per-block opt-in limit (sm_90 232,448 B,
 sm_80 166,912 B). TTGIR tells whether each 16-bit ``tt.dot`` got a tensor-core layout (``warp_group_dot`` =
@@ -23,6 +24,7 @@ Must run with TRITON_INTERPRET unset/0 (under the interpreter the kernels are no
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -267,8 +269,15 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     from triton.compiler import ASTSource
     fn, signature, constexprs, attrs, options = specialise(launch, cc)
     src = ASTSource(fn, signature, constexprs, attrs)
-    key = f"{cc}-{src.hash()}-{sorted(options.__dict__.items())}"
+    key = hashlib.sha256(f"{cc}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
     if key in _compiled:
+        return _compiled[key]
+    # Disk cache keyed by the kernel's source hash (fn.cache_key, which covers the jit functions it calls), the
+    # signature, constexprs, attrs, options and arch: a rerun skips both triton.compile and ptxas.
+    cache_file = os.path.join(_cache_dir(), key + ".json")
+    if os.path.exists(cache_file):
+        with open(cache_file) as f:
+            _compiled[key] = json.load(f)
         return _compiled[key]
     from triton.backends.compiler import GPUTarget
     shown = {fn.arg_names[k[0]]: v for k, v in constexprs.items()
@@ -286,7 +295,19 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     out["constexprs"] = " ".join(f"{k}={getattr(v, 'value', v)}" for k, v in shown.items()
                                  if not isinstance(getattr(v, "value", v), bool) or True)
     _compiled[key] = out
+    if not out.get("error"):  # errors are recomputed (they may come from the environment)
+        tmp = cache_file + f".{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, cache_file)
     return out
+
+
+def _cache_dir() -> str:
+    from triton import knobs
+    root = os.environ.get("COMPCLIP_AOT_CACHE") or os.path.join(knobs.cache.dir, "compclip-aot")
+    os.makedirs(root, exist_ok=True)
+    return root
 
 
 def evaluate(row: Row) -> Row:
