@@ -2,6 +2,8 @@
 these sizes). bf16 inputs against the float32 reference on the same rounded values: outputs and every gradient,
 compared by relative error norm, since at these sizes a max-abs tolerance would only measure the rounding of
 the largest of millions of entries."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,8 +67,9 @@ def test_grouped_at_scale():
             [_unit(batch, dim), _unit(batch, dim), _unit(batch, num_negatives, dim), scale])
 
 
-def test_xac_at_c2lip_scale():
-    images, concepts, tokens, dim = 768, 2304, 196, 768
+@pytest.mark.parametrize("tokens", [196, 577])
+def test_xac_at_c2lip_scale(tokens):
+    images, concepts, dim = 768, 2304, 768
     owner = torch.randint(0, images, (concepts,), device="cuda")
     scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
     _parity(reference.xac_loss_sum, kernels.xac_loss_sum,
@@ -77,3 +80,24 @@ def test_attention_pool_at_scale():
     images, concepts, tokens, dim = 128, 2048, 50, 768
     _parity(reference.concept_attention_pool, kernels.concept_attention_pool,
             [_unit(images, tokens, dim), _unit(concepts, dim)])
+
+
+# A contrastive kernel that takes the negatives as a second column source (``extra_columns``) is tested at scale
+# against the reference on the concatenated columns; older kernels without that keyword skip this one test.
+HAS_EXTRA_COLUMNS = "extra_columns" in inspect.signature(kernels.contrastive_row_loss).parameters
+
+
+@pytest.mark.skipif(not HAS_EXTRA_COLUMNS, reason="contrastive_row_loss has no extra_columns keyword")
+def test_contrastive_separate_negative_source_at_scale():
+    batch, num_negatives, dim = 32768, 4, 768
+    image, text, negatives = _unit(batch, dim), _unit(batch, dim), _unit(batch * num_negatives, dim)
+    scale = torch.tensor(100.0, device="cuda")
+    targets = torch.arange(batch, device="cuda")
+
+    def reference_fn(image, text, negatives, scale, targets):
+        return reference.contrastive_row_loss(image, torch.cat([text, negatives]), scale, targets)
+
+    def kernel_fn(image, text, negatives, scale, targets):
+        return kernels.contrastive_row_loss(image, text, scale, targets, extra_columns=negatives)
+
+    _parity(reference_fn, kernel_fn, [image, text, negatives, scale, targets])

@@ -1,0 +1,401 @@
+"""Ahead-of-time resource gate for every Triton launch the public ops make (project issue #10, item 1).
+
+``python -m compclip.kernels.aot [--full] [--arch 80|90] [--json out.json] [--md out.md]``
+
+How: each public op (``contrastive_row_loss``, ``grouped_scores``, ``grouped_contrast_row_loss``,
+``concept_attention_pool``, ``xac_loss_sum``) runs forward and backward on **meta-device** tensors of the real
+shapes, with ``launch`` (``_common.launch``, as bound in every kernel module) replaced by a recorder: nothing is
+allocated or run, but every (kernel, grid, args, meta) the host launchers would issue is captured. Each distinct
+launch is then specialised exactly as Triton's own launcher would (its binder and ``_pack_args``: pointer dtypes,
+i32/i64 scalars, constexprs, ``tt.divisibility`` = 16 for pointers and ints that are multiples of 16) for a
+``GPUTarget("cuda", cc, 32)`` and compiled with ``triton.compile``; results are cached on disk (``$COMPCLIP_AOT_CACHE`` or
+<triton cache dir>/compclip-aot, keyed by kernel source hash + signature + options + arch) so a rerun is fast. The
+bundled ``ptxas -v`` then reports registers and spills; shared memory is the larger of Triton's dynamic
+allocation (``metadata.shared``) and ptxas' static figure, against the per-block opt-in limit (sm_90 232,448 B,
+sm_80 166,912 B). TTGIR tells whether each 16-bit ``tt.dot`` got a tensor-core layout (``warp_group_dot`` =
+wgmma on sm_90, ``nvidia_mma`` = mma.sync).
+
+Fails (exit 1) on: a compile error, shared memory over the limit, spill bytes in a bf16/fp16 row, a 16-bit dot
+without tensor cores. The meta tensors have data_ptr 0, i.e. aligned, like fresh CUDA allocations.
+
+Must run with TRITON_INTERPRET unset/0 (under the interpreter the kernels are not JIT functions and
+``dot_config`` would choose float32 dots); the test runs it as a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, asdict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+SMEM_LIMIT = {90: 232_448, 80: 166_912}
+ARCHS = (90, 80)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording launches
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    kernel: object
+    grid: Tuple[int, ...]
+    args: tuple
+    meta: dict
+
+
+def _kernel_modules():
+    """Every compclip.kernels module that binds ``launch`` from ``_common`` (data-driven: new modules count)."""
+    import importlib
+    import pkgutil
+    from . import _common
+    pkg = sys.modules[__package__]
+    mods = [_common]
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name in ("aot", "passes"):
+            continue
+        mod = importlib.import_module(f"{__package__}.{info.name}")
+        if getattr(mod, "launch", None) is _common.launch and mod is not _common:
+            mods.append(mod)
+    return mods
+
+
+def record(fn: Callable[[], None]) -> List[Launch]:
+    """Run ``fn`` with every kernel module's ``launch`` replaced by a recorder; returns the launches."""
+    from . import _common
+    original = _common.launch
+    recorded: List[Launch] = []
+
+    def recorder(kernel, grid, *args, **meta):
+        if all(g > 0 for g in grid):
+            recorded.append(Launch(kernel, tuple(grid), args, meta))
+
+    mods = _kernel_modules()
+    try:
+        for m in mods:
+            m.launch = recorder
+        fn()
+    finally:
+        for m in mods:
+            m.launch = original
+    return recorded
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Case matrix (real shapes, meta device)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    op: str
+    dtype: torch.dtype
+    shape: str
+    run: Callable[[], None]
+
+
+def _t(*shape, dtype, grad=True):
+    return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+
+
+def _contrastive(B, N, D, dtype, extra):
+    def run():
+        from . import contrastive_row_loss
+        a, c = _t(B, D, dtype=dtype), _t(N, D, dtype=dtype)
+        targets = torch.empty(B, dtype=torch.long, device="meta")
+        e = _t(B, dtype=torch.float32) if extra else None
+        scale = _t((), dtype=torch.float32)
+        contrastive_row_loss(a, c, scale, targets, e).sum().backward()
+    return run
+
+
+def _grouped(B, K, D, dtype, loss):
+    def run():
+        from . import grouped_contrast_row_loss, grouped_scores
+        a, p, n = _t(B, D, dtype=dtype), _t(B, D, dtype=dtype), _t(B, K, D, dtype=dtype)
+        scale = _t((), dtype=torch.float32)
+        if loss:
+            grouped_contrast_row_loss(a, p, n, scale).sum().backward()
+        else:
+            pos, neg = grouped_scores(a, p, n, scale)
+            (pos.sum() + neg.sum()).backward()
+    return run
+
+
+def _xattn(B, P, L, D, dtype, xac):
+    def run():
+        from . import concept_attention_pool, xac_loss_sum
+        u, c = _t(B, L, D, dtype=dtype), _t(P, D, dtype=dtype)
+        if xac:
+            owner = torch.empty(P, dtype=torch.long, device="meta")
+            xac_loss_sum(u, c, owner, _t((), dtype=torch.float32), _t((), dtype=torch.float32)).backward()
+        else:
+            concept_attention_pool(u, c).sum().backward()
+    return run
+
+
+def cases(full: bool) -> List[Case]:
+    """Reduced (CI): bf16, target rows. Full: D ∈ {512, 768, 1024} (contrastive/grouped), D ∈ {512, 768} ×
+    L ∈ {50, 196, 257, 577} (XAC/pooling), bf16 + fp16 + fp32."""
+    dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
+    dims = (512, 768, 1024) if full else (768,)
+    x_dims = (512, 768) if full else (768,)
+    lengths = (50, 196, 257, 577) if full else (196, 577)
+    out: List[Case] = []
+    for dt in dtypes:
+        for D in dims:
+            for extra in (False, True):
+                out.append(Case("contrastive_row_loss" + ("+extra" if extra else ""), dt,
+                                f"M=32768 N=163840 D={D}", _contrastive(32768, 163840, D, dt, extra)))
+            out.append(Case("grouped_scores", dt, f"B=32768 K=4 D={D}", _grouped(32768, 4, D, dt, False)))
+            out.append(Case("grouped_contrast_row_loss", dt, f"B=32768 K=4 D={D}", _grouped(32768, 4, D, dt, True)))
+        for D in x_dims:
+            for L in lengths:
+                out.append(Case("concept_attention_pool", dt, f"B=768 P=2304 L={L} D={D}",
+                                _xattn(768, 2304, L, D, dt, False)))
+                out.append(Case("xac_loss_sum", dt, f"B=768 P=2304 L={L} D={D}", _xattn(768, 2304, L, D, dt, True)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Specialise and compile
+# --------------------------------------------------------------------------------------------------------------
+def _jit_fn(kernel):
+    from triton.runtime.jit import JITFunction
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError(f"{kernel!r} is not a JITFunction (is TRITON_INTERPRET=1 set? the gate needs it unset)")
+    return kernel
+
+
+def specialise(launch: Launch, cc: int):
+    """(fn, signature, constexprs, attrs, options) exactly as Triton's launcher builds them for this target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = _jit_fn(launch.kernel)
+    backend = make_backend(GPUTarget("cuda", cc, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.meta)
+    kwargs.setdefault("debug", False)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return fn, signature, constexprs, attrs, options
+
+
+def _ptxas() -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "static_smem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def ptxas_info(ptx: str, cc: int) -> Dict[str, int]:
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_ptxas(), "-v", "--gpu-name", arch, src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    if res.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    info = {}
+    for key, rx in _PTXAS_RE.items():
+        vals = [int(v) for v in rx.findall(text)]
+        info[key] = max(vals) if vals else 0
+    return info
+
+
+def dot_report(ttgir: str) -> Tuple[int, int, str]:
+    """(16-bit dots, of which on tensor cores, instruction kind) from TTGIR."""
+    mma_aliases = {m.group(1) for m in re.finditer(r"^(#\w+) = #ttg\.nvidia_mma<", ttgir, re.M)}
+    n16 = tc = 0
+    kinds = set()
+    for line in ttgir.splitlines():
+        if "tt.dot " not in line and "warp_group_dot " not in line:
+            continue
+        operands = line.split(":", 1)[-1].split("->")[0]
+        if "xbf16" not in operands and "xf16" not in operands:
+            continue
+        n16 += 1
+        if "warp_group_dot" in line:
+            tc += 1
+            kinds.add("wgmma")
+        elif any(a + ">" in line.split("->")[-1] or a + "," in line.split("->")[-1] for a in mma_aliases):
+            tc += 1
+            kinds.add("mma")
+    return n16, tc, "+".join(sorted(kinds)) or "-"
+
+
+@dataclass
+class Row:
+    op: str
+    dtype: str
+    shape: str
+    kernel: str
+    arch: int
+    num_warps: int = 0
+    constexprs: str = ""
+    shared: int = 0
+    smem_limit: int = 0
+    registers: int = 0
+    spill: int = 0
+    dots16: int = 0
+    dots_tc: int = 0
+    dot_kind: str = "-"
+    error: str = ""
+    failures: List[str] = field(default_factory=list)
+
+
+_compiled: Dict[str, dict] = {}
+
+
+def compile_launch(launch: Launch, cc: int) -> dict:
+    import triton
+    from triton.compiler import ASTSource
+    fn, signature, constexprs, attrs, options = specialise(launch, cc)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    key = hashlib.sha256(f"{cc}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
+    if key in _compiled:
+        return _compiled[key]
+    # Disk cache keyed by the kernel's source hash (fn.cache_key, which covers the jit functions it calls), the
+    # signature, constexprs, attrs, options and arch: a rerun skips both triton.compile and ptxas.
+    cache_file = os.path.join(_cache_dir(), key + ".json")
+    if os.path.exists(cache_file):
+        with open(cache_file) as f:
+            _compiled[key] = json.load(f)
+        return _compiled[key]
+    from triton.backends.compiler import GPUTarget
+    shown = {fn.arg_names[k[0]]: v for k, v in constexprs.items()
+             if fn.arg_names[k[0]].isupper() and not str(fn.arg_names[k[0]]).startswith("DOT")}
+    try:
+        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options.__dict__)
+        info = ptxas_info(ck.asm["ptx"], cc)
+        n16, tc, kind = dot_report(ck.asm["ttgir"])
+        out = dict(num_warps=options.num_warps, shared=max(int(ck.metadata.shared), info["static_smem"]),
+                   registers=info["registers"], spill=info["spill_stores"] + info["spill_loads"],
+                   dots16=n16, dots_tc=tc, dot_kind=kind, error="")
+    except Exception as exc:  # a compile error is a gate failure, reported in the row
+        out = dict(num_warps=options.num_warps, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                   if str(exc) else type(exc).__name__)
+    out["constexprs"] = " ".join(f"{k}={getattr(v, 'value', v)}" for k, v in shown.items()
+                                 if not isinstance(getattr(v, "value", v), bool) or True)
+    _compiled[key] = out
+    if not out.get("error"):  # errors are recomputed (they may come from the environment)
+        tmp = cache_file + f".{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, cache_file)
+    return out
+
+
+def _cache_dir() -> str:
+    from triton import knobs
+    root = os.environ.get("COMPCLIP_AOT_CACHE") or os.path.join(knobs.cache.dir, "compclip-aot")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def evaluate(row: Row) -> Row:
+    if row.error:
+        row.failures.append("compile error")
+        return row
+    if row.shared > row.smem_limit:
+        row.failures.append(f"smem {row.shared} > {row.smem_limit}")
+    if row.spill and row.dtype in ("bfloat16", "float16"):
+        row.failures.append(f"spills {row.spill} B")
+    if row.dots_tc < row.dots16:
+        row.failures.append(f"{row.dots16 - row.dots_tc} 16-bit dot(s) without tensor cores")
+    return row
+
+
+def run_gate(full: bool = False, archs=ARCHS, log=print) -> List[Row]:
+    rows: List[Row] = []
+    for case in cases(full):
+        launches = record(case.run)
+        seen = set()
+        for ln in launches:
+            name = ln.kernel.__name__ if hasattr(ln.kernel, "__name__") else str(ln.kernel)
+            for cc in archs:
+                res = compile_launch(ln, cc)
+                row = Row(case.op, str(case.dtype).replace("torch.", ""), case.shape, name, cc,
+                          smem_limit=SMEM_LIMIT[cc], **res)
+                k = (name, cc, row.constexprs, row.num_warps)
+                if k in seen:
+                    continue
+                seen.add(k)
+                rows.append(evaluate(row))
+                if log:
+                    log(format_row(rows[-1]))
+    return rows
+
+
+COLUMNS = ("op", "dtype", "shape", "kernel", "arch", "num_warps", "shared", "smem_limit", "registers", "spill",
+           "dots16", "dots_tc", "dot_kind", "constexprs", "failures")
+
+
+def format_row(r: Row) -> str:
+    status = "FAIL " + "; ".join(r.failures) if r.failures else "ok"
+    return (f"sm_{r.arch} {r.op:26s} {r.dtype:8s} {r.shape:28s} {r.kernel:34s} w={r.num_warps} "
+            f"smem={r.shared:>7d}/{r.smem_limit} regs={r.registers:>3d} spill={r.spill:>5d} "
+            f"dots16={r.dots_tc}/{r.dots16} {r.dot_kind:5s} {status}" + (f" [{r.error}]" if r.error else ""))
+
+
+def markdown(rows: List[Row]) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    body = ""
+    for r in rows:
+        d = asdict(r)
+        d["failures"] = "; ".join(r.failures) or "ok"
+        d["arch"] = f"sm_{r.arch}"
+        body += "| " + " | ".join(str(d[c]) for c in COLUMNS) + " |\n"
+    return head + body
+
+
+def summary(rows: List[Row]) -> str:
+    bad = [r for r in rows if r.failures]
+    return f"{len(rows)} rows, {len(bad)} failing"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compclip.kernels.aot", description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="every D, L and dtype (default: reduced CI set)")
+    ap.add_argument("--arch", type=int, action="append", choices=ARCHS, help="compute capability (repeatable)")
+    ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--md", help="write the rows as a Markdown table")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("aot: TRITON_INTERPRET=1 is set; the gate needs compiled (not interpreted) kernels", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    rows = run_gate(args.full, tuple(args.arch or ARCHS), log=None if args.quiet else print)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows))
+    bad = [r for r in rows if r.failures]
+    for r in bad:
+        print("FAILED:", format_row(r))
+    print(f"aot gate: {summary(rows)} ({time.time() - t0:.1f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

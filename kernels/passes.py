@@ -1,0 +1,124 @@
+"""Pass counter: the FLOPs of every ``tl.dot`` the kernels execute, counted under Triton's interpreter
+(project issue #10, item 5).
+
+``python -m compclip.kernels.passes [--json out.json]`` (re-executes itself with TRITON_INTERPRET=1).
+
+How: ``InterpreterBuilder.create_dot`` (the interpreter's implementation of every tl.dot) is wrapped to add
+2·M·N·K (times any batch dimensions) per call, for the operands it is actually given, so masked/padded tile
+lanes count too: this is executed work, not useful work. Each public op runs forward, then backward, at a
+moderate shape whose extents are multiples of the default blocks (so padding adds nothing) and the counts are
+divided by the op's GEMM: contrastive 2·M·N·D per direction (one call of ``contrastive_row_loss`` is one
+direction), XAC and pooling 2·B·P·L·D; grouped (no tl.dot: its scores are row dot products) by 2·B·(K+1)·D.
+Budgets (SPEC): contrastive ≤ 5 per direction (forward + backward, deterministic), XAC ≤ 8.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+
+BUDGETS = {"contrastive_row_loss": 5.0, "xac_loss_sum": 8.0}
+
+
+class DotCounter:
+    flops: int = 0
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def count_dots() -> Iterator[DotCounter]:
+    """Count the FLOPs of every interpreted tl.dot inside the block (needs TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+    original = InterpreterBuilder.create_dot
+    counter = DotCounter()
+
+    def counted(self, a, b, d, *args, **kwargs):
+        *batch, m, k = a.data.shape
+        n = b.data.shape[-1]
+        counter.flops += 2 * int(np.prod(batch, dtype=np.int64)) * m * n * k
+        counter.calls += 1
+        return original(self, a, b, d, *args, **kwargs)
+
+    InterpreterBuilder.create_dot = counted
+    try:
+        yield counter
+    finally:
+        InterpreterBuilder.create_dot = original
+
+
+def _fwd_bwd(op_name: str, make, gemm_flops: float) -> Dict[str, float]:
+    import torch
+    with count_dots() as fwd:
+        out = make()
+    weights = torch.randn(out.shape)
+    with count_dots() as bwd:
+        (out * weights).sum().backward()
+    return dict(op=op_name, forward=fwd.flops / gemm_flops, backward=bwd.flops / gemm_flops,
+                total=(fwd.flops + bwd.flops) / gemm_flops, forward_dots=fwd.calls, backward_dots=bwd.calls,
+                gemm_flops=gemm_flops, budget=BUDGETS.get(op_name))
+
+
+def measure() -> List[Dict[str, float]]:
+    """Passes per op at moderate, block-aligned shapes (float32 inputs, as the interpreter multiplies)."""
+    import torch
+    import torch.nn.functional as F
+    from . import (concept_attention_pool, contrastive_row_loss, grouped_contrast_row_loss, grouped_scores,
+                   xac_loss_sum)
+    torch.manual_seed(0)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape), dim=-1).requires_grad_()
+
+    scale = torch.tensor(10.0, requires_grad=True)
+    M, N, D = 128, 128, 256
+    rows = [_fwd_bwd("contrastive_row_loss",
+                     lambda: contrastive_row_loss(unit(M, D), unit(N, D), scale, torch.arange(M)), 2 * M * N * D)]
+    B, K = 64, 4
+    rows.append(_fwd_bwd("grouped_scores", lambda: torch.cat(
+        [t.reshape(B, -1) for t in grouped_scores(unit(B, D), unit(B, D), unit(B, K, D), scale)], 1),
+        2 * B * (K + 1) * D))
+    rows.append(_fwd_bwd("grouped_contrast_row_loss",
+                         lambda: grouped_contrast_row_loss(unit(B, D), unit(B, D), unit(B, K, D), scale),
+                         2 * B * (K + 1) * D))
+    Bi, P, L = 4, 64, 64
+    owner = torch.arange(P) % Bi
+    rows.append(_fwd_bwd("xac_loss_sum", lambda: xac_loss_sum(unit(Bi, L, D), unit(P, D), owner, scale,
+                                                              torch.tensor(-1.0)), 2 * Bi * P * L * D))
+    rows.append(_fwd_bwd("concept_attention_pool", lambda: concept_attention_pool(unit(Bi, L, D), unit(P, D)),
+                         2 * Bi * P * L * D))
+    return rows
+
+
+def markdown(rows) -> str:
+    out = "| op | forward | backward | total | budget | tl.dot calls (fwd/bwd) |\n|---|---|---|---|---|---|\n"
+    for r in rows:
+        budget = "-" if r["budget"] is None else f"≤ {r['budget']:g}"
+        out += (f"| {r['op']} | {r['forward']:.2f} | {r['backward']:.2f} | {r['total']:.2f} | {budget} | "
+                f"{r['forward_dots']}/{r['backward_dots']} |\n")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compclip.kernels.passes", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the rows as JSON")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # The kernels are decorated when compclip.kernels is imported: the interpreter must be on before that.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.call([sys.executable, "-m", "compclip.kernels.passes", *(argv or sys.argv[1:])], env=env)
+    rows = measure()
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
