@@ -79,6 +79,19 @@ def needs_grad(ctx, index: int) -> bool:
     return bool(ctx.needs_input_grad[index])
 
 
+# The compute capability (x10) that launchers tune their tiles for when the tensors are not on a GPU: the
+# interpreter and the ahead-of-time gate (compclip.kernels.aot sets it per target architecture).
+_TARGET_ARCH = {"cc": 90}
+
+
+def device_arch(tensor: torch.Tensor) -> int:
+    """Compute capability x10 of ``tensor``'s GPU, or the AOT/interpreter target (default 90) off the GPU."""
+    if tensor.is_cuda:
+        major, minor = torch.cuda.get_device_capability(tensor.device)
+        return 10 * major + minor
+    return _TARGET_ARCH["cc"]
+
+
 def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``, skipped for an empty grid (a zero-size input)."""
     if all(g > 0 for g in grid):

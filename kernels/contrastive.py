@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._common import (Scalar, block_size, contiguous, dot_config, launch, needs_grad,
+from ._common import (device_arch, Scalar, block_size, contiguous, dot_config, launch, needs_grad,
                       scalar_arg, scalar_grad)
 
 
@@ -500,10 +500,6 @@ def contrastive_row_loss(
     N = columns.shape[0] + (extra_columns.shape[0] if extra_columns is not None else 0)
     if N == 0 and extra_logits is None:
         raise ValueError("contrastive_row_loss needs at least one column or an extra logit per row")
-    arch = 90
-    if anchors.is_cuda:
-        major, minor = torch.cuda.get_device_capability(anchors.device)
-        arch = 10 * major + minor
-    blocks = _blocks(M, N, D, block_m, block_n, block_d, block_do, deterministic, arch)
+    blocks = _blocks(M, N, D, block_m, block_n, block_d, block_do, deterministic, device_arch(anchors))
     return ContrastiveRowLoss.apply(anchors, columns, extra_columns, logit_scale, targets, extra_logits, blocks,
                                     deterministic)

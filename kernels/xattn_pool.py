@@ -40,15 +40,17 @@ then w slice by slice for ‖w‖², ⟨w, c⟩ (and h, e in the backward).
   ``d concepts`` — grid concept blocks × output D slices; loops over images; accumulates ∂R U (+ γ W / n) into
   [BLOCK_P, BLOCK_DO]. Each output D slice recomputes the statistics (r, w, h; pooling also e): 3·nDO + 3 and
   3·nDO + 1 passes (pooling 4·nDO + 3, 4·nDO + 1), the price of a bounded on-chip accumulator for any D.
-* totals (XAC): 6·nDO + 6, i.e. 24 at D = 768 with BLOCK_DO = 256 (L ≤ 128) and 78 with BLOCK_DO = 64 (L > 128,
-  the default that keeps the d-tokens kernel inside sm_80's shared memory). SPEC's budget is 8: not met; the
-  per-pair statistics are recomputed for every D slice (issue #10).
+* totals (XAC): 6·nDO + 6, i.e. 24 at D = 768 with BLOCK_DO = 256 (L ≤ 128) and 150 with BLOCK_DO = 32 (L > 128,
+  the default with which both backward kernels compile without spills on sm_80 and sm_90 at L = 196, D = 768,
+  per ``python -m compclip.kernels.aot``). The budget (docs/kernels.md) is 8: not met; the per-pair statistics are
+  recomputed for every D slice. A redesign (L tiles with an online softmax, statistics kept across D slices) is
+  still open.
 
 Extra memory: O(B·⌈P/BLOCK_P⌉) floats; [B, P, D] is never materialised by XAC.
 
 Limits. L is held in one tile (BLOCK_L = next_pow2(L) ≥ 16); shared memory and registers grow with it. Measured
 with ptxas (bf16, 8 warps, default blocks, D ∈ {512, 768}): L ≤ 256 fits the shared memory of sm_80 and sm_90
-but spills registers (≈ 0.1–0.7 KB/thread in the backward); L in (256, 512] fits both with 1.7–6 KB/thread of
+(without spills since BLOCK_DO = 32 for L > 128; with BLOCK_DO = 64 the backward spilled ≈ 0.1–0.7 KB/thread); L in (256, 512] fits both with 1.7–6 KB/thread of
 spills; L > 512 (BLOCK_L = 1024) needs 256 KB in the d-tokens kernel and does not launch on either. Concept
 blocks are 16–32 rows, so the 16-bit dots of the statistics run as mma.sync on sm_90 (wgmma only in d tokens).
 B ≤ 65,535 per call (images are grid axis 1).
@@ -291,10 +293,11 @@ def _meta(tokens, concepts, block_p, block_d, block_do) -> dict:
     block_l = block_size(None, L, 1 << 30)
     long_l = block_l > 128
     # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward and the d-tokens accumulator is
-    # [BLOCK_L, BLOCK_DO]: fewer concepts, thinner D slices for long L (keeps sm_80's shared memory at L ≤ 256).
+    # [BLOCK_L, BLOCK_DO]: fewer concepts, thinner D slices for long L (BLOCK_DO=32 is what compiles without
+    # spills on sm_80 and sm_90 at L=196, D=768 per the AOT gate; it costs 24 D slices, see the pass table).
     return dict(BLOCK_P=block_size(block_p, P, 16 if long_l else 32), BLOCK_L=block_l,
                 BLOCK_D=block_size(block_d, D, 32 if long_l else 64),
-                BLOCK_DO=block_size(block_do, D, 64 if long_l else 256),
+                BLOCK_DO=block_size(block_do, D, 32 if long_l else 256),
                 DOT_DTYPE=dot_dtype, PRECISION=precision)
 
 
