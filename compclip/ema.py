@@ -39,18 +39,11 @@ class EMATeacher:
         teacher = build().float()
         teacher.requires_grad_(False)
         if self.partitioned:
-            import deepspeed
+            from compclip.engine import zero3_inference_engine
 
             if zero3_config is None:
                 raise ValueError("EMATeacher: a ZeRO-3 student needs the ZeRO-3 config for its teacher")
-            config = {k: v for k, v in zero3_config.items()
-                      if k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps")}
-            # Nothing may stay gathered between forwards: ZeRO-3 keeps small ("persistent") parameters
-            # materialised after its first traced step and never re-reads their shard, so the shard-local EMA
-            # updates would not reach the teacher's forward.
-            config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                           "stage3_model_persistence_threshold": 0}
-            engine, *_ = deepspeed.initialize(model=teacher, config=config)
+            engine = zero3_inference_engine(teacher, zero3_config)
             self.engine = engine
             self.module = engine.module
         else:
@@ -76,12 +69,9 @@ class EMATeacher:
         values = []
         for teacher_param, student_param in self._pairs:
             if self.partitioned:
-                from deepspeed.utils import safe_get_local_fp32_param
+                from compclip.engine import local_fp32_master
 
-                # The fp32 master shard, not the (possibly bf16) compute shard.
-                master = None
-                if getattr(student_param, "_z3_optimizer", None) is not None:
-                    master = safe_get_local_fp32_param(student_param)
+                master = local_fp32_master(student_param)  # not the (possibly bf16) compute shard
                 values.append((master if master is not None else student_param.ds_tensor).detach().reshape(-1))
             else:
                 values.append(student_param.detach())
@@ -146,11 +136,11 @@ class EMATeacher:
         """Full fp32 teacher weights (a collective under ZeRO-3: call on every rank)."""
         if not self.partitioned:
             return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
-        import deepspeed
+        from compclip.engine import gathered
 
         out = {}
         for name, param in self.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
+            with gathered([param]):
                 out[name] = param.detach().cpu().clone()
         return out
 
