@@ -111,6 +111,25 @@ class ResumePoint:
             self.rng = None
 
 
+def epoch_batches(loader, epoch: int, start: int, point: Optional[ResumePoint]):
+    """(index, batch) from micro-batch `start` of `epoch` (the loader is at the epoch's start when `start` = 0).
+
+    A resumed run's first epoch starts at the first micro-batch not yet trained on: the ones before it are neither
+    loaded nor decoded, the rest come in the straight run's order with its negative draws, and the generators are
+    restored where the straight run had them: before the loader's iterator when the save was at an epoch end (the
+    straight run drew nothing since, not even the loader's seed), after it otherwise (the save followed the last
+    finished step, i.e. the loading of this batch's predecessors; an augmentation drawing from the global
+    generator then draws as in the straight run)."""
+    if point is not None and start > 0:
+        loader.load_state_dict(point.loader_position(epoch, start))
+    elif point is not None:
+        point.restore_rng()
+    batches = iter(loader)  # draws the DataLoader's base seed, as at the straight run's epoch start
+    if point is not None:
+        point.restore_rng()
+    return enumerate(batches, start=start)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The checkpointer
 

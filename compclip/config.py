@@ -15,6 +15,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -363,16 +364,45 @@ def parse_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]], O
     return configs, overrides, local_rank
 
 
+# The method YAMLs ship with the package as `compclip/configs/` (setup.py maps it to the repository's top-level
+# `configs/`); in a source checkout (editable install, or `python compclip/train.py` before installing) they are
+# that top-level folder.
+BUNDLED_CONFIG_DIRS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs")
+
+
+def bundled_configs() -> List[str]:
+    """Names `--config` accepts besides paths: `degla`, `tiny`, `tiny/c2lip`, ..."""
+    for root in BUNDLED_CONFIG_DIRS:
+        if root.is_dir():
+            return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return []
+
+
+def config_path(name: str) -> str:
+    """`--config` value -> YAML file: an existing path as given, else a bundled name (`degla`, `tiny/c2lip`,
+    with or without `.yaml`). An unknown name is returned as is (the caller reports the missing file)."""
+    if os.path.exists(name):
+        return name
+    stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    for root in BUNDLED_CONFIG_DIRS:
+        candidate = root / f"{stem}.yaml"
+        if candidate.is_file():
+            return str(candidate)
+    return name
+
+
 def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """TrainConfig from defaults < `base` < YAML files < command-line overrides."""
     configs, overrides, _ = parse_args(argv)
     merged: Dict[str, Any] = dict(base or {})
-    for path in configs:
+    for name in configs:
+        path = config_path(name)
         try:
             with open(path, encoding="utf-8") as fh:
                 loaded = yaml.safe_load(fh) or {}
         except FileNotFoundError:
-            raise ConfigError(f"--config {path}: no such file") from None
+            raise ConfigError(f"--config {name}: no such file, nor a bundled config "
+                              f"({', '.join(bundled_configs())})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

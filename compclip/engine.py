@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -26,6 +27,8 @@ import torch.nn as nn
 
 from compclip.config import ConfigError, TrainConfig, _merge
 from compclip.distributed import free_port
+
+logger = logging.getLogger("compclip")
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,6 +86,15 @@ def init_distributed(cfg: TrainConfig) -> Tuple[int, int, torch.device]:
 
 # --------------------------------------------------------------------------------------------------------------
 # The DeepSpeed config
+
+
+def run_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
+    """`apply_global_batch`, then `deepspeed_config` with a warning per value an explicit file changed."""
+    apply_global_batch(cfg, world_size)
+    config, differences = deepspeed_config(cfg, world_size)
+    for line in differences:
+        logger.warning("deepspeed config: %s", line)
+    return config
 
 
 def apply_global_batch(cfg: TrainConfig, world_size: int) -> None:

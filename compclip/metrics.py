@@ -77,9 +77,35 @@ class Metrics:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
 
+    def log_step(self, step: int, total: int, epoch: int, values: Dict[str, Any]) -> None:
+        """A training step's record: metrics.jsonl / tensorboard and one log line."""
+        self.write(step, values)
+        logger.info("step %d/%d epoch %d %s", step, total, epoch,
+                    " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Progress:
+    """A tqdm bar of optimizer steps on stderr (rank 0 with log.progress; otherwise nothing)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, loss: float, epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def headline(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:

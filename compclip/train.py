@@ -30,9 +30,11 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 from compclip import engine as ds  # noqa: E402
-from compclip.checkpoint import Checkpointer, ResumePoint, resolve_run_dir, seed_everything  # noqa: E402
+from compclip.checkpoint import (Checkpointer, ResumePoint, epoch_batches, resolve_run_dir,  # noqa: E402
+                                 seed_everything)
 from compclip.config import ConfigError, TrainConfig, dump_yaml, load_config, resolve_data, to_dict  # noqa: E402
-from compclip.metrics import Metrics, evaluate_model, final_report, peak_memory_mb, setup_logging  # noqa: E402
+from compclip.metrics import (Metrics, Progress, evaluate_model, final_report, peak_memory_mb,  # noqa: E402
+                              setup_logging)
 
 logger = logging.getLogger("compclip")
 
@@ -71,10 +73,7 @@ class Trainer:
         setup_logging(self.run_dir, self.rank)
         logger.info("run folder %s (%d rank%s, device %s, %d threads)", self.run_dir, self.world,
                     "s" * (self.world > 1), self.device, torch.get_num_threads())
-        ds.apply_global_batch(cfg, self.world)
-        self.ds_config, differences = ds.deepspeed_config(cfg, self.world)
-        for line in differences:
-            logger.warning("deepspeed config: %s", line)
+        self.ds_config = ds.run_config(cfg, self.world)  # resolves global_batch_size into data.batch_size
         world_paths = resolve_data(cfg)  # data before model: a missing file or an empty manifest fails fast
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -200,24 +199,12 @@ class Trainer:
         return StepOutput(loss, parts, features, boundary, batch["images"].shape[0] * self.world)
 
     def _epoch_batches(self):
-        """(index, batch) of the current epoch. A resumed run's first epoch starts at the first micro-batch not
-        yet trained on: the ones before it are neither loaded nor decoded, the rest come in the straight run's
-        order with its negative draws, and the generators are restored where the straight run had them."""
         point, self.resume_point = self.resume_point, None
-        if point is not None and self.micro_in_epoch > 0:
-            self.loader.load_state_dict(point.loader_position(self.epoch, self.micro_in_epoch))
-        else:
+        if point is None or self.micro_in_epoch == 0:
             self.loader.sampler.set_epoch(self.epoch)
             self.method.on_epoch_start(self.epoch)
             self.micro_in_epoch = 0
-            if point is not None:  # saved at an epoch end: the straight run drew nothing since, not even the seed
-                point.restore_rng()
-        batches = iter(self.loader)  # draws the DataLoader's base seed, as at the straight run's epoch start
-        if point is not None:
-            # Saved after the last finished step, i.e. after this batch's predecessors were loaded: restored
-            # before it is loaded, so an augmentation drawing from the global generator draws as straight.
-            point.restore_rng()
-        return enumerate(batches, start=self.micro_in_epoch)
+        return epoch_batches(self.loader, self.epoch, self.micro_in_epoch, point)
 
     def _log(self, step: StepOutput, samples: int, elapsed: float) -> None:
         features = step.features
@@ -228,19 +215,13 @@ class Trainer:
                   **self.method.log_values()}
         if features.logit_bias is not None:
             values["logit_bias"] = float(features.logit_bias.detach())
-        self.metrics.write(self.global_step, values)
-        logger.info("step %d/%d epoch %d %s", self.global_step, self.total_steps, self.epoch,
-                    " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+        self.metrics.log_step(self.global_step, self.total_steps, self.epoch, values)
 
     def train(self) -> Dict[str, Any]:
         from compclip.kernels.dispatch import resolved_backends
 
-        cfg, progress, last = self.cfg, None, {}
-        if self.rank == 0 and cfg.log.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
-                            file=sys.stderr)
+        cfg, last = self.cfg, {}
+        progress = Progress(self.rank == 0 and cfg.log.progress, self.total_steps, self.global_step)
         self.engine.train()
         samples, window_start, logged_backends = 0, time.time(), False
         while self.global_step < self.total_steps and self.epoch < cfg.optim.epochs:
@@ -256,9 +237,7 @@ class Trainer:
                 self.global_step += 1
                 last = {"loss": float(step.loss.detach()), **{f"loss/{k}": float(v.detach())
                                                                for k, v in step.parts.items()}}
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{last['loss']:.4f}", epoch=self.epoch)
+                progress.update(last["loss"], self.epoch)
                 if self.global_step in (1, self.total_steps) or self.global_step % cfg.log.every_n_steps == 0:
                     self._log(step, samples, time.time() - window_start)
                     samples, window_start = 0, time.time()
@@ -270,8 +249,7 @@ class Trainer:
                 self.epoch, self.micro_in_epoch = self.epoch + 1, 0
                 self._epoch_end(f"epoch_{self.epoch}", self.epoch, cfg.eval.due(self.epoch))
                 self._save()
-        if progress is not None:
-            progress.close()
+        progress.close()
         if self.exported_at != self.global_step:  # stopped mid-epoch (max_steps): what there is, as this epoch
             self._epoch_end(f"step_{self.global_step}", self.epoch + 1, cfg.eval.enabled())
         if self.saved_at != self.global_step:
@@ -315,6 +293,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if owns_process_group:
         torch.distributed.destroy_process_group()
     return result
+
+
+def cli() -> None:
+    """`compclip-train`: main() without its result as the exit status (a dict there would exit 1)."""
+    main()
 
 
 if __name__ == "__main__":
