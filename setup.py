@@ -8,6 +8,7 @@ PACKAGES = [
     "compclip.methods",
     "compclip.data",
     "compclip.evaluation",
+    "compclip.configs",
 ]
 
 setup(
@@ -20,8 +21,10 @@ setup(
     packages=PACKAGES,
     # `kernels/` lives at the top level of the repository but installs as `compclip.kernels`, so the project
     # never claims the top-level import name `kernels` (Hugging Face ships a package of that name).
-    package_dir={"compclip": "compclip", "compclip.kernels": "kernels"},
-    package_data={"compclip": ["model_configs/*.json", "configs/*.yaml"]},
+    # Likewise the method YAMLs stay in the top-level `configs/` and install as `compclip/configs/`, so after a
+    # plain `pip install` `--config degla` finds them (compclip.config.config_path).
+    package_dir={"compclip": "compclip", "compclip.kernels": "kernels", "compclip.configs": "configs"},
+    package_data={"compclip": ["model_configs/*.json"], "compclip.configs": ["*.yaml", "tiny/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -51,7 +54,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "compclip-train=compclip.train:main",
+            "compclip-train=compclip.train:cli",
             "compclip-eval=compclip.evaluation.__main__:main",
             "compclip-prepare=compclip.data.prepare:main",
         ]

@@ -1,4 +1,5 @@
-"""The training configuration: nested dataclasses, YAML files, command-line overrides, the DeepSpeed config.
+"""The training configuration: nested dataclasses, YAML files, command-line overrides (the DeepSpeed config
+generated from it is `compclip.engine.deepspeed_config`).
 
 Precedence: command line > YAML (``--config``, may be given several times; later files overlay earlier ones) >
 dataclass defaults. Every key is checked: an unknown key or a value of the wrong type is a ``ConfigError`` that
@@ -11,15 +12,17 @@ Mapping fields also take one key at a time: ``--loss.terms.igc=0.1``.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from compclip.data import DataConfig
 from compclip.evaluation import EvalConfig
+from compclip.fields import field_docstrings
 
 
 class ConfigError(ValueError):
@@ -361,16 +364,45 @@ def parse_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]], O
     return configs, overrides, local_rank
 
 
+# The method YAMLs ship with the package as `compclip/configs/` (setup.py maps it to the repository's top-level
+# `configs/`); in a source checkout (editable install, or `python compclip/train.py` before installing) they are
+# that top-level folder.
+BUNDLED_CONFIG_DIRS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs")
+
+
+def bundled_configs() -> List[str]:
+    """Names `--config` accepts besides paths: `degla`, `tiny`, `tiny/c2lip`, ..."""
+    for root in BUNDLED_CONFIG_DIRS:
+        if root.is_dir():
+            return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return []
+
+
+def config_path(name: str) -> str:
+    """`--config` value -> YAML file: an existing path as given, else a bundled name (`degla`, `tiny/c2lip`,
+    with or without `.yaml`). An unknown name is returned as is (the caller reports the missing file)."""
+    if os.path.exists(name):
+        return name
+    stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    for root in BUNDLED_CONFIG_DIRS:
+        candidate = root / f"{stem}.yaml"
+        if candidate.is_file():
+            return str(candidate)
+    return name
+
+
 def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """TrainConfig from defaults < `base` < YAML files < command-line overrides."""
     configs, overrides, _ = parse_args(argv)
     merged: Dict[str, Any] = dict(base or {})
-    for path in configs:
+    for name in configs:
+        path = config_path(name)
         try:
             with open(path, encoding="utf-8") as fh:
                 loaded = yaml.safe_load(fh) or {}
         except FileNotFoundError:
-            raise ConfigError(f"--config {path}: no such file") from None
+            raise ConfigError(f"--config {name}: no such file, nor a bundled config "
+                              f"({', '.join(bundled_configs())})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
@@ -436,20 +468,7 @@ def validate(cfg: TrainConfig) -> None:
 def field_docs(cls=TrainConfig, prefix: str = "", values=None) -> List[Tuple[str, str, Any, str]]:
     """(dotted key, type, default, docstring) of every field, docstrings read from the source (attribute
     docstrings are not kept at run time)."""
-    import ast
-    import inspect
-    import textwrap
-
-    docs: Dict[str, str] = {}
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body
-        for node, following in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(following.value.value).split())
-    except (OSError, TypeError, SyntaxError):
-        pass
+    docs = field_docstrings(cls)
     hints = _hints(cls)
     values = cls() if values is None else values
     rows = []
@@ -475,106 +494,26 @@ def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# DeepSpeed config
+def resolve_data(cfg: TrainConfig) -> Optional[dict]:
+    """Format the synthetic world's folder; generate it (locked, so every rank may call); return its paths.
+    With `eval_synthetic` and no benchmark configured, the world's held-out sets become the evaluation."""
+    world = cfg.data.synthetic
+    if "{" in world.root:
+        world.root = world.root.format(seed=world.seed, num_train=world.num_train, num_val=world.num_val,
+                                       image_size=world.image_size)
+    if cfg.data.train_manifest:
+        if not os.path.exists(cfg.data.train_manifest.split("::")[0]) and "{" not in cfg.data.train_manifest:
+            raise FileNotFoundError(f"data.train_manifest: no such file {cfg.data.train_manifest}")
+        return None
+    from compclip.data.synthetic import generate_world
 
-
-def apply_global_batch(cfg: TrainConfig, world_size: int) -> None:
-    """Resolve `global_batch_size` into the per-rank micro-batch `data.batch_size`."""
-    if cfg.global_batch_size <= 0:
-        return
-    per_step = world_size * cfg.optim.grad_accumulation
-    if cfg.global_batch_size % per_step:
-        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by world size {world_size} "
-                          f"x optim.grad_accumulation {cfg.optim.grad_accumulation}")
-    cfg.data.batch_size = cfg.global_batch_size // per_step
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> Tuple[Dict[str, Any], List[str]]:
-    """The DeepSpeed config for `cfg`, and the list of differences an explicit config file made.
-
-    The optimizer and the schedule are built by the trainer (torch AdamW with open_clip's parameter groups and a
-    LambdaLR) and handed to deepspeed.initialize, so no `optimizer`/`scheduler` section is generated; a file that
-    has one is reported and that section is honoured by DeepSpeed instead of ours.
-    """
-    micro = cfg.data.batch_size
-    accumulation = cfg.optim.grad_accumulation
-    ds: Dict[str, Any] = {
-        "train_batch_size": micro * accumulation * world_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "steps_per_print": 10 ** 9,  # our own logs carry the numbers
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
-        # A torch AdamW works with offload only when DeepSpeed is told not to insist on its CPUAdam.
-        "zero_force_ds_cpu_optimizer": False,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-    }
-    if cfg.deepspeed.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif cfg.deepspeed.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                      "min_loss_scale": 1}
-    zero = ds["zero_optimization"]
-    if cfg.deepspeed.zero_stage >= 1:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True})
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if cfg.deepspeed.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    if cfg.deepspeed.zero_stage == 3:
-        # Full fp32 weights are gathered by compclip for the export; DeepSpeed's 16-bit gather is not needed.
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-
-    differences: List[str] = []
-    if cfg.deepspeed.config_file:
-        try:
-            with open(cfg.deepspeed.config_file, encoding="utf-8") as fh:
-                explicit = json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file}: not valid JSON: {exc}") from None
-        differences = _differences(ds, explicit)
-        ds = _merge(ds, explicit)
-        # "auto" values are DeepSpeed/HF conventions for "fill in from the trainer": ours fill them.
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-            if ds.get(key) == "auto":
-                ds[key] = {"train_batch_size": micro * accumulation * world_size,
-                           "train_micro_batch_size_per_gpu": micro,
-                           "gradient_accumulation_steps": accumulation}[key]
-        batch = ds["train_batch_size"]
-        product = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
-        if batch != product:
-            raise ConfigError(
-                f"deepspeed config {cfg.deepspeed.config_file}: train_batch_size {batch} != micro batch "
-                f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} x "
-                f"world size {world_size} = {product}")
-        if ds["train_micro_batch_size_per_gpu"] != micro or ds["gradient_accumulation_steps"] != accumulation:
-            raise ConfigError(
-                f"deepspeed config {cfg.deepspeed.config_file} sets micro batch "
-                f"{ds['train_micro_batch_size_per_gpu']} / accumulation {ds['gradient_accumulation_steps']}, but "
-                f"the data loader uses data.batch_size={micro} / optim.grad_accumulation={accumulation}: set those "
-                "instead")
-    else:
-        batch = ds["train_batch_size"]
-        if batch != micro * accumulation * world_size:  # pragma: no cover - by construction
-            raise ConfigError("train_batch_size != micro x accumulation x world")
-    return ds, differences
-
-
-def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "") -> List[str]:
-    out = []
-    for key, value in theirs.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(ours.get(key), dict):
-            out.extend(_differences(ours[key], value, dotted + "."))
-        elif key not in ours:
-            out.append(f"{dotted}: set to {value!r} by the file (not generated by compclip)")
-        elif ours[key] != value:
-            out.append(f"{dotted}: file {value!r} overrides generated {ours[key]!r}")
-    return out
+    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size)
+    if not cfg.eval.enabled() and cfg.eval_synthetic:
+        cfg.eval.sugarcrepe = os.path.dirname(next(iter(paths["eval"].values())))
+        cfg.eval.sugarcrepe_subsets = list(paths["eval"])
+        cfg.eval.sugarcrepe_image_root, cfg.eval.retrieval = paths["eval_image_root"], paths["retrieval"]
+        cfg.eval.retrieval_image_root = paths["root"]
+    return paths
 
 
 def default_run_name(cfg: TrainConfig) -> str:

@@ -21,6 +21,7 @@ all_gather, skipped when the caller passes ``sizes``) and unequal shards are zer
 """
 from __future__ import annotations
 
+import socket
 from typing import List, Optional, Sequence
 
 import torch
@@ -31,7 +32,7 @@ __all__ = [
     "is_distributed",
     "get_rank",
     "get_world_size",
-    "is_main_process",
+    "free_port",
     "gather_sizes",
     "global_row_offset",
     "all_gather_with_grad",
@@ -61,8 +62,11 @@ def is_distributed(group=None) -> bool:
     return get_world_size(group) > 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
+def free_port() -> int:
+    """A TCP port free on this host now, for MASTER_PORT of a world set up here (tests, single-process runs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def barrier(group=None) -> None:

@@ -4,7 +4,7 @@ Design under DeepSpeed (SPEC §4: "under ZeRO-3 updated shard by shard with no c
 
 * ZeRO 0/1/2: every rank holds the full student parameters (the optimizer state is what is partitioned), so the
   teacher is a plain fp32 module on every rank. It follows the fp32 *master* weights, not the bf16 compute copy
-  (`fp32_master_sources`): averaging the bf16 copy would add its rounding error (up to 2^-9 relative per weight)
+  (`compclip.engine.fp32_master_sources`): averaging the bf16 copy would add its rounding error (up to 2^-9 relative per weight)
   into every update. Where each rank keeps the whole master (stage 0: DeepSpeed 0.19's FP16_UnfusedOptimizer
   `fp32_groups`, also used for bf16; fp32 training: the parameter itself) the rank updates its whole copy, no
   communication. Under ZeRO 1/2 (DeepSpeedZeroOptimizer, or BF16_Optimizer) each rank owns only a partition of
@@ -28,8 +28,7 @@ bf16 resolution, so a bf16 teacher would never move.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
@@ -37,61 +36,6 @@ import torch.nn as nn
 
 def _is_zero3(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
-
-
-@dataclass
-class MasterSource:
-    """Where one parameter's fp32 master lives on this rank.
-
-    kind `full`: `tensor` is the whole fp32 master (shape of the parameter); `fragment`: `tensor` is the slice of
-    the flattened parameter at `[start, start + numel)` this rank's ZeRO 1/2 partition owns (None when it owns
-    none), `group` the data-parallel group whose ranks own the rest; `zero3`: `tensor` is this rank's fp32 shard."""
-
-    kind: str
-    tensor: Optional[torch.Tensor]
-    start: int = 0
-    group: object = None
-
-
-def fp32_master_sources(engine) -> List[MasterSource]:
-    """Per parameter of `engine.module` (or of a module, when given one), the fp32 master weights DeepSpeed's
-    optimizer steps on this rank (DeepSpeed 0.19.7):
-
-    * ZeRO-3: `safe_get_local_fp32_param` (the optimizer's fp32 shard), else the parameter's own shard;
-    * ZeRO 1/2 and BF16_Optimizer: the `_hp_mapping` both optimizers link to every bit16 parameter
-      (`link_hp_params` over `single_partition_of_fp32_groups` / `fp32_groups_flat_partition`);
-    * stage 0 with bf16 or fp16: the FP16_(Unfused)Optimizer's per-parameter fp32 copies (`fp16_groups` ->
-      `fp32_groups`; only these need the engine: nothing on the parameter points to them);
-    * otherwise (fp32 training, frozen parameters): the parameter itself."""
-    module = getattr(engine, "module", engine)
-    optimizer = getattr(engine, "optimizer", None)
-    stage0_masters = {}
-    lp_groups, hp_groups = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
-    if lp_groups is not None and hp_groups is not None and not hasattr(optimizer, "bit16_groups"):
-        for lp_group, hp_group in zip(lp_groups, hp_groups):
-            if isinstance(hp_group, (list, tuple)) and len(hp_group) == len(lp_group):
-                stage0_masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
-    sources = []
-    for param in module.parameters():
-        if _is_zero3(param):
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            master = None
-            if getattr(param, "_z3_optimizer", None) is not None:
-                master = safe_get_local_fp32_param(param)
-            sources.append(MasterSource("zero3", (master if master is not None else param.ds_tensor).reshape(-1)))
-        elif hasattr(param, "_hp_mapping"):
-            mapping = param._hp_mapping
-            if mapping is None:
-                sources.append(MasterSource("fragment", None, 0, param._dp_group))
-            else:
-                sources.append(MasterSource("fragment", mapping.get_hp_fragment().reshape(-1),
-                                            mapping.lp_fragment_address.start, param._dp_group))
-        elif id(param) in stage0_masters:
-            sources.append(MasterSource("full", stage0_masters[id(param)]))
-        else:
-            sources.append(MasterSource("full", param))
-    return sources
 
 
 class EMATeacher:
@@ -112,18 +56,11 @@ class EMATeacher:
         teacher = build().float()
         teacher.requires_grad_(False)
         if self.partitioned:
-            import deepspeed
+            from compclip.engine import zero3_inference_engine
 
             if zero3_config is None:
                 raise ValueError("EMATeacher: a ZeRO-3 student needs the ZeRO-3 config for its teacher")
-            config = {k: v for k, v in zero3_config.items()
-                      if k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps")}
-            # Nothing may stay gathered between forwards: ZeRO-3 keeps small ("persistent") parameters
-            # materialised after its first traced step and never re-reads their shard, so the shard-local EMA
-            # updates would not reach the teacher's forward.
-            config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                           "stage3_model_persistence_threshold": 0}
-            engine, *_ = deepspeed.initialize(model=teacher, config=config)
+            engine = zero3_inference_engine(teacher, zero3_config)
             self.engine = engine
             self.module = engine.module
         else:
@@ -152,6 +89,8 @@ class EMATeacher:
     @torch.no_grad()
     def _blend(self, alpha: float) -> None:
         """storage ← α storage + (1 − α) master on every teacher tensor; α = 0 copies the master."""
+        from compclip.engine import fp32_master_sources
+
         sources = fp32_master_sources(self._source)
         storages = self._teacher_storage()
         fragments = [i for i, source in enumerate(sources) if source.kind == "fragment"]
@@ -232,11 +171,11 @@ class EMATeacher:
         """Full fp32 teacher weights (a collective under ZeRO-3: call on every rank)."""
         if not self.partitioned:
             return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
-        import deepspeed
+        from compclip.engine import gathered
 
         out = {}
         for name, param in self.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
+            with gathered([param]):
                 out[name] = param.detach().cpu().clone()
         return out
 

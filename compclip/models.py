@@ -1,4 +1,4 @@
-"""open_clip models for training: building, the encoder module DeepSpeed wraps, visual tokens, logit-scale clamp,
+"""open_clip models for training: building, the encoder module DeepSpeed wraps, visual tokens, parameter groups,
 the open_clip-loadable export.
 
 Everything a method needs comes out of **one** forward of the open_clip model (``CLIP.forward(image, text)``):
@@ -64,9 +64,17 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
     return model, preprocess_train, preprocess_val, tokenizer
 
 
-def zero_dim_parameters(model: nn.Module) -> List[str]:
-    """Names of 0-dim parameters (open_clip's logit_scale / logit_bias)."""
-    return [name for name, p in model.named_parameters() if p.dim() == 0]
+def build_from_config(model_cfg, *, load_weights: bool = True, state: Optional[Dict[str, torch.Tensor]] = None):
+    """`build_model` for a `ModelConfig` (gradient checkpointing as configured). Without weights (the EMA
+    teacher's architecture, an evaluation copy) the activation is still the trained one: `pretrained` decides
+    QuickGELU. `state` is loaded into the model. Returns what build_model does."""
+    clip, *rest = build_model(model_cfg.arch, model_cfg.pretrained, model_cfg.force_quick_gelu,
+                              load_weights=load_weights)
+    if model_cfg.grad_checkpointing and load_weights:
+        clip.set_grad_checkpointing(True)
+    if state is not None:
+        clip.load_state_dict(state)
+    return (clip, *rest)
 
 
 def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
@@ -76,7 +84,7 @@ def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
     tests/test_packaging.py), and even the pinned version's non-ZeRO gradient clipping multiplies their gradient
     by a [1]-shaped coefficient in place, which raises. open_clip itself offers [1]-shaped scales
     (`nonscalar_logit_scale`) and its loader reshapes them, but our export restores the stock 0-dim shape
-    anyway (`full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
+    anyway (`compclip.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
     """
     promoted = []
     for name, param in list(model.named_parameters()):
@@ -217,7 +225,8 @@ class Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Parameter groups, logit-scale clamp, full fp32 weights
+# Parameter groups and the export (the logit-scale clamp and the full fp32 gather are DeepSpeed's side:
+# compclip.engine)
 
 
 def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -233,51 +242,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
             continue
         (no_decay if exclude_from_weight_decay(name, param) else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _full_fp32(param: nn.Parameter) -> torch.Tensor:
-    """The full fp32 value of a (possibly ZeRO-partitioned) parameter; a collective under ZeRO-3."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(param)
-    if value is None:
-        value = param.data
-    return value.detach().float().reshape(getattr(param, "ds_shape", param.shape))
-
-
-@torch.no_grad()
-def clamp_logit_scale(clip: nn.Module, max_scale: float) -> None:
-    """exp(logit_scale) <= max_scale, in every copy of the parameter DeepSpeed keeps: the fp32 master the optimizer
-    updates (else the next step would start from the unclamped value) and the compute copy the next forward reads.
-    Like open_clip, the log-scale is also kept >= 0. Each rank clamps what it holds, so there is no collective
-    (and none of DeepSpeed's full-parameter setters, which fail for a parameter smaller than the world size)."""
-    param = clip.logit_scale
-    upper = math.log(max_scale)
-    if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's shard
-        if getattr(param, "_z3_optimizer", None) is not None:
-            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-            master = safe_get_local_fp32_param(param)
-            if master is not None:
-                safe_set_local_fp32_param(param, master.clamp(0, upper))
-        param.ds_tensor.data.clamp_(0, upper)
-        return
-    mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2 and DeepSpeed's bf16 optimizer: this rank's fragment
-    if mapping is not None:
-        mapping.get_hp_fragment().data.clamp_(0, upper)
-    param.data.clamp_(0, upper)
-
-
-def full_state_dict(clip: nn.Module) -> Dict[str, torch.Tensor]:
-    """open_clip state dict with full fp32 parameters (gathered under ZeRO-3: call on every rank)."""
-    params = dict(clip.named_parameters())
-    zero_dim = set(getattr(clip, "_compclip_zero_dim", ()))
-    out = {}
-    for key, value in clip.state_dict().items():
-        out[key] = _full_fp32(params[key]).cpu().clone() if key in params else value.detach().cpu().clone()
-        if key in zero_dim:
-            out[key] = out[key].reshape(())
-    return out
 
 
 def export_checkpoint(state_dict: Dict[str, torch.Tensor], path: str, epoch: int, name: str,

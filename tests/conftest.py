@@ -17,18 +17,14 @@ import pytest  # noqa: E402
 def one_process(monkeypatch):
     """A world of one for in-process DeepSpeed runs, created once per test process and kept: DeepSpeed caches
     groups derived from the default group, so it must outlive every engine built on it."""
-    import socket
+    from compclip.distributed import free_port
+    from compclip.engine import init_process_group
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)  # DeepSpeed reads them at every initialize
     if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(port))
-        from compclip.train import init_process_group
-
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
         init_process_group()
     yield

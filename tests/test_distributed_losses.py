@@ -8,7 +8,6 @@ Concepts per rank differ (4 vs 2) so the unequal-size gather path runs too.
 """
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 import compclip.losses as losses
 from compclip import distributed
+from compclip.distributed import free_port as _free_port
 from compclip.losses.terms import TERMS, CMRThreshold, Features
 
 WORLD = 2
@@ -174,12 +174,6 @@ def _worker(rank, port, failures_path):
     if failures:
         with open(f"{failures_path}.{rank}", "w") as handle:
             handle.write("\n".join(failures))
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_terms_match_single_process_on_two_ranks(tmp_path):

@@ -5,11 +5,10 @@ field from the command line (`--eval.batch_size=128`). A benchmark runs when its
 """
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
+
+from compclip.fields import field_docstrings
 
 
 @dataclass
@@ -129,12 +128,4 @@ class EvalConfig:
 
 def field_docs(cls=EvalConfig) -> Dict[str, str]:
     """{field: docstring} read from the class source (the string literal under each field), for CLI help."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for statement, following in zip(body, body[1:]):
-        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[statement.target.id] = " ".join(following.value.value.split())
-    return docs
+    return field_docstrings(cls)

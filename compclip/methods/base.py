@@ -73,6 +73,26 @@ class Method:
     def needs_tokens(self) -> bool:
         return "tokens" in self.required
 
+    def features(self, encoder, teacher, batch: Dict[str, Any], dtype: torch.dtype = torch.float32) -> Features:
+        """Encode one micro-batch with what this method's terms need: one `encoder` forward (images in the compute
+        `dtype`) over positives + the K negatives + the concepts, the visual tokens when a term reads them, and
+        the EMA `teacher`'s fp32 embeddings of images, positives and negatives when there is a teacher."""
+        out = encoder(batch["images"].to(dtype), batch["text"],
+                      batch["negatives"] if self.needs_negatives else None,
+                      batch["concepts"] if self.needs_concepts else None,
+                      self.needs_tokens)
+        features = Features(image=out.image, text=out.text, logit_scale=out.logit_scale,
+                            logit_bias=out.logit_bias, negatives=out.negatives,
+                            valid=batch["valid"] if self.needs_negatives else None,
+                            tokens=out.tokens, concepts=out.concepts,
+                            owner=batch["owner"] if self.needs_concepts else None)
+        if teacher is not None:
+            teacher_out = teacher(batch["images"], batch["text"], batch["negatives"], None, False)  # fp32
+            features.teacher_image = teacher_out.image.to(out.image.dtype)
+            features.teacher_text = teacher_out.text.to(out.text.dtype)
+            features.teacher_negatives = teacher_out.negatives.to(out.negatives.dtype)
+        return features
+
     # ---- the loss --------------------------------------------------------------------------------------------
     def loss(self, features: Features) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(weighted sum, {term: unweighted value}) on the global batch."""

@@ -2,11 +2,12 @@
 the closed-form EMA of the student's parameter history, θ*_n = αⁿ θ_0 + Σ_k α^(n−k) (1−α) θ_k, in its weights and
 in its forward. Also the logit-scale clamp in every copy DeepSpeed keeps, same processes."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from compclip.distributed import free_port as _free_port
 
 STEPS = 4  # > 2: ZeRO-3 starts keeping small parameters gathered after its first traced step
 DECAY = 0.8  # far from 1 so that every step visibly moves the teacher
@@ -109,7 +110,7 @@ def _clamp_check(engine):
 
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
-    from compclip.models import clamp_logit_scale
+    from compclip.engine import clamp_logit_scale
 
     param = engine.module.logit_scale
     overshoot = math.log(300.0)
@@ -131,12 +132,6 @@ def _clamp_check(engine):
     engine.step()
     return {"master": master, "after_step": float(safe_get_full_fp32_param(param)),
             "target": math.log(100.0)}
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from compclip.config import ConfigError, deepspeed_config, load_config, parse_args
+from compclip.config import ConfigError, load_config, parse_args
+from compclip.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
@@ -88,7 +89,7 @@ def test_every_yaml_parses(path):
 
 
 def test_global_batch_size_sets_the_per_rank_micro_batch():
-    from compclip.config import apply_global_batch
+    from compclip.engine import apply_global_batch
 
     cfg = load_config(["--global_batch_size=256", "--optim.grad_accumulation=2"])
     apply_global_batch(cfg, world_size=8)

@@ -9,7 +9,6 @@ CLIP's baseline, NegCLIP, CE-CLIP, DeGLA and C2LIP), so one launch per ZeRO stag
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from compclip.distributed import free_port as _free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "compclip" / "train.py"
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env():

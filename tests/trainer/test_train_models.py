@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from compclip.config import LossConfig
 from compclip.methods import REGISTRY, build_method
-from compclip.models import (Encoder, build_model, capture_visual_tokens, clamp_logit_scale, export_checkpoint,
-                             full_state_dict, parameter_groups)
+from compclip.engine import clamp_logit_scale, full_state_dict
+from compclip.models import Encoder, build_model, capture_visual_tokens, export_checkpoint, parameter_groups
 
 
 @pytest.fixture(scope="module")

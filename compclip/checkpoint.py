@@ -1,0 +1,227 @@
+"""Training checkpoints: save, resume (bit-identical continuation), init-from (weights from any world size), and
+the run folder a checkpoint path belongs to.
+
+Layout of one checkpoint, `<run>/checkpoints/deepspeed/step<N>/`:
+
+* DeepSpeed's own files (`engine.save_checkpoint`): module, optimizer and schedule state, sharded as the run's
+  ZeRO stage shards them, plus the client state `{"compclip": {epoch, micro_in_epoch, global_step, world_size,
+  config}}`; DeepSpeed writes the `latest` pointer next to the tags.
+* `compclip_rank<r>.pt` per rank: what DeepSpeed does not know: the RNG state (python, numpy, torch, cuda), the
+  method's state (CE-CLIP's threshold), the EMA teacher's local storage (full tensors, or this rank's ZeRO-3
+  shard), the non-finite counter, and the rank's data position (`loader.state_dict()`: skip count, streams).
+
+Resume needs the same world size (the shards and data positions are per rank); `init_from` consolidates the fp32
+weights (and the teacher's shards) of a checkpoint written by any number of ranks, and starts optimizer,
+schedule and data order fresh.
+
+Saving ends with a barrier (`Checkpointer.save`); a completion marker or a pointer update written after it, by
+rank 0, is the one place to make the commit atomic.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from compclip.config import ConfigError, TrainConfig, default_run_name
+from compclip.safe_pickle import rng_state_from_safe, rng_state_to_safe
+
+logger = logging.getLogger("compclip")
+
+EXTRAS = "compclip_rank{rank}.pt"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run folder
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """`<log.logs>/<log.name>`, named by rank 0 so every rank agrees. Resuming from
+    `<logs>/<name>/checkpoints/deepspeed[/<tag>]` without a log.name continues in that run folder."""
+    if cfg.resume and cfg.resume != "latest" and not cfg.log.name:
+        parts = Path(cfg.resume).resolve().parts
+        if "checkpoints" not in parts:
+            raise ConfigError(f"resume={cfg.resume}: not inside a run folder; give log.name")
+        index = len(parts) - 1 - parts[::-1].index("checkpoints")
+        cfg.log.name, cfg.log.logs = parts[index - 1], str(Path(*parts[:index - 1]))
+    if cfg.resume == "latest" and not cfg.log.name:
+        raise ConfigError("resume=latest needs log.name (the run folder to continue)")
+    holder = [cfg.log.name or default_run_name(cfg)]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    cfg.log.name = holder[0]
+    return Path(cfg.log.logs) / cfg.log.name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume point
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: counters, and the RNG state / data position of the save."""
+
+    epoch: int
+    micro_in_epoch: int
+    global_step: int
+    rng: Optional[Dict[str, Any]]
+    data: Optional[Dict[str, Any]]
+
+    def loader_position(self, epoch: int, batch: int) -> Dict[str, Any]:
+        """The loader state that starts at micro-batch `batch` of `epoch`: the saved one when it is there."""
+        data = self.data
+        if data is not None and int(data.get("epoch", -1)) == epoch and int(data.get("batch", -1)) == batch:
+            return data
+        logger.warning("checkpoint without this rank's data position: the count of skipped samples restarts at 0 "
+                       "for the rest of epoch %d", epoch)
+        return {"epoch": epoch, "batch": batch}
+
+    def restore_rng(self) -> None:
+        """Once: the generators as they were at the save."""
+        if self.rng is not None:
+            set_rng_state(self.rng)
+            self.rng = None
+
+
+def epoch_batches(loader, epoch: int, start: int, point: Optional[ResumePoint]):
+    """(index, batch) from micro-batch `start` of `epoch` (the loader is at the epoch's start when `start` = 0).
+
+    A resumed run's first epoch starts at the first micro-batch not yet trained on: the ones before it are neither
+    loaded nor decoded, the rest come in the straight run's order with its negative draws, and the generators are
+    restored where the straight run had them: before the loader's iterator when the save was at an epoch end (the
+    straight run drew nothing since, not even the loader's seed), after it otherwise (the save followed the last
+    finished step, i.e. the loading of this batch's predecessors; an augmentation drawing from the global
+    generator then draws as in the straight run)."""
+    if point is not None and start > 0:
+        loader.load_state_dict(point.loader_position(epoch, start))
+    elif point is not None:
+        point.restore_rng()
+    batches = iter(loader)  # draws the DataLoader's base seed, as at the straight run's epoch start
+    if point is not None:
+        point.restore_rng()
+    return enumerate(batches, start=start)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The checkpointer
+
+
+class Checkpointer:
+    """DeepSpeed checkpoints of one run folder, for one rank."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.dir = run_dir / "checkpoints"  # exports (epoch_N.pt) live here too
+        self.ds_dir = self.dir / "deepspeed"
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+
+    def save(self, engine, step: int, counters: Dict[str, int], config: Dict[str, Any],
+             extras: Dict[str, Any]) -> Path:
+        """Tag `step<step>`: DeepSpeed's state + counters + config, and this rank's `extras` (+ RNG state)."""
+        tag = f"step{step}"
+        client = {"compclip": {**counters, "world_size": self.world, "config": config}}
+        engine.save_checkpoint(str(self.ds_dir), tag=tag, client_state=client)
+        torch.save({"rng": rng_state_to_safe(rng_state()), **extras, **counters}, self.ds_dir / tag / EXTRAS.format(rank=self.rank))
+        torch.distributed.barrier()
+        logger.info("saved DeepSpeed checkpoint %s", self.ds_dir / tag)
+        return self.ds_dir / tag
+
+    def export(self, state: Dict[str, torch.Tensor], epoch: int, arch: str, config: Dict[str, Any]) -> str:
+        """`epoch_<epoch>.pt`, loadable by stock open_clip (rank 0 writes it); returns its path."""
+        from compclip.models import export_checkpoint
+
+        path = str(self.dir / f"epoch_{epoch}.pt")
+        if self.rank == 0:
+            export_checkpoint(state, path, epoch, arch, config)
+            logger.info("exported open_clip checkpoint %s", path)
+        return path
+
+    def locate(self, spec: str) -> Tuple[Path, str]:
+        """(DeepSpeed checkpoint folder, tag) of `latest`, a checkpoint folder or a tag folder."""
+        if spec == "latest":
+            latest = self.ds_dir / "latest"
+            if not latest.exists():
+                raise FileNotFoundError(f"resume=latest: no checkpoint in {self.ds_dir}")
+            return self.ds_dir, latest.read_text().strip()
+        path = Path(spec)
+        if (path / "latest").exists():
+            return path, (path / "latest").read_text().strip()
+        if (path.parent / "latest").exists() or path.is_dir():
+            return path.parent, path.name
+        raise FileNotFoundError(f"resume: {spec} is not a DeepSpeed checkpoint folder or tag")
+
+    def resume(self, engine, spec: str) -> Tuple[ResumePoint, Dict[str, Any]]:
+        """Load DeepSpeed's state into `engine`; (where to continue, this rank's extras)."""
+        root, tag = self.locate(spec)
+        extras_path = root / tag / EXTRAS.format(rank=self.rank)
+        if not extras_path.exists():
+            raise FileNotFoundError(f"resume: {extras_path} missing (written by a different number of ranks? "
+                                    "use init_from)")
+        _, client = engine.load_checkpoint(str(root), tag=tag)
+        state = client["compclip"]
+        if state["world_size"] != self.world:
+            raise ConfigError(f"resume: checkpoint has {state['world_size']} ranks, this run {self.world}; "
+                              "use init_from to continue on a different number of ranks")
+        extras = torch.load(extras_path, map_location="cpu", weights_only=True)
+        point = ResumePoint(state["epoch"], state["micro_in_epoch"], state["global_step"], rng_state_from_safe(extras["rng"]),
+                            extras.get("data"))
+        logger.info("resumed from %s at epoch %d, micro-batch %d, step %d", root / tag, point.epoch,
+                    point.micro_in_epoch, point.global_step)
+        return point, extras
+
+    def init_from(self, clip: torch.nn.Module, spec: str) -> Optional[Dict[str, torch.Tensor]]:
+        """Load the consolidated fp32 weights of a checkpoint written by any number of ranks into `clip`;
+        returns the consolidated EMA teacher weights (None when the checkpoint has no teacher)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from compclip.ema import consolidate_shards
+
+        root, tag = self.locate(spec)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        shapes = {k: v.shape for k, v in clip.state_dict().items()}
+        clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+        # 0-dim parameters were trained as [1] (compclip.models.promote_zero_dim_parameters)
+        clip_state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
+                      for k, v in clip_state.items()}
+        missing, unexpected = clip.load_state_dict(clip_state, strict=False)
+        if [m for m in missing if m in dict(clip.named_parameters())] or unexpected:
+            raise ValueError(f"init_from {spec}: missing {missing}, unexpected {unexpected}")
+        files = sorted((root / tag).glob("compclip_rank*.pt"), key=lambda p: int(p.stem[len("compclip_rank"):]))
+        teacher_states = [torch.load(f, map_location="cpu", weights_only=True)["teacher"] for f in files]
+        teacher = None
+        if teacher_states and teacher_states[0] is not None:
+            teacher = consolidate_shards(teacher_states)
+        logger.info("initialised weights from %s (consolidated fp32%s); optimizer, schedule and data order "
+                    "start fresh", root / tag, " + EMA teacher" if teacher is not None else "")
+        return teacher
