@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Iterable, List, Optional
+import importlib
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -92,3 +93,20 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]], ex
 def resolved_backends() -> Dict[str, str]:
     """``{op: "triton" | "torch"}`` for every op resolved so far in this process."""
     return dict(_resolved)
+
+
+def kernel_op(name: str, backend: str, tensors: Sequence) -> Callable:
+    """The implementation of kernel-level op ``name`` that ``dispatch.resolve`` picks for these tensors.
+
+    The Triton op is looked up on ``compclip.kernels`` at call time, so this works before and after the kernels
+    are exported; a missing one is a reason like any other (``"triton"`` raises naming it, ``"auto"`` falls back).
+    """
+    from . import reference  # lazy: compclip.kernels imports this module first
+
+    triton_op = getattr(importlib.import_module(__package__), name, None)  # compclip.kernels
+    missing = [] if callable(triton_op) else [
+        f"the Triton op compclip.kernels.{name} is not available (not exported by compclip.kernels)"
+    ]
+    if resolve(name, backend, tensors, missing) == "triton":
+        return triton_op
+    return getattr(reference, name)

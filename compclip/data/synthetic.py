@@ -28,6 +28,8 @@ from multiprocessing import get_context
 
 from PIL import Image, ImageDraw
 
+from .negatives import normalise  # one comparison form for negatives and positives
+
 VERSION = 1
 COLOURS = {
     "red": (220, 30, 30),
@@ -60,10 +62,6 @@ NEGATIVE_TYPES = ("relation_swap", "attribute_swap", "object_replace", "attribut
 TRAIN_NEGATIVE_TYPES = ("relation_swap", "attribute_swap", "object_replace", "attribute_replace")
 """The K=4 typed slots of the training manifests, in slot order."""
 
-
-def normalise(text: str) -> str:
-    """Case- and punctuation-insensitive form used to compare a negative with its positive."""
-    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
 # ----------------------------------------------------------------------------------------------- scenes

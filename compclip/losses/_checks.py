@@ -11,9 +11,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from compclip.kernels.dispatch import BACKENDS  # noqa: F401  (one list: the kernels own the backends)
+
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 VARIANTS = ("paper", "released")
-BACKENDS = ("auto", "triton", "torch")
 
 
 def features(fn: str, layout: Dict[str, Tuple[Optional[torch.Tensor], str]]) -> Dict[str, int]:

@@ -11,30 +11,14 @@ batch; inputs are already validated and share one dtype; results are 0-d tensors
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-import compclip.kernels as kernels
-from compclip.kernels import dispatch, reference
+from compclip.kernels.dispatch import kernel_op
 
 from ._checks import accumulation_dtype
-
-
-def kernel_op(name: str, backend: str, tensors: Sequence) -> Callable:
-    """The implementation of kernel-level op ``name`` that ``dispatch.resolve`` picks for these tensors.
-
-    The Triton op is looked up on ``compclip.kernels`` at call time, so this works before and after the kernels
-    are exported; a missing one is a reason like any other (``"triton"`` raises naming it, ``"auto"`` falls back).
-    """
-    triton_op = getattr(kernels, name, None)
-    missing = [] if callable(triton_op) else [
-        f"the Triton op compclip.kernels.{name} is not available (not exported by compclip.kernels)"
-    ]
-    if dispatch.resolve(name, backend, tensors, missing) == "triton":
-        return triton_op
-    return getattr(reference, name)
 
 
 def _scale(value, dtype: torch.dtype, device) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Set, Tuple, Type
 
 import torch
 
-from compclip.losses.modules import PUBLISHED_WEIGHTS, CompositionalLoss  # noqa: F401  (re-exported)
+from compclip.losses.modules import CompositionalLoss
 from compclip.losses.terms import CMRThreshold, Features
 
 REGISTRY: Dict[str, Type["Method"]] = {}

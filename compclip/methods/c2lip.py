@@ -1,6 +1,8 @@
 """C2LIP (concept-centric): the contrastive loss (SigLIP's sigmoid loss, or CLIP InfoNCE for models without a
 logit bias) + 1.0 concept contrast (NPC) + 0.01 cross-modal attention contrast (XAC). No hard negatives."""
-from .base import PUBLISHED_WEIGHTS, Method, register
+from compclip.losses.modules import PUBLISHED_WEIGHTS
+
+from .base import Method, register
 
 
 @register("c2lip")

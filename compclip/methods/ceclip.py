@@ -1,6 +1,8 @@
 """CE-CLIP (Zhang et al., 2024): NegCLIP term + 0.2 cross-modal rank (adaptive per-type threshold) + 0.2
 intra-modal contrast (the authors' latest script uses 0.3 for IMC; set it in the YAML)."""
-from .base import PUBLISHED_WEIGHTS, Method, register
+from compclip.losses.modules import PUBLISHED_WEIGHTS
+
+from .base import Method, register
 
 
 @register("ceclip")

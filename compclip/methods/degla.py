@@ -1,6 +1,8 @@
 """DeGLA (Hu et al., 2025): L_base (NegCLIP) + 0.1 image-grounded + 0.1 text-grounded contrast + 0.005
 distillation from a frozen EMA teacher (α = 0.9996, `loss.ema_decay`)."""
-from .base import PUBLISHED_WEIGHTS, Method, register
+from compclip.losses.modules import PUBLISHED_WEIGHTS
+
+from .base import Method, register
 
 
 @register("degla")

@@ -1,5 +1,7 @@
 """NegCLIP (Yuksekgonul et al., 2023): every image against all positives and all hard negatives of the batch."""
-from .base import PUBLISHED_WEIGHTS, Method, register
+from compclip.losses.modules import PUBLISHED_WEIGHTS
+
+from .base import Method, register
 
 
 @register("negclip")
