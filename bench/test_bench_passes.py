@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.benchmark(group="GEMM passes (interpreter)")
 def test_gemm_passes(benchmark, tmp_path):
     out = tmp_path / "passes.json"
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -141,10 +141,15 @@ def test_float32_dots_follow_allow_tf32(monkeypatch, allow_tf32, expected):
     """On a GPU float32 inputs use TF32 exactly when PyTorch's matmul flag allows it; 16-bit inputs keep their
     storage dtype; the interpreter always gets float32 "ieee"."""
     from compclip.kernels import _common
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
-    x = torch.zeros(2, 2)
-    assert contrastive._dot_config(x, x)[1] == "ieee"                    # interpreter
-    monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
-    assert contrastive._dot_config(x, x)[1] == expected
-    assert _common.dot_config(x, x)[1] == "ieee"                         # other kernels: unchanged default
+    # torch's matmul flags are properties of a module object: monkeypatch cannot undo them, so restore by hand.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        x = torch.zeros(2, 2)
+        assert contrastive._dot_config(x, x)[1] == "ieee"                    # interpreter
+        monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
+        assert contrastive._dot_config(x, x)[1] == expected
+        assert _common.dot_config(x, x)[1] == "ieee"                         # other kernels: unchanged default
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     assert contrastive._dot_config(x.half(), x.half())[0] == _common.tl.float16
