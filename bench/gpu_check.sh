@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh --dry-run  # print every command, run nothing
 #
 # Steps: (1) the kernels at their target sizes vs the float32 reference (tests/kernels/test_kernel_cuda_sizes.py,
-# XAC at L = 196 and 577, the separate-negative-source contrastive when the kernel has extra_columns);
+# XAC at L = 196, 577 and 1024 and in several workspace chunks, the separate-negative-source contrastive when the kernel has extra_columns);
 # (2) the benchmark matrix at GPU sizes: compclip's kernels vs the PyTorch reference, F.linear_cross_entropy and
 # Inf-CL (bench/providers.py; Inf-CL rows appear only when inf_cl imports); (3) the AOT resource gate for this
 # GPU's own arch. Writes bench/results/<gpu>-<date>.json (pytest-benchmark), <gpu>-<date>-aot.json and

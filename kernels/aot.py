@@ -142,11 +142,11 @@ def _xattn(B, P, L, D, dtype, xac):
 
 def cases(full: bool) -> List[Case]:
     """Reduced (CI): bf16, the SPEC target rows (contrastive/grouped D=512, XAC/pooling L=196 D=768). Full: D ∈ {512, 768, 1024} (contrastive/grouped), D ∈ {512, 768} ×
-    L ∈ {50, 196, 257, 577} (XAC/pooling), bf16 + fp16 + fp32."""
+    L ∈ {50, 196, 257, 577, 1024} (XAC/pooling), bf16 + fp16 + fp32."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     dims = (512, 768, 1024) if full else (512,)
     x_dims = (512, 768) if full else (768,)
-    lengths = (50, 196, 257, 577) if full else (196,)
+    lengths = (50, 196, 257, 577, 1024) if full else (196,)
     out: List[Case] = []
     for dt in dtypes:
         for D in dims:
@@ -292,8 +292,7 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     except Exception as exc:  # a compile error is a gate failure, reported in the row
         out = dict(num_warps=options.num_warps, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                    if str(exc) else type(exc).__name__)
-    out["constexprs"] = " ".join(f"{k}={getattr(v, 'value', v)}" for k, v in shown.items()
-                                 if not isinstance(getattr(v, "value", v), bool) or True)
+    out["constexprs"] = " ".join(f"{k}={getattr(v, 'value', v)}" for k, v in shown.items())
     _compiled[key] = out
     if not out.get("error"):  # errors are recomputed (they may come from the environment)
         tmp = cache_file + f".{os.getpid()}"

@@ -24,6 +24,8 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 BUDGETS = {"contrastive_row_loss": 5.0, "xac_loss_sum": 8.0}
+CONTRASTIVE_SHAPE = dict(M=128, N=128, D=256)
+XATTN_SHAPE = dict(B=2, P=256, L=64, D=256)
 
 
 class DotCounter:
@@ -64,8 +66,21 @@ def _fwd_bwd(op_name: str, make, gemm_flops: float) -> Dict[str, float]:
                 gemm_flops=gemm_flops, budget=BUDGETS.get(op_name))
 
 
-def measure() -> List[Dict[str, float]]:
-    """Passes per op at moderate, block-aligned shapes (float32 inputs, as the interpreter multiplies)."""
+def xattn_closed_form(op: str, P: int, L: int, D: int) -> Dict[str, float]:
+    """The passes xattn_pool's kernels do by construction (its module docstring): the Gram parts G = U Uᵀ, H = A G,
+    M = Aᵀ diag(q) A and M U cost L/P, L/D, L/D and L/P of a pass; pooling adds its v̂ GEMM and dV Uᵀ, (A/n)ᵀ dV."""
+    if op == "xac_loss_sum":
+        forward, backward = 1 + L / D + L / P, 3 + 2 * L / D + 2 * L / P
+    elif op == "concept_attention_pool":
+        forward, backward = 2 + L / D + L / P, 5 + 2 * L / D + 2 * L / P
+    else:
+        raise ValueError(op)
+    return dict(forward=forward, backward=backward, total=forward + backward)
+
+
+def measure(ops: Optional[List[str]] = None) -> List[Dict[str, float]]:
+    """Passes per op at moderate, block-aligned shapes (float32 inputs, as the interpreter multiplies); ``ops``
+    restricts the run to those ops."""
     import torch
     import torch.nn.functional as F
     from . import (concept_attention_pool, contrastive_row_loss, grouped_contrast_row_loss, grouped_scores,
@@ -76,22 +91,28 @@ def measure() -> List[Dict[str, float]]:
         return F.normalize(torch.randn(*shape), dim=-1).requires_grad_()
 
     scale = torch.tensor(10.0, requires_grad=True)
-    M, N, D = 128, 128, 256
-    rows = [_fwd_bwd("contrastive_row_loss",
-                     lambda: contrastive_row_loss(unit(M, D), unit(N, D), scale, torch.arange(M)), 2 * M * N * D)]
+    M, N, D = CONTRASTIVE_SHAPE["M"], CONTRASTIVE_SHAPE["N"], CONTRASTIVE_SHAPE["D"]
+    rows: List[Dict[str, float]] = []
+
+    def add(name, make, flops):
+        if ops is None or name in ops:
+            rows.append(_fwd_bwd(name, make, flops))
+
+    add("contrastive_row_loss",
+        lambda: contrastive_row_loss(unit(M, D), unit(N, D), scale, torch.arange(M)), 2 * M * N * D)
     B, K = 64, 4
-    rows.append(_fwd_bwd("grouped_scores", lambda: torch.cat(
+    add("grouped_scores", lambda: torch.cat(
         [t.reshape(B, -1) for t in grouped_scores(unit(B, D), unit(B, D), unit(B, K, D), scale)], 1),
-        2 * B * (K + 1) * D))
-    rows.append(_fwd_bwd("grouped_contrast_row_loss",
-                         lambda: grouped_contrast_row_loss(unit(B, D), unit(B, D), unit(B, K, D), scale),
-                         2 * B * (K + 1) * D))
-    Bi, P, L = 4, 64, 64
+        2 * B * (K + 1) * D)
+    add("grouped_contrast_row_loss",
+        lambda: grouped_contrast_row_loss(unit(B, D), unit(B, D), unit(B, K, D), scale), 2 * B * (K + 1) * D)
+    # XAC / pooling: the Gram parts cost L/D and L/P of a pass (module docstring of xattn_pool), so the shape keeps
+    # P > L as in training (the C2LIP target has P = 2304, L = 196): 4 + 3·64/256 + 3·64/256 = 5.5 for XAC.
+    Bi, P, L, D = XATTN_SHAPE["B"], XATTN_SHAPE["P"], XATTN_SHAPE["L"], XATTN_SHAPE["D"]
     owner = torch.arange(P) % Bi
-    rows.append(_fwd_bwd("xac_loss_sum", lambda: xac_loss_sum(unit(Bi, L, D), unit(P, D), owner, scale,
-                                                              torch.tensor(-1.0)), 2 * Bi * P * L * D))
-    rows.append(_fwd_bwd("concept_attention_pool", lambda: concept_attention_pool(unit(Bi, L, D), unit(P, D)),
-                         2 * Bi * P * L * D))
+    add("xac_loss_sum", lambda: xac_loss_sum(unit(Bi, L, D), unit(P, D), owner, scale, torch.tensor(-1.0)),
+        2 * Bi * P * L * D)
+    add("concept_attention_pool", lambda: concept_attention_pool(unit(Bi, L, D), unit(P, D)), 2 * Bi * P * L * D)
     return rows
 
 

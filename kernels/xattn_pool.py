@@ -1,67 +1,74 @@
 """Cross-modal (concept → visual token) attention pooling and the fused C2LIP XAC loss.
 
-Forward, for image i (tokens u_il, l < L) and concept p (c_p); T = temperature, s = logit_scale, b = logit_bias::
+Forward, for image i (tokens u_l, l < L) and concept p (c_p); T = temperature, s = logit_scale, b = logit_bias::
 
-    r_pl  = ⟨c_p, u_il⟩                      raw dots             a_pl = softmax_l(r_pl / T)
-    w_p   = Σ_l a_pl u_il                     pooled               n_p  = max(‖w_p‖, ε),  v̂_p = w_p / n_p
+    r_pl  = ⟨c_p, u_l⟩                       raw dots             a_pl = softmax_l(r_pl / T)
+    w_p   = Σ_l a_pl u_l                      pooled               n_p  = max(‖w_p‖, ε),  v̂_p = w_p / n_p
     concept_attention_pool -> v̂ [B, P, D] (float32)
     z_p   = s ⟨v̂_p, c_p⟩ + b,  y_p = +1 if owner[p] == image_offset + i else −1
     xac_loss_sum -> Σ_i Σ_p softplus(−y_p z_p) = Σ −log σ(y z)          (0-d float32)
 
-Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B, P, D] for the pooling op; for XAC
-``dv_p = γ_p c_p`` with dz_p = −g y_p σ(−y_p z_p), γ_p = s dz_p, g = ∂L/∂loss)::
+**Nothing D-wide per pair is needed.** With the image's Gram matrix G = U Uᵀ [L, L] (``G_ll' = ⟨u_l, u_l'⟩``)::
 
+    ⟨w_p, c_p⟩ = Σ_l a_pl r_pl        ‖w_p‖² = Σ_l a_pl h_pl,   h_pl = ⟨w_p, u_l⟩ = (a_p G)_l
+
+so the forward needs R = C Uᵀ (one GEMM of 2·P·L·D per image) and H = A G (2·P·L², i.e. L/D of a pass), never w.
+
+Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B, P, D] for pooling; for XAC
+``dv_p = γ_p c_p`` with dz_p = −y_p σ(−y_p z_p), γ_p = s dz_p, formed for ∂L = 1 and ∂L applied afterwards)::
+
+    e_pl   = ⟨dv_p, u_l⟩  (XAC: γ_p r_pl)            ⟨w_p, dv_p⟩ = Σ_l a_pl e_pl  (XAC: γ_p ⟨w_p, c_p⟩)
     q_p    = ⟨w_p, dv_p⟩ / n_p³   (0 where ‖w_p‖ ≤ ε: the clamped norm has no gradient)
-    ∂w_p   = dv_p / n_p − q_p w_p                                         through the normalisation
-    ∂a_pl  = ⟨∂w_p, u_il⟩ = e_pl / n_p − q_p h_pl,  e_pl = ⟨dv_p, u_il⟩, h_pl = ⟨w_p, u_il⟩
-    ∂r_pl  = a_pl (∂a_pl − Σ_l' a_pl' ∂a_pl') / T                          through the softmax
-    ∂u_il  = Σ_p (a_pl ∂w_p + ∂r_pl c_p)          (summed over the concepts of every image)
-    ∂c_p   = Σ_i (Σ_l ∂r_pl u_il  [+ γ_p w_p / n_p for XAC, the direct path of z])
-    ∂s     = Σ dz_p ⟨v̂_p, c_p⟩,   ∂b = Σ dz_p      (XAC; per-image partials summed on the host)
+    ∂w_p   = dv_p / n_p − q_p w_p                                        through the normalisation
+    ∂a_pl  = ⟨∂w_p, u_l⟩ = e_pl / n_p − q_p h_pl
+    κ_p    = Σ_l a_pl ∂a_pl = ⟨w_p, dv_p⟩ / n_p − q_p ‖w_p‖²           closed form: no extra sweep over L
+    ∂r_pl  = a_pl (∂a_pl − κ_p) / T                                      through the softmax
+    X_pl   = ∂r_pl  [+ γ_p a_pl / n_p for XAC: the direct path of z through v̂ in ∂c]
+    ∂U     = Xᵀ C  [+ (A / n)ᵀ dV for pooling]  −  M U,    M = Aᵀ diag(q) A  [L, L] per image
+    ∂C     = Σ_i X_i U_i
+    ∂s     = Σ dz_p ⟨v̂_p, c_p⟩,   ∂b = Σ dz_p      (XAC; per-program partials summed on the host)
 
-For XAC the [BP, L] quantities collapse: e = γ r and ⟨w, dv⟩ = γ ⟨w, c⟩, so nothing [B, P, D]-shaped is read
-or written. ε = NORM_EPS = 1e-12 (F.normalize's clamp). The temperature is a Python float (no gradient);
-``owner`` and ``image_offset`` are integers.
+(Σ_p q_p a_pl w_p = Σ_l' M_ll' u_l' is the −q w part of ∂w carried back to the tokens without forming w.)
 
-Shapes: tokens [B, L, D], concepts [P, D], owner [P] long; logit_scale / logit_bias 0-d tensors, floats or (bias)
-None. Gradients come back in each input's dtype.
+ε = NORM_EPS = 1e-12 (F.normalize's clamp). The temperature is a Python float (no gradient); ``owner`` and
+``image_offset`` are integers. Shapes: tokens [B, L, D], concepts [P, D], owner [P] long; logit_scale /
+logit_bias 0-d tensors, floats or (bias) None. Gradients come back in each input's dtype.
 
-Passes (units of 2·B·P·L·D dot FLOPs; nDO = ⌈D / BLOCK_DO⌉). Every program handles one image against one block
-of BLOCK_P concepts; its [BLOCK_P, BLOCK_L] scores, attention, h and e stay on chip; the image's tokens are
-streamed in BLOCK_D slices. Per (image, concept block) the statistics take two D sweeps: r (then the softmax),
-then w slice by slice for ‖w‖², ⟨w, c⟩ (and h, e in the backward).
+Kernels. Images are processed in **chunks** of ``chunk`` images (default: as many as fit WORKSPACE_BYTES); per
+chunk the [P, L]-per-image quantities live in float32 workspaces (R, X; pooling also E) and the [L, L] ones in G, M.
+All loops run over fixed tiles (BLOCK_P concepts × BLOCK_L tokens, D in BLOCK_D steps, outputs BLOCK_DO wide), so
+shared memory and registers do not depend on L, P or D. Every grid puts the image on its slowest axis, so one
+image's tokens (and G) stay in L2 while its concept blocks run.
 
-* forward (one kernel, grid concept blocks × images, image on the slow axis so its L·D tokens stay in L2 while
-  its concept blocks run): r + w = 2 passes. XAC writes one loss partial per program (summed on the host:
-  B·⌈P/BLOCK_P⌉ floats); pooling makes a third sweep writing v̂ (its output, the only [B, P, D] tensor): 3.
-* backward: two kernels, deterministic, no atomics, no partial tensors beyond B floats:
-  ``d tokens`` — grid output D slices of BLOCK_DO × images; loops over concept blocks; accumulates
-  Aᵀ ∂W + ∂Rᵀ C into an on-chip [BLOCK_L, BLOCK_DO] tile (and the ∂s, ∂b partials per image);
-  ``d concepts`` — grid concept blocks × output D slices; loops over images; accumulates ∂R U (+ γ W / n) into
-  [BLOCK_P, BLOCK_DO]. Each output D slice recomputes the statistics (r, w, h; pooling also e): 3·nDO + 3 and
-  3·nDO + 1 passes (pooling 4·nDO + 3, 4·nDO + 1), the price of a bounded on-chip accumulator for any D.
-* totals (XAC): 6·nDO + 6, i.e. 24 at D = 768 with BLOCK_DO = 256 (L ≤ 128) and 150 with BLOCK_DO = 32 (L > 128,
-  the default with which both backward kernels compile without spills on sm_80 and sm_90 at L = 196, D = 768,
-  per ``python -m compclip.kernels.aot``). The budget (docs/kernels.md) is 8: not met; the per-pair statistics are
-  recomputed for every D slice. A redesign (L tiles with an online softmax, statistics kept across D slices) is
-  still open.
+* ``_xattn_gram_kernel``   G_i = U_i U_iᵀ                                           L/P of a pass
+* ``_xattn_pair_kernel``   grid (concept blocks × images). Sweep 1: R tiles (K = D) into the workspace, with an
+  online log-sum-exp (forward) or the saved one (backward; pooling also E = dV Uᵀ). Sweep 2, per output token
+  tile: H = A G (K = L), then the statistics ‖w‖², ⟨w, c⟩ and the loss (forward) or X (backward). Saves
+  (lse, ‖w‖², ⟨w,c⟩) per pair: 3·B·P floats, all the backward needs besides the inputs.
+* ``_xattn_mgram_kernel``  M_i = A_iᵀ diag(q_i) A_i (K = P)                         L/D
+* ``_xattn_dtokens_kernel`` ∂U_i = X_iᵀ C − M_i U_i (K = P, then K = L)              1 + L/P
+* ``_xattn_dconcepts_kernel`` ∂C += Σ_i X_i U_i (K = chunk·L), chunk after chunk   1
+* ``_xattn_pool_out_kernel`` (pooling) v̂ = A U / n (K = L), the op's own output    1
 
-Extra memory: O(B·⌈P/BLOCK_P⌉) floats; [B, P, D] is never materialised by XAC.
+Passes (units of 2·B·P·L·D dot FLOPs), deterministic (every output element has one writer; the cross-chunk sum of
+∂C is in chunk order; no atomics): XAC forward 1 + L/D + L/P, backward 3 + 2·L/D + 2·L/P; **total 4 + 3·L/D +
+3·L/P**: 5.0 at the C2LIP target (B = 768, P = 2304, L = 196, D = 768), 4.3 at L = 50, 7.0 at L = 577; the Gram
+terms grow with L and pass the budget of 8 at L = 768 (9.3 at L = 1024, D = 768). Pooling: 7 + 3·L/D + 3·L/P (its
+forward writes v̂, its backward reads dV: two more GEMMs). ``python -m compclip.kernels.passes`` counts them.
 
-Limits. L is held in one tile (BLOCK_L = next_pow2(L) ≥ 16); shared memory and registers grow with it. Measured
-with ptxas (bf16, 8 warps, default blocks, D ∈ {512, 768}): L ≤ 256 fits the shared memory of sm_80 and sm_90
-(without spills since BLOCK_DO = 32 for L > 128; with BLOCK_DO = 64 the backward spilled ≈ 0.1–0.7 KB/thread); L in (256, 512] fits both with 1.7–6 KB/thread of
-spills; L > 512 (BLOCK_L = 1024) needs 256 KB in the d-tokens kernel and does not launch on either. Concept
-blocks are 16–32 rows, so the 16-bit dots of the statistics run as mma.sync on sm_90 (wgmma only in d tokens).
-B ≤ 65,535 per call (images are grid axis 1).
-The interpreter (CPU) runs any L, B, P ≥ 1 and D ≥ 1 (masking). Requested blocks must be powers of two ≥ 16
-(tl.dot's smallest extent on a GPU). Inputs are made contiguous once on the host. tl.dot numerics as in
-``contrastive.py``: 16-bit inputs feed their own dtype to tl.dot on a GPU (softmax, statistics and accumulators
-in fp32; attention and gradient tiles are cast to the input dtype), fp32 inputs use tf32 on a GPU and ieee in
-the interpreter (``_common.dot_config``). Underflow rule for fp16 operands: attention probabilities are ≤ 1 and
-those below 2⁻²⁴ flush to 0, an absolute error ≤ 2⁻²⁴·L·max‖u‖ on w; XAC gradient tiles are formed for ∂L = 1
-(|dz| < 1) and ∂L multiplies the fp32 accumulators after the dots, so loss scaling or a tiny ∂L cannot flush
-them; pooling's ∂v̂ is cast as given (bf16 inputs have fp32's exponent range and need no rule).
+Extra memory: the chunk workspaces (≤ WORKSPACE_BYTES unless one image alone needs more) plus 3·B·P floats of
+saved statistics, P·D float32 for the ∂C accumulator and the per-program partials. [B, P, D] is never formed by
+XAC; [B, P, L] exists one chunk at a time.
+
+Limits: any B, L, P ≥ 1 and D ≥ 1 (masking); images per chunk ≤ 65,535 (grid axis); offsets are int64. Requested
+blocks must be powers of two ≥ 16 (tl.dot's smallest extent on a GPU). Inputs are made contiguous once on the
+host. Numerics: 16-bit inputs feed their own dtype to tl.dot on a GPU, fp32 inputs use tf32 when
+``torch.backends.cuda.matmul.allow_tf32`` is set, else "ieee" (``_common.dot_config``); workspaces, softmax and
+accumulators are float32, and A, G, X, q·A, M are rounded to the dot dtype as they enter a dot. Underflow: attention
+probabilities below fp16's 2⁻²⁴ flush to 0 (an absolute error ≤ 2⁻²⁴·L·max‖u‖ on w); XAC's X and M are formed
+for ∂L = 1 and ∂L multiplies the float32 accumulators after the dots, so loss scaling or a tiny ∂L cannot flush
+them. Overflow (fp16 only): q ∝ 1/n³, so pairs whose pooled vector nearly cancels (n ≲ 0.01 with unit tokens)
+can exceed 65,504 in q·A or M; bf16 has fp32's range and no such limit.
 """
 from __future__ import annotations
 
@@ -72,47 +79,42 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
+from ._common import (Scalar, _dot_tile, block_size, contiguous, dot_config, launch, needs_grad,
                       scalar_arg, scalar_grad)
 
 # F.normalize's clamp, v / max(‖v‖, NORM_EPS) (reference.NORM_EPS); also where q's gradient is cut off.
 NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_stats(
-    tok_ptr, concepts_ptr, dv_ptr,         # one image's tokens [L, D]; concepts [P, D]; its ∂v̂ rows [P, D] (POOL_GRAD)
-    cidx, lidx,                            # [BLOCK_P], [BLOCK_L] int64
-    L, P, D, inv_temp,
-    NEED_H: tl.constexpr, POOL_GRAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """(attn, r, ‖w‖², ⟨w,c⟩, h, ⟨w,dv⟩, e) for one image and one concept block; see the module docstring."""
-    # [BLOCK_P, BLOCK_L] raw dots r = C Uᵀ
-    raw = _dot_tile(concepts_ptr, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
-    scores = tl.where((lidx < L)[None, :], raw * inv_temp, float("-inf"))
-    attn = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    attn = attn / tl.sum(attn, axis=1)[:, None]                                       # [BLOCK_P, BLOCK_L]
-    norm_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    w_dot_c = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    w_dot_dv = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    h = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)                               # ⟨w_p, u_l⟩
-    e = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)                               # ⟨dv_p, u_l⟩
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        tok = _load_rows(tok_ptr, lidx, offs_d, L, D, D).to(DOT_DTYPE)                  # [BLOCK_L, BLOCK_D]
-        concept = _load_rows(concepts_ptr, cidx, offs_d, P, D, D)                        # [BLOCK_P, BLOCK_D]
-        pooled = tl.dot(attn.to(DOT_DTYPE), tok, input_precision=PRECISION)              # [BLOCK_P, BLOCK_D]
-        norm_sq += tl.sum(pooled * pooled, axis=1)
-        w_dot_c += tl.sum(pooled * concept, axis=1)
-        if NEED_H:
-            h = tl.dot(pooled.to(DOT_DTYPE), tl.trans(tok), h, input_precision=PRECISION)
-        if POOL_GRAD:
-            grad_v = _load_rows(dv_ptr, cidx, offs_d, P, D, D)                           # [BLOCK_P, BLOCK_D]
-            w_dot_dv += tl.sum(pooled * grad_v, axis=1)
-            e = tl.dot(grad_v.to(DOT_DTYPE), tl.trans(tok), e, input_precision=PRECISION)
-    return attn, raw, norm_sq, w_dot_c, h, w_dot_dv, e
+def _ws_tile(ws_ptr, b, rows, cols, P, L):
+    """(tile, mask): rows × cols of image b of a chunk workspace [chunk, P, L] in its storage dtype, 0 where
+    masked."""
+    mask = (rows < P)[:, None] & (cols < L)[None, :]
+    return tl.load(ws_ptr + (b * P + rows[:, None]) * L + cols[None, :], mask=mask, other=0.0), mask
+
+
+@triton.jit
+def _attn_tile(scores_ptr, b, rows, cols, P, L, lse, inv_temp):
+    """(a, r): attention a = exp(r/T − lse) and the raw dots r for a tile of image b, 0 where masked."""
+    raw, mask = _ws_tile(scores_ptr, b, rows, cols, P, L)
+    return tl.where(mask, tl.exp(raw * inv_temp - lse[:, None]), 0.0), raw
+
+
+@triton.jit
+def _store_ws(ws_ptr, b, rows, cols, P, L, value):
+    tl.store(ws_ptr + (b * P + rows[:, None]) * L + cols[None, :], value.to(ws_ptr.dtype.element_ty),
+             mask=(rows < P)[:, None] & (cols < L)[None, :])
+
+
+@triton.jit
+def _load_dot(ptr, idx, offs_d, ROWS, D, stride, DOT_DTYPE: tl.constexpr):
+    """[len(idx), len(offs_d)] slice of a row-major [ROWS, D] matrix as a tl.dot operand, 0 where masked."""
+    mask = (idx < ROWS)[:, None] & (offs_d < D)[None, :]
+    return tl.load(ptr + idx[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -126,216 +128,385 @@ def _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias):
 
 
 @triton.jit
-def _pair_grads(
-    tok_ptr, concepts_ptr, dv_ptr, owner_ptr, cidx, lidx, image,
-    L, P, D, inv_temp, scale, bias,
-    POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _inv_norm(stats_ptr, idx, ok, BP_TOTAL):
+    """1 / max(‖w‖, ε) from the saved ‖w‖² (stats row 1)."""
+    norm_sq = tl.load(stats_ptr + BP_TOTAL + idx, mask=ok, other=0.0)
+    return 1.0 / tl.maximum(tl.sqrt(norm_sq), NORM_EPS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _xattn_gram_kernel(
+    tokens_ptr, gram_ptr,                 # tokens [B, L, D]; G workspace [chunk, L, L] float32
+    image0, L, D,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """(attn, ∂r, 1/n, q, γ, dz, ⟨v̂,c⟩) for one image and a concept block (γ, dz, ⟨v̂,c⟩ are 0 for pooling)."""
-    attn, raw, norm_sq, w_dot_c, h, w_dot_dv, e = _pair_stats(
-        tok_ptr, concepts_ptr, dv_ptr, cidx, lidx, L, P, D, inv_temp, True, POOL,
-        BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
-    norm = tl.sqrt(norm_sq)
-    inv_n = 1.0 / tl.maximum(norm, NORM_EPS)
-    cosine = w_dot_c * inv_n
-    if POOL:
-        gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        dz = gamma
-    else:
-        logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias)
-        dz = tl.where(valid, -sign * tl.sigmoid(-sign * logit), 0.0)        # per unit ∂L: |dz| < 1
-        gamma = scale * dz
-        w_dot_dv = gamma * w_dot_c
-        e = gamma[:, None] * raw
-    q = tl.where(norm > NORM_EPS, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
-    d_attn = e * inv_n[:, None] - q[:, None] * h                                      # [BLOCK_P, BLOCK_L]
-    d_raw = attn * (d_attn - tl.sum(attn * d_attn, axis=1)[:, None]) * inv_temp
-    return attn, d_raw, inv_n, q, gamma, dz, cosine
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(2).to(tl.int64)
+    tok_ptr = tokens_ptr + (image0 + b) * L * D
+    gram = _dot_tile(tok_ptr, tok_ptr, rows, cols, L, L, D, D, D, BLOCK_L, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
+    _store_ws(gram_ptr, b, rows, cols, L, L, gram)
 
 
 @triton.jit
-def _xattn_fwd_kernel(
-    tokens_ptr, concepts_ptr, owner_ptr, scale_ptr, bias_ptr,  # inputs
-    out_ptr,                                                     # POOL: v̂ [B, P, D]; else loss partials [B, nP]
-    L, P, D, inv_temp, image_offset,                             # shapes, scalars
-    POOL: tl.constexpr,
+def _xattn_pair_kernel(
+    tokens_ptr, concepts_ptr, owner_ptr, scale_ptr, bias_ptr, grad_ptr,   # inputs; grad: ∂v̂ [B, P, D] (pool bwd)
+    gram_ptr, scores_ptr, e_ptr, x_ptr, q_ptr,                            # workspaces: G, R, E (pool bwd), X, q
+    stats_ptr, partials_ptr,                                              # (lse, ‖w‖², ⟨w,c⟩) [3, B, P]; XAC
+    image0, B, L, P, D, inv_temp, image_offset,
+    BACKWARD: tl.constexpr, POOL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_p = tl.program_id(0).to(tl.int64)     # concept block: fast axis, so one image's tokens stay in L2
-    image = tl.program_id(1).to(tl.int64)
+    """One image (grid axis 1, slow) × one block of BLOCK_P concepts (axis 0); see the module docstring.
+
+    partials (XAC): forward, the loss sum of this program at [image, block]; backward, the ∂s and ∂b partials at
+    [0 | 1, image, block] (per unit ∂L)."""
+    pid_p = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    image = image0 + b
     cidx = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)                                    # [BLOCK_P]
-    lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
+    c_ok = cidx < P
     tok_ptr = tokens_ptr + image * L * D
-    attn, raw, norm_sq, w_dot_c, h, w_dot_dv, e = _pair_stats(
-        tok_ptr, concepts_ptr, concepts_ptr, cidx, lidx, L, P, D, inv_temp, False, False,
-        BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
-    if POOL:
-        inv_n = 1.0 / tl.maximum(tl.sqrt(norm_sq), NORM_EPS)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            tok = _load_rows(tok_ptr, lidx, offs_d, L, D, D)                             # [BLOCK_L, BLOCK_D]
-            pooled = tl.dot(attn.to(DOT_DTYPE), tok.to(DOT_DTYPE), input_precision=PRECISION)
-            tl.store(out_ptr + (image * P + cidx[:, None]) * D + offs_d[None, :], pooled * inv_n[:, None],
-                     mask=(cidx < P)[:, None] & (offs_d < D)[None, :])
+    stat = stats_ptr + image * P + cidx
+    total = B * P
+    # ---- sweep 1: R = C Uᵀ tile by tile into the workspace (pooling backward: also E = dV Uᵀ) --------------------
+    if BACKWARD:
+        lse = tl.load(stat, mask=c_ok, other=0.0)
+        w_dot_dv = tl.zeros((BLOCK_P,), dtype=tl.float32)
     else:
-        scale = tl.load(scale_ptr).to(tl.float32)
-        bias = tl.load(bias_ptr).to(tl.float32)
-        logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
-        margin = -sign * logit                                 # −log σ(y z) = softplus(−y z), computed stably
-        loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
-        tl.store(out_ptr + image * tl.num_programs(0) + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+        run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)                                # [BLOCK_L]
+        raw = _dot_tile(concepts_ptr, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L, BLOCK_D,
+                        DOT_DTYPE, PRECISION)                                          # [BLOCK_P, BLOCK_L]
+        _store_ws(scores_ptr, b, cidx, lidx, P, L, raw)
+        if not BACKWARD:
+            scores = tl.where((lidx < L)[None, :], raw * inv_temp, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
+            run_max = new_max
+    if not BACKWARD:
+        lse = run_max + tl.log(run_sum)
+    # The tiles just stored are read back below in another thread layout: make them visible to the whole CTA.
+    tl.debug_barrier()
+    if BACKWARD:
+        if POOL:   # sweep 1b: E = dV Uᵀ into its workspace and ⟨w, dv⟩ = Σ_l a_l e_l (its own loop: registers)
+            for l0 in range(0, L, BLOCK_L):
+                lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+                e = _dot_tile(grad_ptr + image * P * D, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L,
+                              BLOCK_D, DOT_DTYPE, PRECISION)
+                _store_ws(e_ptr, b, cidx, lidx, P, L, e)
+                attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
+                w_dot_dv += tl.sum(attn * e, axis=1)
+            tl.debug_barrier()
+    # ---- per-pair scalars (backward) ------------------------------------------------------------------------------
+    if BACKWARD:
+        norm_sq = tl.load(stat + total, mask=c_ok, other=0.0)
+        w_dot_c = tl.load(stat + 2 * total, mask=c_ok, other=0.0)
+        norm = tl.sqrt(norm_sq)
+        inv_n = 1.0 / tl.maximum(norm, NORM_EPS)
+        if POOL:
+            gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
+            bias = tl.load(bias_ptr).to(tl.float32)
+            logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
+            dz = tl.where(valid, -sign * tl.sigmoid(-sign * logit), 0.0)      # per unit ∂L: |dz| < 1
+            gamma = scale * dz
+            w_dot_dv = gamma * w_dot_c
+            out = image * n_blocks + pid_p
+            tl.store(partials_ptr + out, tl.sum(dz * w_dot_c * inv_n, axis=0))
+            tl.store(partials_ptr + B * n_blocks + out, tl.sum(dz, axis=0))
+        q = tl.where(norm > NORM_EPS, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
+        kappa = w_dot_dv * inv_n - q * norm_sq                                        # Σ_l a_l ∂a_l
+        tl.store(q_ptr + b * P + cidx, q, mask=c_ok)
+    else:
+        norm_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        w_dot_c = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    # ---- sweep 2: per output token tile, H = A G, then the statistics (forward) or X (backward) ------------------
+    for l1 in range(0, L, BLOCK_L):
+        lout = l1 + tl.arange(0, BLOCK_L).to(tl.int64)                                # [BLOCK_L]
+        h = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+            attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
+            gram, _ = _ws_tile(gram_ptr, b, lidx, lout, L, L)                         # [BLOCK_L, BLOCK_L]
+            h = tl.dot(attn.to(DOT_DTYPE), gram.to(DOT_DTYPE), h, input_precision=PRECISION)
+        attn, raw = _attn_tile(scores_ptr, b, cidx, lout, P, L, lse, inv_temp)
+        if BACKWARD:
+            if POOL:
+                e, _ = _ws_tile(e_ptr, b, cidx, lout, P, L)
+            else:
+                e = gamma[:, None] * raw
+            d_attn = e * inv_n[:, None] - q[:, None] * h
+            x = attn * (d_attn - kappa[:, None]) * inv_temp
+            if not POOL:
+                x += (gamma * inv_n)[:, None] * attn
+            _store_ws(x_ptr, b, cidx, lout, P, L, x)
+        else:
+            norm_sq += tl.sum(attn * h, axis=1)
+            w_dot_c += tl.sum(attn * raw, axis=1)
+    if not BACKWARD:
+        tl.store(stat, lse, mask=c_ok)
+        tl.store(stat + total, norm_sq, mask=c_ok)
+        tl.store(stat + 2 * total, w_dot_c, mask=c_ok)
+        if not POOL:
+            scale = tl.load(scale_ptr).to(tl.float32)
+            bias = tl.load(bias_ptr).to(tl.float32)
+            logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
+            margin = -sign * logit                             # −log σ(y z) = softplus(−y z), computed stably
+            loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
+            tl.store(partials_ptr + image * n_blocks + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
 
 
 @triton.jit
-def _xattn_bwd_tokens_kernel(
-    tokens_ptr, concepts_ptr, owner_ptr, scale_ptr, bias_ptr, grad_ptr,   # inputs; grad: ∂v̂ [B,P,D] or ∂L [1]
-    d_tokens_ptr, scale_partials_ptr, bias_partials_ptr,                  # outputs [B, L, D], [B], [B]
-    L, P, D, inv_temp, image_offset,
+def _xattn_mgram_kernel(
+    scores_ptr, q_ptr, stats_ptr, m_ptr,          # workspaces R, q; saved stats; M workspace [chunk, L, L]
+    image0, L, P, inv_temp,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = tl.program_id(2).to(tl.int64)
+    acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        c_ok = cidx < P
+        lse = tl.load(stats_ptr + (image0 + b) * P + cidx, mask=c_ok, other=0.0)
+        q = tl.load(q_ptr + b * P + cidx, mask=c_ok, other=0.0)
+        attn_rows, _ = _attn_tile(scores_ptr, b, cidx, rows, P, L, lse, inv_temp)      # [BLOCK_P, BLOCK_L]
+        attn_cols, _ = _attn_tile(scores_ptr, b, cidx, cols, P, L, lse, inv_temp)
+        acc = tl.dot(tl.trans(attn_rows).to(DOT_DTYPE), (-q[:, None] * attn_cols).to(DOT_DTYPE), acc,
+                     input_precision=PRECISION)                                         # −M
+    _store_ws(m_ptr, b, rows, cols, L, L, acc)
+
+
+@triton.jit
+def _xattn_dtokens_kernel(
+    tokens_ptr, concepts_ptr, grad_ptr, scores_ptr, x_ptr, m_ptr, stats_ptr,   # grad: ∂L [1] or ∂v̂ [B, P, D]
+    d_tokens_ptr,                                                              # [B, L, D]
+    image0, B, L, P, D, inv_temp,
     POOL: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_d = tl.program_id(0).to(tl.int64)     # output D slice: fast axis, so one image's tokens stay in L2
-    image = tl.program_id(1).to(tl.int64)
-    lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
+    lidx = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)          # [BLOCK_L]
+    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)       # [BLOCK_DO]
+    b = tl.program_id(2).to(tl.int64)
+    image = image0 + b
     tok_ptr = tokens_ptr + image * L * D
-    dv_ptr = grad_ptr + image * P * D
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    # XAC: the gradient tiles are built for ∂L = 1 and the fp32 accumulators scaled by ∂L after the dots, so a
-    # small upstream gradient cannot underflow a 16-bit dot operand (pooling's ∂v̂ goes in as it is).
+    acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):                                    # Xᵀ C  [+ (A/n)ᵀ dV]
+        cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        x, _ = _ws_tile(x_ptr, b, cidx, lidx, P, L)                                  # [BLOCK_P, BLOCK_L]
+        concept = _load_dot(concepts_ptr, cidx, offs_o, P, D, D, DOT_DTYPE)          # [BLOCK_P, BLOCK_DO]
+        acc = tl.dot(tl.trans(x).to(DOT_DTYPE), concept, acc, input_precision=PRECISION)
+    if POOL:                                                           # (A/n)ᵀ dV: its own loop (registers)
+        for p0 in range(0, P, BLOCK_P):
+            cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+            c_ok = cidx < P
+            lse = tl.load(stats_ptr + image * P + cidx, mask=c_ok, other=0.0)
+            inv_n = _inv_norm(stats_ptr, image * P + cidx, c_ok, B * P)
+            attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
+            grad_v = _load_dot(grad_ptr + image * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)
+            acc = tl.dot(tl.trans(attn * inv_n[:, None]).to(DOT_DTYPE), grad_v, acc,
+                         input_precision=PRECISION)
+    for l0 in range(0, L, BLOCK_L):                                    # − M U (M is stored negated)
+        lk = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        m, _ = _ws_tile(m_ptr, b, lidx, lk, L, L)                                    # [BLOCK_L, BLOCK_L]
+        tok = _load_dot(tok_ptr, lk, offs_o, L, D, D, DOT_DTYPE)                     # [BLOCK_L, BLOCK_DO]
+        acc = tl.dot(m.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
     if POOL:
         grad_loss = 1.0
     else:
         grad_loss = tl.load(grad_ptr).to(tl.float32)
-    tok_out = _load_rows(tok_ptr, lidx, offs_o, L, D, D).to(DOT_DTYPE)                # [BLOCK_L, BLOCK_DO]
-    acc = tl.zeros((BLOCK_L, BLOCK_DO), dtype=tl.float32)                             # ∂u_l[slice]
-    scale_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        attn, d_raw, inv_n, q, gamma, dz, cosine = _pair_grads(
-            tok_ptr, concepts_ptr, dv_ptr, owner_ptr, cidx, lidx, image + image_offset,
-            L, P, D, inv_temp, scale, bias, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
-        concept_out = _load_rows(concepts_ptr, cidx, offs_o, P, D, D)                    # [BLOCK_P, BLOCK_DO]
-        pooled_out = tl.dot(attn.to(DOT_DTYPE), tok_out, input_precision=PRECISION)      # [BLOCK_P, BLOCK_DO]
-        if POOL:
-            grad_v = _load_rows(dv_ptr, cidx, offs_o, P, D, D)
-        else:
-            grad_v = gamma[:, None] * concept_out
-        d_pooled = grad_v * inv_n[:, None] - q[:, None] * pooled_out
-        acc = tl.dot(tl.trans(attn).to(DOT_DTYPE), d_pooled.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        acc = tl.dot(tl.trans(d_raw).to(DOT_DTYPE), concept_out.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        scale_acc += dz * cosine
-        bias_acc += dz
     tl.store(d_tokens_ptr + (image * L + lidx[:, None]) * D + offs_o[None, :],
-             (acc * grad_loss).to(d_tokens_ptr.dtype.element_ty), mask=(lidx < L)[:, None] & (offs_o < D)[None, :])
-    if not POOL:
-        tl.store(scale_partials_ptr + image, tl.sum(scale_acc, axis=0) * grad_loss, mask=pid_d == 0)
-        tl.store(bias_partials_ptr + image, tl.sum(bias_acc, axis=0) * grad_loss, mask=pid_d == 0)
+             (acc * grad_loss).to(d_tokens_ptr.dtype.element_ty),
+             mask=(lidx < L)[:, None] & (offs_o < D)[None, :])
 
 
 @triton.jit
-def _xattn_bwd_concepts_kernel(
-    tokens_ptr, concepts_ptr, owner_ptr, scale_ptr, bias_ptr, grad_ptr,   # inputs
-    d_concepts_ptr,                                                       # output [P, D]
-    B, L, P, D, inv_temp, image_offset,
+def _xattn_dconcepts_kernel(
+    tokens_ptr, grad_ptr, x_ptr, dc_ptr,          # dc: float32 ∂C accumulator [P, D], added to chunk by chunk
+    image0, n_images, L, P, D,
     POOL: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_p = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    cidx = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)                                    # [BLOCK_P]
-    lidx = tl.arange(0, BLOCK_L).to(tl.int64)                                         # [BLOCK_L]
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)                                # [BLOCK_DO]
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    # XAC: the gradient tiles are built for ∂L = 1 and the fp32 accumulators scaled by ∂L after the dots, so a
-    # small upstream gradient cannot underflow a 16-bit dot operand (pooling's ∂v̂ goes in as it is).
+    cidx = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)
+    for b_i32 in range(0, n_images):
+        b = pid_p * 0 + b_i32                          # int64 (a plain .to() fails on the interpreter's int)
+        tok_ptr = tokens_ptr + (image0 + b) * L * D
+        for l0 in range(0, L, BLOCK_L):
+            lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+            x, _ = _ws_tile(x_ptr, b, cidx, lidx, P, L)                              # [BLOCK_P, BLOCK_L]
+            tok = _load_dot(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)               # [BLOCK_L, BLOCK_DO]
+            acc = tl.dot(x.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
     if POOL:
         grad_loss = 1.0
     else:
         grad_loss = tl.load(grad_ptr).to(tl.float32)
-    acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)                             # ∂c_p[slice]
-    for image_i32 in range(0, B):
-        image = pid_p * 0 + image_i32                  # int64 (a plain .to() fails on the interpreter's int)
-        tok_ptr = tokens_ptr + image * L * D
-        attn, d_raw, inv_n, q, gamma, dz, cosine = _pair_grads(
-            tok_ptr, concepts_ptr, grad_ptr + image * P * D, owner_ptr, cidx, lidx, image + image_offset,
-            L, P, D, inv_temp, scale, bias, POOL, BLOCK_P, BLOCK_L, BLOCK_D, DOT_DTYPE, PRECISION)
-        tok_out = _load_rows(tok_ptr, lidx, offs_o, L, D, D).to(DOT_DTYPE)           # [BLOCK_L, BLOCK_DO]
-        if POOL:
-            direct = d_raw
-        else:                                          # γ w / n = Σ_l (γ a_l / n) u_l: fold into one GEMM
-            direct = d_raw + (gamma * inv_n)[:, None] * attn
-        acc = tl.dot(direct.to(DOT_DTYPE), tok_out, acc, input_precision=PRECISION)
-    tl.store(d_concepts_ptr + cidx[:, None] * D + offs_o[None, :],
-             (acc * grad_loss).to(d_concepts_ptr.dtype.element_ty), mask=(cidx < P)[:, None] & (offs_o < D)[None, :])
+    ptrs = dc_ptr + cidx[:, None] * D + offs_o[None, :]
+    mask = (cidx < P)[:, None] & (offs_o < D)[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc * grad_loss, mask=mask)
+
+
+@triton.jit
+def _xattn_pool_out_kernel(
+    tokens_ptr, scores_ptr, stats_ptr, out_ptr,   # out: v̂ [B, P, D] float32
+    image0, B, L, P, D, inv_temp,
+    BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cidx = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    b = tl.program_id(2).to(tl.int64)
+    image = image0 + b
+    c_ok = cidx < P
+    lse = tl.load(stats_ptr + image * P + cidx, mask=c_ok, other=0.0)
+    inv_n = _inv_norm(stats_ptr, image * P + cidx, c_ok, B * P)
+    tok_ptr = tokens_ptr + image * L * D
+    acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)         # [BLOCK_P, BLOCK_L]
+        tok = _load_dot(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)                   # [BLOCK_L, BLOCK_DO]
+        acc = tl.dot(attn.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
+    tl.store(out_ptr + (image * P + cidx[:, None]) * D + offs_o[None, :], acc * inv_n[:, None],
+             mask=c_ok[:, None] & (offs_o < D)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Host launchers (no autograd)
 # --------------------------------------------------------------------------------------------------------------
-MIN_BLOCK = 16   # smallest tl.dot extent on a GPU
+MIN_BLOCK = 16                 # smallest tl.dot extent on a GPU
+WORKSPACE_BYTES = 256 << 20    # default bound on the per-chunk float32 workspaces (R, X, E, G, M, q)
+MAX_CHUNK = 65_535             # images are grid axis 2 (CUDA's limit on the y/z axes)
+NUM_WARPS = 8                  # 64 × 64/128 tiles: wgmma on sm_90, no spills on sm_80/sm_90 (python -m compclip.kernels.aot)
 
 
-def _meta(tokens, concepts, block_p, block_d, block_do) -> dict:
-    _, L, D = tokens.shape
+_TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
+
+
+def workspace_bytes_per_image(P: int, L: int, pool: bool, dot_bytes: int = 4) -> int:
+    """Workspace one image of a chunk needs in the backward (the forward needs less: R and G). R, E (pooling) and
+    q are float32; G, M and X are only ever dot operands and are stored in the dot dtype (``dot_bytes``)."""
+    return 4 * ((2 if pool else 1) * P * L + P) + dot_bytes * (P * L + 2 * L * L)
+
+
+def _meta(tokens, concepts, pool, block_p, block_l, block_d, block_do, chunk) -> dict:
+    B, L, D = tokens.shape
     P = concepts.shape[0]
-    dot_dtype, precision = dot_config(tokens, concepts)
-    for name, requested in (("block_p", block_p), ("block_d", block_d), ("block_do", block_do)):
+    dot_dtype, precision = dot_config(tokens, concepts, follow_tf32=True)
+    for name, requested in (("block_p", block_p), ("block_l", block_l), ("block_d", block_d),
+                            ("block_do", block_do)):
         if requested is not None and requested < MIN_BLOCK:
             raise ValueError(f"{name} must be >= {MIN_BLOCK} (tl.dot needs M, N, K >= 16 on a GPU), got {requested}")
-    block_l = block_size(None, L, 1 << 30)
-    long_l = block_l > 128
-    # Six [BLOCK_P, BLOCK_L] float32 tiles live at once in the backward and the d-tokens accumulator is
-    # [BLOCK_L, BLOCK_DO]: fewer concepts, thinner D slices for long L (BLOCK_DO=32 is what compiles without
-    # spills on sm_80 and sm_90 at L=196, D=768 per the AOT gate; it costs 24 D slices, see the pass table).
-    return dict(BLOCK_P=block_size(block_p, P, 16 if long_l else 32), BLOCK_L=block_l,
-                BLOCK_D=block_size(block_d, D, 32 if long_l else 64),
-                BLOCK_DO=block_size(block_do, D, 32 if long_l else 256),
-                DOT_DTYPE=dot_dtype, PRECISION=precision)
+    ws_dtype = _TORCH_DTYPE[dot_dtype]
+    if chunk is None:
+        chunk = WORKSPACE_BYTES // workspace_bytes_per_image(P, L, pool, ws_dtype.itemsize)
+    elif chunk < 1:
+        raise ValueError(f"chunk must be >= 1 image, got {chunk}")
+    return dict(BLOCK_P=block_size(block_p, P, 64), BLOCK_L=block_size(block_l, L, 64),
+                BLOCK_D=block_size(block_d, D, 64), BLOCK_DO=block_size(block_do, D, 128),
+                DOT_DTYPE=dot_dtype, PRECISION=precision, chunk=max(1, min(int(chunk), B, MAX_CHUNK)),
+                ws_dtype=ws_dtype)
+
+
+def _chunks(B: int, chunk: int):
+    for image0 in range(0, B, chunk):
+        yield image0, min(chunk, B - image0)
+
+
+def _tile_meta(meta, *names):
+    return {k: meta[k] for k in (*names, "DOT_DTYPE", "PRECISION")}
+
+
+def _gram_and_pairs(tokens, concepts, owner, scale, bias, grad, gram, scores, e, x, q, stats, partials,
+                    image0, n, inv_temp, image_offset, backward, pool, meta):
+    """G for images [image0, image0 + n), then the pair kernel over them (see ``_xattn_pair_kernel``)."""
+    B, L, D = tokens.shape
+    P = concepts.shape[0]
+    n_l = triton.cdiv(L, meta["BLOCK_L"])
+    launch(_xattn_gram_kernel, (n_l, n_l, n), tokens, gram, image0, L, D,
+           num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_L", "BLOCK_D"))
+    launch(_xattn_pair_kernel, (triton.cdiv(P, meta["BLOCK_P"]), n),
+           tokens, concepts, owner, scale, bias, grad,
+           gram, scores, e, x, q,
+           stats, partials,
+           image0, B, L, P, D, inv_temp, image_offset,
+           BACKWARD=backward, POOL=pool, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_D"))
 
 
 def xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offset, pool: bool, meta):
-    """POOL: v̂ [B, P, D] float32; else the loss partials [B, ⌈P/BLOCK_P⌉] float32 (sum them)."""
+    """(out, stats): POOL: v̂ [B, P, D] float32, else the loss partials [B, ⌈P/BLOCK_P⌉] float32 (sum them);
+    stats = (lse, ‖w‖², ⟨w,c⟩) [3, B, P] float32, what the backward reads."""
     B, L, D = tokens.shape
     P = concepts.shape[0]
+    chunk = meta["chunk"]
     n_blocks = triton.cdiv(P, meta["BLOCK_P"])
-    shape = (B, P, D) if pool else (B, n_blocks)
-    out = torch.empty(shape, dtype=torch.float32, device=tokens.device)
-    fwd_meta = {k: v for k, v in meta.items() if k != "BLOCK_DO"}
-    launch(_xattn_fwd_kernel, (n_blocks, B),
-           tokens, concepts, owner, scale, bias,
-           out,
-           L, P, D, 1.0 / temperature, image_offset,
-           POOL=pool, num_warps=8, **fwd_meta)
-    return out
+    f32 = dict(dtype=torch.float32, device=tokens.device)
+    stats = torch.empty(3, B, P, **f32)
+    out = torch.empty((B, P, D) if pool else (B, n_blocks), **f32)
+    scores = torch.empty(chunk, P, L, **f32)
+    gram = torch.empty(chunk, L, L, dtype=meta["ws_dtype"], device=tokens.device)
+    inv_temp = 1.0 / temperature
+    for image0, n in _chunks(B, chunk):
+        _gram_and_pairs(tokens, concepts, owner, scale, bias, scale, gram, scores, scores, scores, scale, stats, out,
+                        image0, n, inv_temp, image_offset, False, pool, meta)
+        if pool:
+            launch(_xattn_pool_out_kernel, (n_blocks, triton.cdiv(D, meta["BLOCK_DO"]), n),
+                   tokens, scores, stats, out,
+                   image0, B, L, P, D, inv_temp,
+                   num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
+    return out, stats
 
 
-def xattn_backward(tokens, concepts, owner, scale, bias, grad, temperature, image_offset, pool: bool, meta):
-    """(d_tokens, d_concepts, d_scale_partials [B], d_bias_partials [B]); ``grad`` is ∂v̂ [B, P, D] float32
-    (pooling) or ∂L as a 1-element float32 tensor (XAC)."""
+def xattn_backward(tokens, concepts, owner, scale, bias, stats, grad, temperature, image_offset, pool: bool, meta,
+                   need_tokens: bool = True, need_concepts: bool = True):
+    """(d_tokens, d_concepts, d_scale_partials, d_bias_partials); ``grad`` is ∂v̂ [B, P, D] float32 (pooling) or
+    ∂L as a 1-element float32 tensor (XAC). A gradient that is not needed comes back as None."""
     B, L, D = tokens.shape
     P = concepts.shape[0]
-    d_tokens, d_concepts = torch.empty_like(tokens), torch.empty_like(concepts)
-    partials = torch.zeros(2, B, dtype=torch.float32, device=tokens.device)
-    d_slices = triton.cdiv(D, meta["BLOCK_DO"])
-    common = (owner, scale, bias, grad)
-    launch(_xattn_bwd_tokens_kernel, (d_slices, B),
-           tokens, concepts, *common,
-           d_tokens, partials[0], partials[1],
-           L, P, D, 1.0 / temperature, image_offset,
-           POOL=pool, num_warps=8, **meta)
-    launch(_xattn_bwd_concepts_kernel, (triton.cdiv(P, meta["BLOCK_P"]), d_slices),
-           tokens, concepts, *common,
-           d_concepts,
-           B, L, P, D, 1.0 / temperature, image_offset,
-           POOL=pool, num_warps=8, **meta)
+    chunk, BP, BL, BDO = meta["chunk"], meta["BLOCK_P"], meta["BLOCK_L"], meta["BLOCK_DO"]
+    n_blocks, n_l, n_do = triton.cdiv(P, BP), triton.cdiv(L, BL), triton.cdiv(D, BDO)
+    f32 = dict(dtype=torch.float32, device=tokens.device)
+    d_tokens = torch.empty_like(tokens) if need_tokens else None
+    d_concepts = torch.zeros(P, D, **f32) if need_concepts else None
+    partials = torch.zeros(2, B, n_blocks, **f32)
+    ws = dict(dtype=meta["ws_dtype"], device=tokens.device)
+    scores, x = torch.empty(chunk, P, L, **f32), torch.empty(chunk, P, L, **ws)
+    e = torch.empty(chunk, P, L, **f32) if pool else scores
+    gram, mgram = torch.empty(chunk, L, L, **ws), torch.empty(chunk, L, L, **ws)
+    q = torch.empty(chunk, P, **f32)
+    inv_temp = 1.0 / temperature
+    for image0, n in _chunks(B, chunk):
+        _gram_and_pairs(tokens, concepts, owner, scale, bias, grad, gram, scores, e, x, q, stats, partials,
+                        image0, n, inv_temp, image_offset, True, pool, meta)
+        if need_tokens:
+            launch(_xattn_mgram_kernel, (n_l, n_l, n), scores, q, stats, mgram, image0, L, P, inv_temp,
+                   num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L"))
+            launch(_xattn_dtokens_kernel, (n_l, n_do, n),
+                   tokens, concepts, grad, scores, x, mgram, stats,
+                   d_tokens,
+                   image0, B, L, P, D, inv_temp,
+                   POOL=pool, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
+        if need_concepts:
+            launch(_xattn_dconcepts_kernel, (n_blocks, n_do),
+                   tokens, grad, x, d_concepts,
+                   image0, n, L, P, D,
+                   POOL=pool, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
+    if need_concepts:
+        d_concepts = d_concepts.to(concepts.dtype)
     return d_tokens, d_concepts, partials[0], partials[1]
 
 
@@ -355,20 +526,20 @@ class ConceptAttentionPool(torch.autograd.Function):
     def forward(ctx, tokens, concepts, temperature, meta):
         tokens, concepts = contiguous(tokens, concepts)
         zero = scalar_arg(None, tokens.device)
-        pooled = xattn_forward(tokens, concepts, zero, zero, zero, temperature, 0, True, meta)
-        ctx.save_for_backward(tokens, concepts)
+        pooled, stats = xattn_forward(tokens, concepts, zero, zero, zero, temperature, 0, True, meta)
+        ctx.save_for_backward(tokens, concepts, stats)
         ctx.temperature, ctx.meta = temperature, meta
         return pooled
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_pooled):
-        tokens, concepts = ctx.saved_tensors
+        tokens, concepts, stats = ctx.saved_tensors
         zero = scalar_arg(None, tokens.device)
-        d_tokens, d_concepts, _, _ = xattn_backward(tokens, concepts, zero, zero, zero,
-                                                    grad_pooled.float().contiguous(), ctx.temperature, 0, True,
-                                                    ctx.meta)
-        return (d_tokens if needs_grad(ctx, 0) else None, d_concepts if needs_grad(ctx, 1) else None, None, None)
+        d_tokens, d_concepts, _, _ = xattn_backward(
+            tokens, concepts, zero, zero, zero, stats, grad_pooled.float().contiguous(), ctx.temperature, 0, True,
+            ctx.meta, needs_grad(ctx, 0), needs_grad(ctx, 1))
+        return d_tokens, d_concepts, None, None
 
 
 class XACLossSum(torch.autograd.Function):
@@ -376,8 +547,9 @@ class XACLossSum(torch.autograd.Function):
     def forward(ctx, tokens, concepts, owner, logit_scale, logit_bias, temperature, image_offset, meta):
         tokens, concepts, owner = contiguous(tokens, concepts, owner)
         scale, bias = scalar_arg(logit_scale, tokens.device), scalar_arg(logit_bias, tokens.device)
-        partials = xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offset, False, meta)
-        ctx.save_for_backward(tokens, concepts, owner, scale, bias)
+        partials, stats = xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offset, False,
+                                        meta)
+        ctx.save_for_backward(tokens, concepts, owner, scale, bias, stats)
         ctx.scalars = (logit_scale if isinstance(logit_scale, torch.Tensor) else None,
                        logit_bias if isinstance(logit_bias, torch.Tensor) else None)
         ctx.temperature, ctx.image_offset, ctx.meta = temperature, image_offset, meta
@@ -386,16 +558,17 @@ class XACLossSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        tokens, concepts, owner, scale, bias = ctx.saved_tensors
+        tokens, concepts, owner, scale, bias, stats = ctx.saved_tensors
+        grad = grad_loss.float().reshape(1)
         d_tokens, d_concepts, scale_partials, bias_partials = xattn_backward(
-            tokens, concepts, owner, scale, bias, grad_loss.float().reshape(1), ctx.temperature, ctx.image_offset,
-            False, ctx.meta)
+            tokens, concepts, owner, scale, bias, stats, grad, ctx.temperature, ctx.image_offset, False, ctx.meta,
+            needs_grad(ctx, 0), needs_grad(ctx, 1))
         return (
-            d_tokens if needs_grad(ctx, 0) else None,
-            d_concepts if needs_grad(ctx, 1) else None,
+            d_tokens,
+            d_concepts,
             None,
-            scalar_grad(scale_partials, ctx.scalars[0], needs_grad(ctx, 3)),
-            scalar_grad(bias_partials, ctx.scalars[1], needs_grad(ctx, 4)),
+            scalar_grad(scale_partials * grad, ctx.scalars[0], needs_grad(ctx, 3)),
+            scalar_grad(bias_partials * grad, ctx.scalars[1], needs_grad(ctx, 4)),
             None, None, None,
         )
 
@@ -406,12 +579,16 @@ def concept_attention_pool(
     temperature: float = 1.0,
     *,
     block_p: Optional[int] = None,
+    block_l: Optional[int] = None,
     block_d: Optional[int] = None,
     block_do: Optional[int] = None,
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
-    """normalize(Σ_l softmax_l(⟨u_il, c_p⟩ / T) u_il): tokens [B, L, D], concepts [P, D] -> [B, P, D] float32."""
+    """normalize(Σ_l softmax_l(⟨u_il, c_p⟩ / T) u_il): tokens [B, L, D], concepts [P, D] -> [B, P, D] float32.
+
+    ``chunk``: images per workspace chunk (default: as many as fit ``WORKSPACE_BYTES``)."""
     _check(tokens, concepts)
-    meta = _meta(tokens, concepts, block_p, block_d, block_do)
+    meta = _meta(tokens, concepts, True, block_p, block_l, block_d, block_do, chunk)
     return ConceptAttentionPool.apply(tokens, concepts, float(temperature), meta)
 
 
@@ -425,13 +602,17 @@ def xac_loss_sum(
     image_offset: int = 0,
     *,
     block_p: Optional[int] = None,
+    block_l: Optional[int] = None,
     block_d: Optional[int] = None,
     block_do: Optional[int] = None,
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
-    """Σ_i Σ_p −log σ(y_ip (s⟨v̂_ip, c_p⟩ + b)) without materialising v̂ (see ``reference.xac_loss_sum``); 0-d float32."""
+    """Σ_i Σ_p −log σ(y_ip (s⟨v̂_ip, c_p⟩ + b)) without materialising v̂ (see ``reference.xac_loss_sum``); 0-d float32.
+
+    ``chunk``: images per workspace chunk (default: as many as fit ``WORKSPACE_BYTES``)."""
     _check(tokens, concepts)
     if owner.shape != concepts.shape[:1]:
         raise ValueError(f"owner must have shape [P] = {tuple(concepts.shape[:1])}, got {tuple(owner.shape)}")
-    meta = _meta(tokens, concepts, block_p, block_d, block_do)
+    meta = _meta(tokens, concepts, False, block_p, block_l, block_d, block_do, chunk)
     return XACLossSum.apply(tokens, concepts, owner, logit_scale, logit_bias, float(temperature), int(image_offset),
                             meta)

@@ -67,13 +67,18 @@ def test_grouped_at_scale():
             [_unit(batch, dim), _unit(batch, dim), _unit(batch, num_negatives, dim), scale])
 
 
-@pytest.mark.parametrize("tokens", [196, 577])
-def test_xac_at_c2lip_scale(tokens):
-    images, concepts, dim = 768, 2304, 768
+@pytest.mark.parametrize("images,tokens,chunk", [(768, 196, None), (768, 577, None), (256, 1024, None),
+                                                 (300, 196, 128)])
+def test_xac_at_c2lip_scale(images, tokens, chunk):
+    # ViT-B/16 (196 tokens), ViT-L/14-336 (577), 1024 tokens; the last row forces three workspace chunks.
+    concepts, dim = 2304, 768
     owner = torch.randint(0, images, (concepts,), device="cuda")
     scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
-    _parity(reference.xac_loss_sum, kernels.xac_loss_sum,
-            [_unit(images, tokens, dim), _unit(concepts, dim), owner, scale, bias])
+
+    def kernel_fn(*args):
+        return kernels.xac_loss_sum(*args, chunk=chunk)
+
+    _parity(reference.xac_loss_sum, kernel_fn, [_unit(images, tokens, dim), _unit(concepts, dim), owner, scale, bias])
 
 
 def test_attention_pool_at_scale():

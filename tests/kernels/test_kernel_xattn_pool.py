@@ -7,7 +7,8 @@ import torch
 from compclip.kernels import concept_attention_pool, reference, xac_loss_sum
 from kernel_parity import check_parity, unit
 
-SMALL = dict(block_p=16, block_d=16, block_do=16)   # several concept blocks / D slices at test sizes
+SMALL = dict(block_p=16, block_l=16, block_d=16, block_do=16, chunk=2)   # several concept blocks, token tiles,
+#                                                                        D slices and image chunks at test sizes
 
 
 def _inputs(B, L, P, D, dtype, offset=0, seed=0):
@@ -87,9 +88,21 @@ def test_wide_embedding_default_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_long_token_axis(dtype):
-    # L = 300 pads to a 512-token tile; D = 21 (not a multiple of 8) gives two 16-wide D slices.
-    _run_xac(2, 300, 3, 21, 10.0, -1.0, 0.5, dtype=dtype, **SMALL)
-    _run_pool(1, 300, 2, 21, 0.5, dtype=dtype, **SMALL)
+    # L = 300 in five 64-token tiles (default blocks; the last one ragged) in every L loop, Gram tiles included;
+    # D = 21 (not a multiple of 8).
+    _run_xac(2, 300, 3, 21, 10.0, -1.0, 0.5, dtype=dtype)
+    if dtype == torch.float32:
+        # ten 32-token tiles, two 16-wide D slices, several concept blocks and image chunks
+        small = dict(SMALL, block_l=32)
+        _run_xac(3, 300, 19, 21, 10.0, -1.0, 0.5, **small)
+        _run_pool(2, 300, 2, 21, 0.5, **small)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_image_chunks(chunk):
+    # 5 images in chunks of 1, 2 (ragged last chunk), 3 and 5: ∂C is accumulated chunk after chunk.
+    _run_xac(5, 20, 19, 17, 10.0, -1.0, block_p=16, block_l=16, chunk=chunk)
+    _run_pool(5, 20, 7, 17, chunk=chunk, block_l=16)
 
 
 def test_one_concept_and_ragged_owners():
@@ -101,10 +114,16 @@ def test_one_concept_and_ragged_owners():
                  [tokens, concepts, owner, torch.tensor(10.0), torch.tensor(-1.0), 1.0, 0], torch.float32)
 
 
-@pytest.mark.parametrize("name", ["block_p", "block_d", "block_do"])
+@pytest.mark.parametrize("name", ["block_p", "block_l", "block_d", "block_do"])
 def test_blocks_below_sixteen_are_rejected(name):
     tokens, concepts, owner = _inputs(1, 3, 2, 8, torch.float32)
     with pytest.raises(ValueError, match=name):
         xac_loss_sum(tokens, concepts, owner, 10.0, **{name: 8})
     with pytest.raises(ValueError, match=name):
         concept_attention_pool(tokens, concepts, **{name: 8})
+
+
+def test_chunk_must_be_positive():
+    tokens, concepts, owner = _inputs(2, 3, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="chunk"):
+        xac_loss_sum(tokens, concepts, owner, 10.0, chunk=0)
