@@ -19,6 +19,7 @@ rank 0, is the one place to make the commit atomic.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -146,6 +147,12 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
 
+    def write_run_files(self, config_yaml: str, ds_config: Dict[str, Any]) -> None:
+        """`config.yaml` (the resolved configuration) and `deepspeed_config.json` in the run folder (rank 0)."""
+        if self.rank == 0:
+            (self.dir.parent / "config.yaml").write_text(config_yaml)
+            (self.dir.parent / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+
     def save(self, engine, step: int, counters: Dict[str, int], config: Dict[str, Any],
              extras: Dict[str, Any]) -> Path:
         """Tag `step<step>`: DeepSpeed's state + counters + config, and this rank's `extras` (+ RNG state)."""
@@ -156,6 +163,22 @@ class Checkpointer:
         torch.distributed.barrier()
         logger.info("saved DeepSpeed checkpoint %s", self.ds_dir / tag)
         return self.ds_dir / tag
+
+    def save_training(self, engine, counters: Dict[str, int], config: Dict[str, Any], stateful: Dict[str, Any],
+                      values: Dict[str, Any]) -> Path:
+        """`save` of a training run: `stateful` objects (method, teacher, data loader; None allowed) are stored by
+        their `state_dict()` under their names, `values` as they are; see `restore_training`."""
+        extras = {name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()}
+        return self.save(engine, counters["global_step"], counters, config, {**extras, **values})
+
+    def restore_training(self, engine, spec: str, stateful: Dict[str, Any]) -> Tuple[ResumePoint, Dict[str, Any]]:
+        """`resume`, then `load_state_dict` of every `stateful` object (None skipped) from its saved state. The
+        data loader is not among them: its position is restored at its epoch (`epoch_batches`)."""
+        point, extras = self.resume(engine, spec)
+        for name, obj in stateful.items():
+            if obj is not None:
+                obj.load_state_dict(extras[name])
+        return point, extras
 
     def export(self, state: Dict[str, torch.Tensor], epoch: int, arch: str, config: Dict[str, Any]) -> str:
         """`epoch_<epoch>.pt`, loadable by stock open_clip (rank 0 writes it); returns its path."""

@@ -28,7 +28,7 @@ bf16 resolution, so a bf16 teacher would never move.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -195,3 +195,13 @@ def consolidate_shards(per_rank_states: List[Dict]) -> Dict[str, torch.Tensor]:
             numel *= dim
         out[name] = flat[:numel].reshape(shape)
     return out
+
+
+def build_teacher(engine, build: Callable[[], nn.Module], decay: float, ds_config: Dict,
+                  init_state: Optional[Dict[str, torch.Tensor]] = None) -> "EMATeacher":
+    """The EMA teacher of a DeepSpeed student `engine` (`build` makes an untrained copy of the student's module);
+    `init_state`: consolidated teacher weights of an `init_from` checkpoint."""
+    teacher = EMATeacher(engine, build, decay, zero3_config=ds_config)
+    if init_state is not None:
+        teacher.load_full(init_state)
+    return teacher

@@ -226,6 +226,12 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
+def total_steps(cfg: TrainConfig, micro_per_epoch: int) -> int:
+    """Optimizer steps of the run: epochs × micro-batches per epoch / accumulation, capped by optim.max_steps."""
+    total = cfg.optim.epochs * max(micro_per_epoch // cfg.optim.grad_accumulation, 1)
+    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+
+
 def build_engine(encoder: nn.Module, cfg: TrainConfig, ds_config: Dict[str, Any], total_steps: int):
     """(engine, optimizer, scheduler): torch AdamW over open_clip's parameter groups, the warm-up + cosine
     LambdaLR, both handed to deepspeed.initialize (the process group already exists)."""

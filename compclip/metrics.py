@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -49,6 +50,53 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch (or one cached contrastive step) of training produced."""
+
+    loss: torch.Tensor  # the weighted global loss (detach before keeping it)
+    parts: Dict[str, torch.Tensor]  # unweighted value of every term
+    features: Any  # compclip.losses.terms.Features of this micro-batch
+    boundary: bool  # an optimizer step happened
+    samples: int  # images in the global micro-batch
+
+    def scalars(self) -> Dict[str, float]:
+        return {"loss": float(self.loss.detach()), **{f"loss/{k}": float(v.detach()) for k, v in self.parts.items()}}
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses in a row: `ok(...)` is False for one (the step is then skipped and logged); the
+    `limit`-th in a row stops the run. The loss is global, so every rank takes the same branch."""
+
+    def __init__(self, limit: int, metrics: "Metrics", count: int = 0):
+        self.limit, self.metrics, self.count = limit, metrics, count
+
+    def ok(self, loss: torch.Tensor, parts: Dict[str, torch.Tensor], epoch: int, micro: int, step: int) -> bool:
+        if torch.isfinite(loss.detach()).item():
+            self.count = 0
+            return True
+        self.count += 1
+        logger.warning("non-finite loss %s at epoch %d micro-batch %d: step skipped (%s)", loss.item(), epoch,
+                       micro, {k: float(v.detach()) for k, v in parts.items()})
+        self.metrics.write(step, {"nonfinite_loss": 1, "epoch": epoch})
+        if self.count >= self.limit:
+            raise RuntimeError(f"{self.count} non-finite losses in a row (max_nonfinite={self.limit}); stopping at "
+                               f"step {step}. Lower optim.lr, use bf16 instead of fp16, or check the data.")
+        return False
+
+
+def step_values(step: StepOutput, epoch: int, lr: float, samples_per_s: float, device: torch.device,
+                skipped: int, method_values: Dict[str, float]) -> Dict[str, Any]:
+    """The record of a logged training step: losses, schedule, temperature (and bias), speed, memory, data."""
+    features = step.features
+    values = {**step.scalars(), "epoch": epoch, "lr": lr, "logit_scale": float(features.logit_scale.detach()),
+              "samples_per_s": samples_per_s, "peak_memory_mb": peak_memory_mb(device), "skipped_samples": skipped,
+              **method_values}
+    if features.logit_bias is not None:
+        values["logit_bias"] = float(features.logit_bias.detach())
+    return values
 
 
 class Metrics:
@@ -141,6 +189,38 @@ def evaluate_model(clip, preprocess, tokenizer, eval_cfg, device: torch.device, 
         logger.info("evaluation %s (%.1fs): %s", label, time.time() - t0, json.dumps(headline(results)))
     torch.distributed.barrier()
     return results
+
+
+def log_kernel_backends(when: str) -> bool:
+    """Log which backend (triton | torch) every kernel op resolved to so far; True (for a logged-once flag)."""
+    from compclip.kernels.dispatch import resolved_backends
+
+    logger.info("kernel backends at %s: %s", when, json.dumps(resolved_backends(), sort_keys=True))
+    return True
+
+
+class Evaluator:
+    """The run's evaluations: `before` on the initial model, and each due one on the full weights of an epoch."""
+
+    def __init__(self, preprocess, tokenizer, eval_cfg, device: torch.device, run_dir: Path, rank: int,
+                 metrics: Metrics):
+        self.preprocess, self.tokenizer, self.cfg, self.device = preprocess, tokenizer, eval_cfg, device
+        self.run_dir, self.rank, self.metrics = run_dir, rank, metrics
+
+    def model(self, clip, label: str) -> Optional[Dict[str, Dict[str, float]]]:
+        return evaluate_model(clip, self.preprocess, self.tokenizer, self.cfg, self.device,
+                              self.run_dir / "eval" / label, label, self.rank)
+
+    def state(self, state: Dict[str, torch.Tensor], model_cfg, label: str,
+              step: int) -> Optional[Dict[str, Dict[str, float]]]:
+        """Evaluate weights `state` in a fresh model (rank 0) and write `eval/<benchmark>/<metric>` at `step`."""
+        from compclip.models import build_from_config
+
+        model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
+        results = self.model(model, label)
+        if results:
+            self.metrics.write(step, {f"eval/{b}/{m}": v for b, r in results.items() for m, v in r.items()})
+        return results
 
 
 def final_report(run_dir: Path, title: str, arch: str, result: Dict[str, Any]) -> str:

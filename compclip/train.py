@@ -4,11 +4,9 @@
     python compclip/train.py ...            # one process, no launcher
     python compclip/train.py                # the embedded default: tiny model, synthetic world, a few minutes
 
-The entry point and the loop. Configuration: compclip.config; model: compclip.models; objective and which
-features to compute: compclip.methods; DeepSpeed (process group, config, engine, clamp, gathers):
-compclip.engine; checkpoints, resume, RNG state, run folder: compclip.checkpoint; logs, metrics.jsonl, the summary
-table: compclip.metrics; data: compclip.data; evaluation: compclip.evaluation. No loss math here, no feature list
-and no branching on the method.
+The entry point and the loop. Configuration: compclip.config; model: compclip.models; objective and features:
+compclip.methods; DeepSpeed: compclip.engine; checkpoints, resume, RNG, run folder: compclip.checkpoint; logs,
+metrics, evaluation runs, the summary: compclip.metrics. No loss math, no feature list, no branch on the method.
 """
 from __future__ import annotations
 
@@ -21,10 +19,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
-import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 import torch  # noqa: E402
@@ -32,9 +28,10 @@ import torch  # noqa: E402
 from compclip import engine as ds  # noqa: E402
 from compclip.checkpoint import (Checkpointer, ResumePoint, epoch_batches, resolve_run_dir,  # noqa: E402
                                  seed_everything)
-from compclip.config import ConfigError, TrainConfig, dump_yaml, load_config, resolve_data, to_dict  # noqa: E402
-from compclip.metrics import (Metrics, Progress, evaluate_model, final_report, peak_memory_mb,  # noqa: E402
-                              setup_logging)
+from compclip.config import (ConfigError, TrainConfig, dump_yaml, help_text, load_config,  # noqa: E402
+                             resolve_data, to_dict)
+from compclip.metrics import (Evaluator, Metrics, NonFiniteGuard, Progress, StepOutput,  # noqa: E402
+                              final_report, log_kernel_backends, setup_logging, step_values)
 
 logger = logging.getLogger("compclip")
 
@@ -52,17 +49,6 @@ EMBEDDED_DEFAULT: Dict[str, Any] = {
 }
 
 
-@dataclass
-class StepOutput:
-    """What one micro-batch of training produced."""
-
-    loss: torch.Tensor  # the weighted global loss (detach before keeping it)
-    parts: Dict[str, torch.Tensor]  # unweighted value of every term
-    features: Any  # compclip.losses.terms.Features of this micro-batch
-    boundary: bool  # an optimizer step happened
-    samples: int  # images in the global micro-batch
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -75,22 +61,17 @@ class Trainer:
                     "s" * (self.world > 1), self.device, torch.get_num_threads())
         self.ds_config = ds.run_config(cfg, self.world)  # resolves global_batch_size into data.batch_size
         world_paths = resolve_data(cfg)  # data before model: a missing file or an empty manifest fails fast
-        if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
-        self._build(world_paths)
+        self.checkpoints.write_run_files(dump_yaml(cfg), self.ds_config)
         self.metrics = Metrics(self.run_dir, self.rank, cfg.log.tensorboard)
-        self.global_step = self.epoch = self.micro_in_epoch = self.nonfinite = 0
-        self.last_export: Optional[str] = None
-        self.after: Optional[Dict[str, Dict[str, float]]] = None
+        self._build(world_paths)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite, self.metrics)
+        self.global_step = self.epoch = self.micro_in_epoch = 0
+        self.last_export, self.after = None, None
         self.saved_at = self.exported_at = -1
         self.resume_point: Optional[ResumePoint] = None
         if cfg.resume:
-            self.resume_point, extras = self.checkpoints.resume(self.engine, cfg.resume)
-            self.method.load_state_dict(extras["method"])
-            if self.teacher is not None:
-                self.teacher.load_state_dict(extras["teacher"])
-            point, self.nonfinite = self.resume_point, extras["nonfinite"]
+            point, extras = self.checkpoints.restore_training(self.engine, cfg.resume, self._stateful())
+            self.resume_point, self.guard.count = point, extras["nonfinite"]
             self.epoch, self.micro_in_epoch, self.global_step = point.epoch, point.micro_in_epoch, point.global_step
 
     def _build(self, world_paths: Optional[dict]) -> None:
@@ -101,7 +82,8 @@ class Trainer:
 
         cfg = self.cfg
         seed_everything(cfg.seed)
-        clip, preprocess_train, self.preprocess, self.tokenizer = build_from_config(cfg.model)
+        clip, preprocess_train, preprocess, tokenizer = build_from_config(cfg.model)
+        self.evaluator = Evaluator(preprocess, tokenizer, cfg.eval, self.device, self.run_dir, self.rank, self.metrics)
         self.method = build_method(cfg.loss, num_negatives=cfg.data.num_negatives,
                                    has_logit_bias=getattr(clip, "logit_bias", None) is not None)
         if self.method.needs_tokens:
@@ -109,36 +91,26 @@ class Trainer:
         logger.info("method %s", self.method.describe())
         # Training images keep their geometry by default: the synthetic world's relations are spatial and a
         # random crop could cut an object out (use a YAML with a manifest to get open_clip's train transform).
-        self.loader = build_dataloader(cfg.data, self.tokenizer, self.preprocess if world_paths else preprocess_train,
+        self.loader = build_dataloader(cfg.data, tokenizer, preprocess if world_paths else preprocess_train,
                                        rank=self.rank, world_size=self.world, seed=cfg.seed, epoch=0, train=True)
         init_teacher = self.checkpoints.init_from(clip, cfg.init_from) if cfg.init_from else None
-        self.before = None
-        if cfg.eval_before and cfg.eval.enabled() and not cfg.resume:
-            self.before = self._evaluate_plain(clip, "before")
+        due = cfg.eval_before and cfg.eval.enabled() and not cfg.resume
+        self.before = self.evaluator.model(clip, "before") if due else None
         self.micro_per_epoch = len(self.loader)
-        total = cfg.optim.epochs * max(self.micro_per_epoch // cfg.optim.grad_accumulation, 1)
-        self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+        self.total_steps = ds.total_steps(cfg, self.micro_per_epoch)
         self.engine, self.optimizer, self.scheduler = ds.build_engine(Encoder(clip), cfg, self.ds_config,
                                                                       self.total_steps)
         self.clip = self.engine.module.clip
         self.teacher = None
         if self.method.needs_teacher:
-            from compclip.ema import EMATeacher
+            from compclip.ema import build_teacher
 
-            self.teacher = EMATeacher(self.engine, lambda: Encoder(build_from_config(cfg.model,
-                                      load_weights=False)[0]), cfg.loss.ema_decay, zero3_config=self.ds_config)
-            if init_teacher is not None:
-                self.teacher.load_full(init_teacher)
+            untrained = lambda: Encoder(build_from_config(cfg.model, load_weights=False)[0])  # noqa: E731
+            self.teacher = build_teacher(self.engine, untrained, cfg.loss.ema_decay, self.ds_config, init_teacher)
 
-    # ---- evaluation, export, checkpoints ------------------------------------------------------------------------
-    def _evaluate_plain(self, clip, label: str) -> Optional[Dict[str, Dict[str, float]]]:
-        return evaluate_model(clip, self.preprocess, self.tokenizer, self.cfg.eval, self.device,
-                              self.run_dir / "eval" / label, label, self.rank)
-
+    # ---- export, evaluation, checkpoints ------------------------------------------------------------------------
     def _epoch_end(self, label: str, export_epoch: int, run_eval: bool) -> None:
         """Export `epoch_N.pt` (full fp32 weights, gathered under ZeRO-3) and evaluate it when due."""
-        from compclip.models import build_from_config
-
         self.exported_at, cfg = self.global_step, self.cfg
         if not cfg.log.export and not run_eval:
             return
@@ -147,47 +119,33 @@ class Trainer:
             path = self.checkpoints.export(state, export_epoch, cfg.model.arch, to_dict(cfg))
             self.last_export = path if self.rank == 0 else self.last_export
         if run_eval:
-            model = build_from_config(cfg.model, load_weights=False, state=state)[0] if self.rank == 0 else None
-            results = self._evaluate_plain(model, label)
-            if results:
-                self.metrics.write(self.global_step, {f"eval/{b}/{m}": v for b, r in results.items()
-                                                      for m, v in r.items()})
-                self.after = results
+            self.after = self.evaluator.state(state, cfg.model, label, self.global_step) or self.after
+
+    def _stateful(self) -> Dict[str, Any]:
+        return {"method": self.method, "teacher": self.teacher}
 
     def _save(self) -> None:
         if not self.cfg.log.save_deepspeed or self.saved_at == self.global_step:
             return
         self.saved_at = self.global_step
         counters = {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step}
-        extras = {"method": self.method.state_dict(), "nonfinite": self.nonfinite,
-                  "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-                  "data": self.loader.state_dict()}  # this rank's position in the epoch (skip count, streams)
-        self.checkpoints.save(self.engine, self.global_step, counters, to_dict(self.cfg), extras)
+        # data: this rank's position in the epoch (skip count, streams), restored at its epoch (epoch_batches)
+        self.checkpoints.save_training(self.engine, counters, to_dict(self.cfg), self._stateful(),
+                                       {"data": self.loader.state_dict(), "nonfinite": self.guard.count})
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def train_step(self, batch: Dict[str, Any]) -> Optional[StepOutput]:
         """One micro-batch: the method's features, global-batch loss, backward, DeepSpeed step and the method's
         hooks; at an accumulation boundary also the logit-scale clamp and the EMA teacher's update.
 
-        Returns None when the loss is not finite: the step is skipped and logged, and `max_nonfinite` of them in a
-        row stop the run. The loss is global, so every rank takes the same branch.
+        Returns None when the loss is not finite: the step is skipped and logged (`NonFiniteGuard`).
         """
         batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
         features = self.method.features(self.engine, self.teacher, batch, self.dtype)
         loss, parts = self.method.loss(features)
-        if not torch.isfinite(loss.detach()).item():
-            self.nonfinite += 1
-            logger.warning("non-finite loss %s at epoch %d micro-batch %d: step skipped (%s)", loss.item(),
-                           self.epoch, self.micro_in_epoch - 1, {k: float(v.detach()) for k, v in parts.items()})
-            self.metrics.write(self.global_step, {"nonfinite_loss": 1, "epoch": self.epoch})
-            if self.nonfinite >= self.cfg.max_nonfinite:
-                raise RuntimeError(
-                    f"{self.nonfinite} non-finite losses in a row (max_nonfinite={self.cfg.max_nonfinite}); "
-                    f"stopping at step {self.global_step}. Lower optim.lr, use bf16 instead of fp16, "
-                    "or check the data.")
+        if not self.guard.ok(loss, parts, self.epoch, self.micro_in_epoch - 1, self.global_step):
             return None
-        self.nonfinite = 0
         self.engine.backward(loss * self.world)  # DeepSpeed averages over ranks; the loss is already global
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
@@ -207,19 +165,11 @@ class Trainer:
         return epoch_batches(self.loader, self.epoch, self.micro_in_epoch, point)
 
     def _log(self, step: StepOutput, samples: int, elapsed: float) -> None:
-        features = step.features
-        values = {"loss": float(step.loss.detach()), **{f"loss/{k}": float(v.detach()) for k, v in step.parts.items()},
-                  "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                  "logit_scale": float(features.logit_scale.detach()), "samples_per_s": samples / max(elapsed, 1e-9),
-                  "peak_memory_mb": peak_memory_mb(self.device), "skipped_samples": getattr(self.loader, "skipped", 0),
-                  **self.method.log_values()}
-        if features.logit_bias is not None:
-            values["logit_bias"] = float(features.logit_bias.detach())
+        values = step_values(step, self.epoch, self.optimizer.param_groups[0]["lr"], samples / max(elapsed, 1e-9),
+                             self.device, getattr(self.loader, "skipped", 0), self.method.log_values())
         self.metrics.log_step(self.global_step, self.total_steps, self.epoch, values)
 
     def train(self) -> Dict[str, Any]:
-        from compclip.kernels.dispatch import resolved_backends
-
         cfg, last = self.cfg, {}
         progress = Progress(self.rank == 0 and cfg.log.progress, self.total_steps, self.global_step)
         self.engine.train()
@@ -228,15 +178,12 @@ class Trainer:
             for index, batch in self._epoch_batches():
                 self.micro_in_epoch = index + 1
                 step = self.train_step(batch)
-                if not logged_backends:
-                    logger.info("kernel backends at step 0: %s", json.dumps(resolved_backends(), sort_keys=True))
-                    logged_backends = True
+                logged_backends = logged_backends or log_kernel_backends("step 0")
                 samples += step.samples if step is not None else 0
                 if step is None or not step.boundary:
                     continue
                 self.global_step += 1
-                last = {"loss": float(step.loss.detach()), **{f"loss/{k}": float(v.detach())
-                                                               for k, v in step.parts.items()}}
+                last = step.scalars()
                 progress.update(last["loss"], self.epoch)
                 if self.global_step in (1, self.total_steps) or self.global_step % cfg.log.every_n_steps == 0:
                     self._log(step, samples, time.time() - window_start)
@@ -271,10 +218,7 @@ def build_trainer(argv: List[str]) -> Trainer:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
-        from compclip.config import help_text
-
-        print(__doc__.strip() + "\n\n" + help_text(load_config([], base=EMBEDDED_DEFAULT)))
-        raise SystemExit(0)
+        raise SystemExit(print(__doc__.strip() + "\n\n" + help_text(load_config([], base=EMBEDDED_DEFAULT))))
     t0 = time.time()
     # A caller that set up the process group (a test, a notebook) keeps it: DeepSpeed caches groups derived from
     # it, so tearing it down would break the caller's next run.

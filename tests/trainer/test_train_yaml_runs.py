@@ -217,7 +217,8 @@ def test_a_run_from_openai_weights_keeps_quickgelu_in_the_teacher_and_the_evalua
     from open_clip.transformer import QuickGELU
 
     from compclip.ema import EMATeacher
-    from compclip.train import Trainer, main
+    from compclip.metrics import Evaluator
+    from compclip.train import main
 
     real = open_clip.create_model_and_transforms
 
@@ -237,7 +238,7 @@ def test_a_run_from_openai_weights_keeps_quickgelu_in_the_teacher_and_the_evalua
         return None
 
     monkeypatch.setattr(EMATeacher, "update", update)
-    monkeypatch.setattr(Trainer, "_evaluate_plain", evaluate_plain)
+    monkeypatch.setattr(Evaluator, "model", evaluate_plain)
     main(_tiny_args(ROOT / "configs" / "degla.yaml", tmp_path, "openai")
          + ["--model.pretrained=openai", "--optim.max_steps=1", "--eval_synthetic=true", "--eval_before=false"])
 
