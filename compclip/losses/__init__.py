@@ -29,6 +29,7 @@ from .functional import (  # noqa: F401
 )
 from .modules import (  # noqa: F401
     PUBLISHED_WEIGHTS,
+    published_weights,
     C2LIPLoss,
     CEClipLoss,
     ClipLoss,
