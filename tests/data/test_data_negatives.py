@@ -12,9 +12,8 @@ from compclip.data.negatives import (INVALID, NegativeGenerator, Vocabulary, nor
 
 import datatest_support as support
 
-SUGARCREPE = "/work/shared/data/sugarcrepe"
-if not os.path.isdir(SUGARCREPE):
-    SUGARCREPE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "sugarcrepe")
+# SugarCrepe annotations, in the data folder beside the checkout (see tests/evaluation/evaltest_helpers.py).
+SUGARCREPE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "sugarcrepe")
 
 
 def parse(text):

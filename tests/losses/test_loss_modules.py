@@ -1,4 +1,4 @@
-"""nn.Module losses: each published combination equals the weighted sum of the functional API (SPEC §2), and
+"""nn.Module losses: each published combination equals the weighted sum of the functional API (docs/losses.md), and
 CE-CLIP's threshold state moves, resets and round-trips through state_dict."""
 import pytest
 import torch
