@@ -5,7 +5,7 @@ pytest-benchmark group named after op and size so the table compares providers s
 throughput and the ratio to the arithmetic or bandwidth floor go into ``extra_info``.
 
 Sizes: ``COMPCLIP_BENCH_SIZES`` = ``tiny`` (a smoke run, used by the test suite), ``cpu`` (default without CUDA)
-or ``gpu`` (default with CUDA: the SPEC's sizes).
+or ``gpu`` (default with CUDA: the target sizes of docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SIZES = os.environ.get("COMPCLIP_BENCH_SIZES", "gpu" if CUDA else "cpu")
 if SIZES not in ("tiny", "cpu", "gpu"):
     raise ValueError(f"COMPCLIP_BENCH_SIZES={SIZES!r}: expected tiny, cpu or gpu")
 
-# Dense bf16 tensor-core peak and HBM bandwidth of the devices whose numbers the SPEC quotes.
+# Dense bf16 tensor-core peak and HBM bandwidth of the devices the benchmarks report against.
 DEVICE_PEAKS = {
     "H100": {"flops": 989e12, "bandwidth": 3.35e12},
     "H200": {"flops": 989e12, "bandwidth": 4.8e12},
@@ -97,7 +97,7 @@ class Case:
     run: Callable[..., object]
     flops: float = 0.0  # useful arithmetic of the timed call
     bytes_moved: float = 0.0  # the least HBM traffic the timed call needs
-    floor_flops: float = 0.0  # arithmetic floor (SPEC: 4 GEMM-equivalents for fwd+bwd)
+    floor_flops: float = 0.0  # arithmetic floor (4 GEMM-equivalents for fwd+bwd, docs/kernels.md)
 
 
 def run_case(benchmark, case: Case, rounds: int) -> None:

@@ -1,5 +1,5 @@
 """GEMM-equivalent passes of every op, forward and backward, counted from the interpreter's tl.dot FLOPs
-(compclip.kernels.passes), beside the SPEC budgets (contrastive ≤ 5 per direction, XAC ≤ 8). The counts go into
+(compclip.kernels.passes), beside the budgets of docs/kernels.md (contrastive ≤ 5 per direction, XAC ≤ 8). The counts go into
 extra_info; the timing is that of the counting run itself (interpreter, not a speed figure). Runs in a
 subprocess because the counter needs TRITON_INTERPRET=1 before compclip.kernels is imported."""
 import json

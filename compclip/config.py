@@ -23,6 +23,7 @@ import yaml
 from compclip.data import DataConfig
 from compclip.evaluation import EvalConfig
 from compclip.fields import field_docstrings
+from compclip.kernels.dispatch import BACKENDS
 
 
 class ConfigError(ValueError):
@@ -452,8 +453,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1")
     if cfg.optim.logit_scale_max <= 1.0:
         raise ConfigError("optim.logit_scale_max: must be > 1 (it bounds exp(logit_scale))")
-    if cfg.loss.backend not in ("auto", "triton", "torch"):
-        raise ConfigError(f"loss.backend: expected auto, triton or torch, got {cfg.loss.backend!r}")
+    if cfg.loss.backend not in BACKENDS:
+        raise ConfigError(f"loss.backend: expected one of {', '.join(BACKENDS)}, got {cfg.loss.backend!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"device: expected auto, cuda or cpu, got {cfg.device!r}")
     for name, weight in cfg.loss.terms.items():

@@ -1,6 +1,6 @@
 """EMA teacher (DeGLA): θ* ← α θ* + (1 − α) θ after every optimizer step; frozen, eval mode, float32.
 
-Design under DeepSpeed (SPEC §4: "under ZeRO-3 updated shard by shard with no communication"):
+Design under DeepSpeed (under ZeRO-3 the teacher is updated shard by shard, with no communication):
 
 * ZeRO 0/1/2: every rank holds the full student parameters (the optimizer state is what is partitioned), so the
   teacher is a plain fp32 module on every rank. It follows the fp32 *master* weights, not the bf16 compute copy

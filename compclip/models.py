@@ -99,7 +99,7 @@ def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Visual tokens u_il (SPEC §1, "Visual tokens")
+# Visual tokens u_il (docs/losses.md, "Visual tokens for XAC")
 
 
 def visual_token_kind(clip: nn.Module) -> str:

@@ -1,7 +1,7 @@
 """Helpers shared by more than one kernel module (``contrastive``, ``grouped``, ``xattn_pool``).
 
 They live here, not in one of the kernel modules, so that each kernel module holds only its own kernels, host
-launchers, ``autograd.Function`` and public op (the kernel file anatomy of ARCHITECTURE.md), and no kernel
+launchers, ``autograd.Function`` and public op (the kernel file anatomy of docs/architecture.md), and no kernel
 module imports another.
 
 Host side: the ``Scalar`` type of ``logit_scale`` / ``logit_bias`` arguments and how they reach a kernel

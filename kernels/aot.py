@@ -141,7 +141,7 @@ def _xattn(B, P, L, D, dtype, xac):
 
 
 def cases(full: bool) -> List[Case]:
-    """Reduced (CI): bf16, the SPEC target rows (contrastive/grouped D=512, XAC/pooling L=196 D=768). Full: D ∈ {512, 768, 1024} (contrastive/grouped), D ∈ {512, 768} ×
+    """Reduced (CI): bf16, the target rows of docs/kernels.md (contrastive/grouped D=512, XAC/pooling L=196 D=768). Full: D ∈ {512, 768, 1024} (contrastive/grouped), D ∈ {512, 768} ×
     L ∈ {50, 196, 257, 577, 1024} (XAC/pooling), bf16 + fp16 + fp32."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     dims = (512, 768, 1024) if full else (512,)

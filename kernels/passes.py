@@ -9,7 +9,7 @@ lanes count too: this is executed work, not useful work. Each public op runs for
 moderate shape whose extents are multiples of the default blocks (so padding adds nothing) and the counts are
 divided by the op's GEMM: contrastive 2·M·N·D per direction (one call of ``contrastive_row_loss`` is one
 direction), XAC and pooling 2·B·P·L·D; grouped (no tl.dot: its scores are row dot products) by 2·B·(K+1)·D.
-Budgets (SPEC): contrastive ≤ 5 per direction (forward + backward, deterministic), XAC ≤ 8.
+Budgets (docs/kernels.md): contrastive ≤ 5 per direction (forward + backward, deterministic), XAC ≤ 8.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import compclip.losses as losses
 from compclip import distributed
-from compclip.distributed import free_port as _free_port
+from compclip.distributed import free_port
 from compclip.losses.terms import TERMS, CMRThreshold, Features
 
 WORLD = 2
@@ -178,7 +178,7 @@ def _worker(rank, port, failures_path):
 
 def test_terms_match_single_process_on_two_ranks(tmp_path):
     failures_path = str(tmp_path / "failures")
-    mp.start_processes(_worker, args=(_free_port(), failures_path), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), failures_path), nprocs=WORLD, start_method="spawn")
     reports = [open(os.path.join(tmp_path, name)).read() for name in sorted(os.listdir(tmp_path))]
     assert not reports, "\n".join(reports)
 

@@ -1,21 +1,16 @@
 """Concepts (C2LIP): short noun phrases of a caption, from spaCy's noun chunks with determiners stripped."""
 from __future__ import annotations
 
-from typing import Iterable
+from compclip import spacy_pipeline
 
 # Leading words that do not belong to a concept: articles, demonstratives, possessives, quantifier words.
 _STRIP_TAGS = {"DT", "PDT", "PRP$", "WDT", "WP$", "POS"}
 
 
-def load_spacy(model: str, disable: Iterable[str] = ("ner", "lemmatizer")):
-    """Load an installed spaCy pipeline by package name, with a message that says what to install."""
-    import spacy
-
-    try:
-        return spacy.load(model, disable=list(disable))
-    except OSError as error:
-        raise OSError(f"spaCy pipeline {model!r} is not installed (set data.spacy_model to an installed English "
-                      f"pipeline, e.g. en_core_web_sm): {error}") from None
+def load_spacy(model: str):
+    """The spaCy pipeline for noun chunks and tags (no NER, no lemmas), or a RuntimeError saying what to install."""
+    return spacy_pipeline.load_spacy(model, exclude=("ner", "lemmatizer"), needed_for="concepts and negatives",
+                                     setting="data.spacy_model / --spacy-model")
 
 
 def chunk_phrase(chunk) -> str:

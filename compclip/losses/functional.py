@@ -1,6 +1,9 @@
-"""The public functional API of SPEC §2: every loss of CE-CLIP, DeGLA and C2LIP on one (whole) batch.
+"""The public functional API: every loss of CE-CLIP, DeGLA and C2LIP on one (whole) batch (docs/losses.md).
 
-Shapes (SPEC §0): image v, text t [B, D]; negatives n [B, K, D] (flattened image-major: row i·K + k is n_ik);
+Each function is the matching term of ``compclip.losses.terms`` on a world of one (``terms.Local``): the math
+exists once, there. This module adds the positional signatures and keeps nothing but argument wiring.
+
+Shapes: image v, text t [B, D]; negatives n [B, K, D] (flattened image-major: row i·K + k is n_ik);
 valid m [B, K] bool; concepts c [P, D]; owner [P] long (image index of each concept); tokens u [B, L, D]. All
 features L2-normalised. ``logit_scale`` s is the already exponentiated scale (0-d tensor with a gradient, or a
 float); ``logit_bias`` b is a 0-d tensor, a float, or ``None`` (no bias).
@@ -12,11 +15,12 @@ float32 (float64 for float64 inputs) and the returned loss has that accumulation
 (raises ``RuntimeError`` with every reason it cannot run, a missing kernel included). Functions without a
 ``backend`` argument use ``"auto"``.
 
-Under data parallelism use ``compclip.losses.terms`` instead: same math, on the global batch.
+Under data parallelism use ``compclip.losses.terms`` instead: the same functions, on the global batch.
 """
 from __future__ import annotations
 
 from . import _checks, partials
+from .terms import TERMS, Features, Local, cmr_threshold
 
 __all__ = [
     "clip_loss",
@@ -33,6 +37,13 @@ __all__ = [
     "c2lip_xac_loss",
 ]
 
+_NO_FEATURES = dict.fromkeys(Features.__dataclass_fields__)
+
+
+def _whole_batch(caller: str, term: str, options: dict, **fields):
+    """``TERMS[term]`` on ``fields`` as the whole batch (nothing communicated); errors name ``caller``."""
+    return TERMS[term](Features(**{**_NO_FEATURES, **fields}), group=Local(caller), **options)
+
 
 def clip_loss(image, text, logit_scale, *, backend="auto"):
     """CLIP InfoNCE.
@@ -41,12 +52,7 @@ def clip_loss(image, text, logit_scale, *, backend="auto"):
 
     image, text [B, D]; logit_scale 0-d. Returns a 0-d tensor.
     """
-    fn = "clip_loss"
-    backend = _checks.backend(fn, backend)
-    sizes, (image, text) = _checks.prepare(fn, image=(image, "BD"), text=(text, "BD"))
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    total = partials.multi_negative_sum(image, text, image, text, None, logit_scale, 0, backend)
-    return total / (2 * sizes["B"])
+    return _whole_batch("clip_loss", "clip", {"backend": backend}, image=image, text=text, logit_scale=logit_scale)
 
 
 def negclip_loss(image, text, negatives, logit_scale, *, backend="auto"):
@@ -58,12 +64,8 @@ def negclip_loss(image, text, negatives, logit_scale, *, backend="auto"):
 
     image, text [B, D]; negatives [B, K, D]; logit_scale 0-d. Returns a 0-d tensor.
     """
-    fn = "negclip_loss"
-    backend = _checks.backend(fn, backend)
-    sizes, (image, text, negatives) = _checks.with_negatives(fn, image, text, negatives)
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    total = partials.multi_negative_sum(image, text, image, text, negatives, logit_scale, 0, backend)
-    return total / (2 * sizes["B"])
+    return _whole_batch("negclip_loss", "negclip", {"backend": backend}, image=image, text=text,
+                        negatives=negatives, logit_scale=logit_scale)
 
 
 def ceclip_cmr_loss(image, text, negatives, valid, logit_scale, threshold):
@@ -75,13 +77,8 @@ def ceclip_cmr_loss(image, text, negatives, valid, logit_scale, threshold):
     image, text [B, D]; negatives [B, K, D]; valid m [B, K] bool; logit_scale 0-d; threshold θ [K] (a constant:
     no gradient flows into it, see ``ceclip_threshold``). Returns a 0-d tensor (0 when K = 0).
     """
-    fn = "ceclip_cmr_loss"
-    sizes, (image, text, negatives) = _checks.with_negatives(fn, image, text, negatives)
-    valid = _checks.valid_mask(fn, valid, sizes["B"], sizes["K"])
-    threshold = _checks.per_type(fn, "threshold", threshold, sizes["K"])
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    total = partials.cmr_sum(image, text, negatives, valid, logit_scale, threshold, "auto")
-    return total / max(sizes["B"] * sizes["K"], 1)
+    return _whole_batch("ceclip_cmr_loss", "cmr", {"threshold": threshold}, image=image, text=text,
+                        negatives=negatives, valid=valid, logit_scale=logit_scale)
 
 
 def ceclip_threshold(image, text, negatives, valid, logit_scale, upper=10.0, previous=None):
@@ -94,16 +91,9 @@ def ceclip_threshold(image, text, negatives, valid, logit_scale, upper=10.0, pre
     image, text [B, D]; negatives [B, K, D]; valid [B, K] bool; logit_scale 0-d; previous [K] or None.
     Returns [K] (float64 for float64 inputs, else float32), detached.
     """
-    fn = "ceclip_threshold"
-    sizes, (image, text, negatives) = _checks.with_negatives(fn, image, text, negatives)
-    valid = _checks.valid_mask(fn, valid, sizes["B"], sizes["K"])
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    upper = _checks.positive(fn, "upper", upper)
-    if previous is not None:
-        previous = _checks.per_type(fn, "previous", previous, sizes["K"])
-    stats = partials.threshold_stats(image, text, negatives, valid, logit_scale, "auto")
-    theta = partials.threshold_from_stats(stats, upper, previous)
-    return theta.to(_checks.accumulation_dtype(image.dtype))
+    features = Features(image=image, text=text, logit_scale=logit_scale, negatives=negatives, valid=valid)
+    theta = cmr_threshold(features, upper=upper, previous=previous, group=Local("ceclip_threshold"))
+    return theta.to(_checks.accumulation_dtype(_checks.common_dtype(image, text, negatives)))
 
 
 def ceclip_imc_loss(image, text, negatives, logit_scale, *, variant="paper", backend="auto"):
@@ -116,14 +106,8 @@ def ceclip_imc_loss(image, text, negatives, logit_scale, *, variant="paper", bac
 
     image, text [B, D]; negatives [B, K, D]; logit_scale 0-d. Returns a 0-d tensor.
     """
-    fn = "ceclip_imc_loss"
-    backend = _checks.backend(fn, backend)
-    variant = _checks.variant(fn, variant)
-    sizes, (image, text, negatives) = _checks.with_negatives(fn, image, text, negatives)
-    if variant == "released" and sizes["K"] == 0:
-        raise ValueError(f"{fn}: variant='released' needs at least one negative (K >= 1), got {tuple(negatives.shape)}")
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    return partials.imc_sum(image, text, negatives, logit_scale, variant, backend) / sizes["B"]
+    return _whole_batch("ceclip_imc_loss", "imc", {"variant": variant, "backend": backend}, image=image, text=text,
+                        negatives=negatives, logit_scale=logit_scale)
 
 
 def degla_igc_loss(image, text, negatives, logit_scale, *, backend="auto"):
@@ -133,11 +117,8 @@ def degla_igc_loss(image, text, negatives, logit_scale, *, backend="auto"):
 
     image, text [B, D]; negatives [B, K, D]; logit_scale 0-d. Returns a 0-d tensor.
     """
-    fn = "degla_igc_loss"
-    backend = _checks.backend(fn, backend)
-    sizes, (image, text, negatives) = _checks.with_negatives(fn, image, text, negatives)
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    return partials.grouped_sum(image, text, negatives, logit_scale, backend) / sizes["B"]
+    return _whole_batch("degla_igc_loss", "igc", {"backend": backend}, image=image, text=text, negatives=negatives,
+                        logit_scale=logit_scale)
 
 
 def degla_tgc_loss(text, teacher_text, negatives, scale=10.0, *, variant="paper", backend="auto"):
@@ -150,16 +131,8 @@ def degla_tgc_loss(text, teacher_text, negatives, scale=10.0, *, variant="paper"
 
     text, teacher_text [B, D]; negatives [B, K, D]; scale c (float or 0-d tensor, default 10). Returns a 0-d tensor.
     """
-    fn = "degla_tgc_loss"
-    backend = _checks.backend(fn, backend)
-    variant = _checks.variant(fn, variant)
-    sizes, (text, teacher_text, negatives) = _checks.prepare(
-        fn, text=(text, "BD"), teacher_text=(teacher_text, "BD"), negatives=(negatives, "BKD")
-    )
-    scale = _checks.scalar(fn, "scale", scale)
-    if variant == "released":
-        negatives = partials.tgc_released_negatives(negatives, 0, sizes["B"])
-    return partials.grouped_sum(text, teacher_text.detach(), negatives, scale, backend) / sizes["B"]
+    return _whole_batch("degla_tgc_loss", "tgc", {"variant": variant, "scale": scale, "backend": backend},
+                        text=text, teacher_text=teacher_text, negatives=negatives)
 
 
 def degla_distill_loss(image, text, negatives, teacher_image, teacher_text, teacher_negatives):
@@ -169,17 +142,8 @@ def degla_distill_loss(image, text, negatives, teacher_image, teacher_text, teac
 
     image, teacher_image, text, teacher_text [B, D]; negatives, teacher_negatives [B, K, D]. Returns a 0-d tensor.
     """
-    fn = "degla_distill_loss"
-    _, tensors = _checks.prepare(
-        fn,
-        image=(image, "BD"),
-        text=(text, "BD"),
-        negatives=(negatives, "BKD"),
-        teacher_image=(teacher_image, "BD"),
-        teacher_text=(teacher_text, "BD"),
-        teacher_negatives=(teacher_negatives, "BKD"),
-    )
-    return partials.distill_sum(*tensors)
+    return _whole_batch("degla_distill_loss", "distill", {}, image=image, text=text, negatives=negatives,
+                        teacher_image=teacher_image, teacher_text=teacher_text, teacher_negatives=teacher_negatives)
 
 
 def siglip_loss(image, text, logit_scale, logit_bias):
@@ -189,11 +153,8 @@ def siglip_loss(image, text, logit_scale, logit_bias):
 
     image, text [B, D]; logit_scale, logit_bias 0-d. Returns a 0-d tensor.
     """
-    fn = "siglip_loss"
-    sizes, (image, text) = _checks.prepare(fn, image=(image, "BD"), text=(text, "BD"))
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    logit_bias = _checks.scalar(fn, "logit_bias", logit_bias, allow_none=True)
-    return partials.siglip_sum(image, text, logit_scale, logit_bias, 0) / sizes["B"]
+    return _whole_batch("siglip_loss", "siglip", {}, image=image, text=text, logit_scale=logit_scale,
+                        logit_bias=logit_bias)
 
 
 def c2lip_npc_loss(image, concepts, owner, logit_scale, logit_bias):
@@ -204,12 +165,8 @@ def c2lip_npc_loss(image, concepts, owner, logit_scale, logit_bias):
     image [B, D]; concepts [P, D]; owner [P] integer in [0, B); logit_scale, logit_bias 0-d (bias may be None).
     Returns a 0-d tensor.
     """
-    fn = "c2lip_npc_loss"
-    sizes, (image, concepts) = _checks.prepare(fn, image=(image, "BD"), concepts=(concepts, "PD"))
-    owner = _checks.owner_index(fn, owner, sizes["P"], sizes["B"])
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    logit_bias = _checks.scalar(fn, "logit_bias", logit_bias, allow_none=True)
-    return partials.npc_sum(image, concepts, owner, logit_scale, logit_bias, 0) / max(sizes["P"], 1)
+    return _whole_batch("c2lip_npc_loss", "npc", {}, image=image, concepts=concepts, owner=owner,
+                        logit_scale=logit_scale, logit_bias=logit_bias)
 
 
 def concept_attention_pool(tokens, concepts, temperature=1.0, *, backend="auto"):
@@ -236,12 +193,5 @@ def c2lip_xac_loss(tokens, concepts, owner, logit_scale, logit_bias, temperature
     tokens [B, L, D]; concepts [P, D]; owner [P] integer in [0, B); logit_scale, logit_bias 0-d (bias may be
     None); temperature T > 0. Returns a 0-d tensor.
     """
-    fn = "c2lip_xac_loss"
-    backend = _checks.backend(fn, backend)
-    sizes, (tokens, concepts) = _checks.prepare(fn, tokens=(tokens, "BLD"), concepts=(concepts, "PD"))
-    owner = _checks.owner_index(fn, owner, sizes["P"], sizes["B"])
-    logit_scale = _checks.scalar(fn, "logit_scale", logit_scale)
-    logit_bias = _checks.scalar(fn, "logit_bias", logit_bias, allow_none=True)
-    temperature = _checks.positive(fn, "temperature", temperature)
-    total = partials.xac_sum(tokens, concepts, owner, logit_scale, logit_bias, temperature, 0, backend)
-    return total / max(sizes["P"], 1)
+    return _whole_batch("c2lip_xac_loss", "xac", {"temperature": temperature, "backend": backend}, tokens=tokens,
+                        concepts=concepts, owner=owner, logit_scale=logit_scale, logit_bias=logit_bias)

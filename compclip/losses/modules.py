@@ -22,10 +22,11 @@ from torch import nn
 
 from .terms import TERMS, CMRThreshold, Features, required_features
 
-__all__ = ["PUBLISHED_WEIGHTS", "CompositionalLoss", "ClipLoss", "NegClipLoss", "CEClipLoss", "DeGLALoss",
-           "C2LIPLoss"]
+__all__ = ["PUBLISHED_WEIGHTS", "published_weights", "CompositionalLoss", "ClipLoss", "NegClipLoss", "CEClipLoss",
+           "DeGLALoss", "C2LIPLoss"]
 
-# Loss-term weights of the papers (SPEC §1). CE-CLIP's latest script uses 0.3 for imc.
+# Loss-term weights of the papers (docs/losses.md): the one table that the loss classes below and
+# compclip.methods read. CE-CLIP's latest script uses 0.3 for imc.
 PUBLISHED_WEIGHTS: Dict[str, Dict[str, float]] = {
     "clip": {"clip": 1.0},
     "negclip": {"negclip": 1.0},
@@ -33,6 +34,27 @@ PUBLISHED_WEIGHTS: Dict[str, Dict[str, float]] = {
     "degla": {"negclip": 1.0, "igc": 0.1, "tgc": 0.1, "distill": 0.005},
     "c2lip": {"siglip": 1.0, "npc": 1.0, "xac": 0.01},
 }
+CONTRASTIVE_TERMS = ("clip", "siglip")
+
+
+def published_weights(method: str, contrastive: Optional[str] = None, **weights: Optional[float]) -> Dict[str, float]:
+    """``PUBLISHED_WEIGHTS[method]``, with each ``term=weight`` that is not None in place of the published one.
+
+    ``contrastive`` ("clip" or "siglip") replaces the method's contrastive term, keeping its weight: SigLIP's
+    sigmoid loss needs a logit bias, so a model without one uses CLIP InfoNCE, and one with a bias may use SigLIP.
+    """
+    if method not in PUBLISHED_WEIGHTS:
+        raise ValueError(f"published_weights: unknown method {method!r}; expected one of {sorted(PUBLISHED_WEIGHTS)}")
+    table = dict(PUBLISHED_WEIGHTS[method])
+    unknown = sorted(set(weights) - set(table))
+    if unknown:
+        raise ValueError(f"published_weights: {method} has no term {unknown[0]!r}; its terms: {sorted(table)}")
+    table.update({term: float(weight) for term, weight in weights.items() if weight is not None})
+    if contrastive is not None:
+        if contrastive not in CONTRASTIVE_TERMS:
+            raise ValueError(f"contrastive must be one of {CONTRASTIVE_TERMS}, got {contrastive!r}")
+        table = {(contrastive if term in CONTRASTIVE_TERMS else term): w for term, w in table.items()}
+    return table
 
 
 class CompositionalLoss(nn.Module):
@@ -110,42 +132,57 @@ class ClipLoss(CompositionalLoss):
     """CLIP InfoNCE on the global batch."""
 
     def __init__(self, **kwargs):
-        super().__init__(PUBLISHED_WEIGHTS["clip"], **kwargs)
+        super().__init__(published_weights("clip"), **kwargs)
 
 
 class NegClipLoss(CompositionalLoss):
     """NegCLIP: every image against all positives and all hard negatives of the global batch."""
 
     def __init__(self, **kwargs):
-        super().__init__(PUBLISHED_WEIGHTS["negclip"], **kwargs)
+        super().__init__(published_weights("negclip"), **kwargs)
+
+
+def _with_options(term: str, values: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``{term: values}`` (entries that are None left to the term's defaults) merged under ``kwargs["options"]``."""
+    return {term: {k: v for k, v in values.items() if v is not None}, **kwargs.pop("options", {})}
 
 
 class CEClipLoss(CompositionalLoss):
-    """CE-CLIP: NegCLIP + ``cmr_weight`` · CMR (adaptive threshold) + ``imc_weight`` · IMC."""
+    """CE-CLIP: NegCLIP + ``cmr_weight`` · CMR (adaptive threshold) + ``imc_weight`` · IMC.
 
-    def __init__(self, num_negatives: int, cmr_weight: float = 0.2, imc_weight: float = 0.2,
+    A weight left None is the published one (``PUBLISHED_WEIGHTS["ceclip"]``)."""
+
+    def __init__(self, num_negatives: int, cmr_weight: Optional[float] = None, imc_weight: Optional[float] = None,
                  imc_variant: str = "paper", **kwargs):
-        options = {"imc": {"variant": imc_variant}, **kwargs.pop("options", {})}
-        super().__init__({"negclip": 1.0, "cmr": cmr_weight, "imc": imc_weight}, options,
+        options = _with_options("imc", {"variant": imc_variant}, kwargs)
+        super().__init__(published_weights("ceclip", cmr=cmr_weight, imc=imc_weight), options,
                          num_negatives=num_negatives, **kwargs)
 
 
 class DeGLALoss(CompositionalLoss):
-    """DeGLA: NegCLIP + 0.1 IGC + 0.1 TGC + 0.005 distillation (needs the EMA teacher's features)."""
+    """DeGLA: NegCLIP + IGC + TGC + distillation (needs the EMA teacher's features).
 
-    def __init__(self, igc_weight: float = 0.1, tgc_weight: float = 0.1, distill_weight: float = 0.005,
-                 tgc_variant: str = "paper", tgc_scale: float = 10.0, **kwargs):
-        options = {"tgc": {"variant": tgc_variant, "scale": tgc_scale}, **kwargs.pop("options", {})}
-        super().__init__({"negclip": 1.0, "igc": igc_weight, "tgc": tgc_weight, "distill": distill_weight},
-                         options, **kwargs)
+    A weight left None is the published one (``PUBLISHED_WEIGHTS["degla"]``); ``tgc_scale`` None is the ``tgc``
+    term's scale (10)."""
+
+    def __init__(self, igc_weight: Optional[float] = None, tgc_weight: Optional[float] = None,
+                 distill_weight: Optional[float] = None, tgc_variant: str = "paper",
+                 tgc_scale: Optional[float] = None, **kwargs):
+        options = _with_options("tgc", {"variant": tgc_variant, "scale": tgc_scale}, kwargs)
+        weights = published_weights("degla", igc=igc_weight, tgc=tgc_weight, distill=distill_weight)
+        super().__init__(weights, options, **kwargs)
 
 
 class C2LIPLoss(CompositionalLoss):
-    """C2LIP: the contrastive term (``siglip``, or ``clip`` for models without a logit bias) + 1.0 NPC + 0.01 XAC."""
+    """C2LIP: the contrastive term (``siglip``, or ``clip`` for models without a logit bias) + NPC + XAC.
 
-    def __init__(self, contrastive: str = "siglip", npc_weight: float = 1.0, xac_weight: float = 0.01,
-                 temperature: float = 1.0, **kwargs):
-        if contrastive not in ("siglip", "clip"):
+    A weight left None is the published one (``PUBLISHED_WEIGHTS["c2lip"]``); ``temperature`` None is the ``xac``
+    term's temperature (1)."""
+
+    def __init__(self, contrastive: str = "siglip", npc_weight: Optional[float] = None,
+                 xac_weight: Optional[float] = None, temperature: Optional[float] = None, **kwargs):
+        if contrastive not in CONTRASTIVE_TERMS:
             raise ValueError(f"C2LIPLoss: contrastive must be 'siglip' or 'clip', got {contrastive!r}")
-        options = {"xac": {"temperature": temperature}, **kwargs.pop("options", {})}
-        super().__init__({contrastive: 1.0, "npc": npc_weight, "xac": xac_weight}, options, **kwargs)
+        options = _with_options("xac", {"temperature": temperature}, kwargs)
+        weights = published_weights("c2lip", contrastive, npc=npc_weight, xac=xac_weight)
+        super().__init__(weights, options, **kwargs)

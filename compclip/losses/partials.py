@@ -1,9 +1,9 @@
 """Un-normalised loss sums over **local** anchor rows against (possibly gathered) columns.
 
-One implementation of each loss term, shared by the single-process functional API (``functional.py``: local =
-global, offset 0, divide by the batch counts) and the data-parallel terms (``terms.py``: columns all-gathered,
-divide by the global counts, then ``sum_across_ranks``). Kernel-backed pieces go through
-``compclip.kernels.dispatch`` so the Triton kernels serve training and the functional API alike.
+The kernel-level sum of each loss term, used by ``terms.py`` (columns all-gathered, or the local batch for a
+world of one; divided by the global counts, then ``sum_across_ranks``), on which the functional API is built.
+Kernel-backed pieces go through ``compclip.kernels.dispatch`` so the Triton kernels serve training and the
+functional API alike.
 
 Conventions: ``offset`` is the global index of local row 0; ``*_cols`` are the columns of the whole (global)
 batch; inputs are already validated and share one dtype; results are 0-d tensors in the accumulation dtype

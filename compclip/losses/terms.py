@@ -1,21 +1,26 @@
-"""Global-batch loss terms for data-parallel training: ``TERMS[name](features, **options) -> 0-d tensor``.
+"""The loss terms, once: ``TERMS[name](features, **options) -> 0-d tensor``, on the global batch.
 
 Each term receives the rank's **local** features (a ``Features`` record) and returns the loss of the **global**
 batch (all ranks' rows concatenated in rank order), identical on every rank. How:
 
 1. the columns a row is scored against are all-gathered with gradient (``compclip.distributed``);
-2. the rank's local rows are scored against them with the same kernel-level ops as the functional API
-   (``partials``, through ``compclip.kernels.dispatch``), as an un-normalised sum;
+2. the rank's local rows are scored against them with the kernel-level ops (``partials``, through
+   ``compclip.kernels.dispatch``), as an un-normalised sum;
 3. the sum is divided by the **global** count (B, 2B, B·K or P) and ``sum_across_ranks`` adds the ranks' parts.
 
 The gradient w.r.t. the local features is then the gradient of the global loss (see ``compclip.distributed``);
 shared scalars (``logit_scale``, ``logit_bias``) get this rank's partial gradient, which sums over ranks to the
 full one. The trainer back-propagates ``loss * world_size`` because DeepSpeed averages gradients over ranks.
 
-Term names (the config's vocabulary) and their options (keyword-only; every term also takes ``group=None``):
+``group`` (every term takes it): a ``torch.distributed`` process group, ``None`` for the default one (a world of
+one without a process group), or ``Local(caller)``: this process's features are the whole batch even inside a
+distributed job, nothing is communicated, and error messages name ``caller``. The single-process functional API
+(``compclip.losses.functional``) is these terms with ``Local``.
+
+Term names (the config's vocabulary) and their options (keyword-only; the math of each is in docs/losses.md):
 
 ======== ============================================ =================================================
-name     loss (SPEC §1)                                options
+name     loss                                         options
 ======== ============================================ =================================================
 clip     CLIP InfoNCE                                  backend
 siglip   SigLIP sigmoid loss                           –
@@ -28,11 +33,13 @@ distill  DeGLA distillation (summed)                   –
 npc      C2LIP concept contrast                        –
 xac      C2LIP cross-modal attention contrast          temperature (1.0), backend
 ======== ============================================ =================================================
+
+``cmr_threshold`` computes CE-CLIP's threshold θ from a (global) batch; ``CMRThreshold`` keeps it between steps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Optional, Set
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Set
 
 import torch
 
@@ -46,14 +53,14 @@ from compclip.distributed import (
 
 from . import _checks, partials
 
-__all__ = ["Features", "TERMS", "required_features", "CMRThreshold"]
+__all__ = ["Features", "TERMS", "required_features", "CMRThreshold", "cmr_threshold", "Local"]
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class Features:
-    """The rank's local features of one step (SPEC §0 shapes with the local batch b and local concept count p).
+    """The rank's local features of one step (local batch b, local concept count p; layouts in docs/losses.md).
 
     ``owner`` indexes **local** images (0..b−1); the terms offset it to global image indices. ``logit_bias`` may
     stay ``None`` (no bias) even for terms that read it. Fields a term does not use may be ``None``.
@@ -71,6 +78,18 @@ class Features:
     tokens: Optional[Tensor] = None  # [b, L, D]
     concepts: Optional[Tensor] = None  # [p, D]
     owner: Optional[Tensor] = None  # [p] long, local image index
+
+
+class Local:
+    """``group=Local(caller)``: the features are the whole batch (a world of one, even inside a distributed job).
+
+    Error messages name ``caller``; the argument checks report a missing feature by its argument name."""
+
+    def __init__(self, caller: str):
+        self.caller = caller
+
+    def __repr__(self) -> str:
+        return f"Local({self.caller!r})"
 
 
 TERMS: Dict[str, Callable[..., Tensor]] = {}
@@ -94,45 +113,67 @@ def required_features(name: str) -> Set[str]:
     return set(_REQUIRED[name])
 
 
-def _require(term: str, features: Features) -> str:
-    """Check the fields ``term`` reads are present; return the name used in error messages."""
+def _require(fn: str, features: Features, fields: Iterable[str]) -> None:
+    """Check ``features`` is a ``Features`` record holding ``fields`` (``logit_bias`` may be None)."""
     if not isinstance(features, Features):
-        raise ValueError(f"terms.{term}: expected a Features record, got {type(features).__name__}")
-    missing = sorted(
-        field for field in _REQUIRED[term] if field not in _MAY_BE_NONE and getattr(features, field) is None
-    )
+        raise ValueError(f"{fn}: expected a Features record, got {type(features).__name__}")
+    missing = sorted(field for field in fields if field not in _MAY_BE_NONE and getattr(features, field) is None)
     if missing:
-        raise ValueError(f"terms.{term}: the term needs Features.{', Features.'.join(missing)}, got None")
-    return f"terms.{term}"
+        raise ValueError(f"{fn}: the term needs Features.{', Features.'.join(missing)}, got None")
+
+
+class _World:
+    """The processes a term sums over, and the name its error messages carry."""
+
+    def __init__(self, term: str, features: Features, group, fn: Optional[str] = None):
+        self.local = isinstance(group, Local)
+        self.group = None if self.local else group
+        if self.local:
+            self.name = group.caller
+        else:
+            self.name = fn or f"terms.{term}"
+            _require(self.name, features, _REQUIRED[term])
+
+    def rows(self, local_rows: int) -> "_Rows":
+        return _Rows(local_rows, self)
+
+    def sum(self, value: Tensor) -> Tensor:
+        """The sum of every rank's ``value`` (forward all-reduce, identity backward)."""
+        return value if self.local else sum_across_ranks(value, self.group)
+
+
+class _Rows:
+    """Where this rank's rows of one kind sit in the global batch: every rank's count, the total, own offset."""
+
+    def __init__(self, local_rows: int, world: _World):
+        self.world = world
+        self.count = int(local_rows)
+        self.sizes = [int(local_rows)] if world.local else gather_sizes(local_rows, world.group)
+        self.total = sum(self.sizes)
+        self.offset = 0 if world.local else global_row_offset(local_rows, world.group, self.sizes)
+
+    def gather(self, tensor: Tensor, grad: bool = True) -> Tensor:
+        """Every rank's rows in rank order, differentiably (``grad``) or detached."""
+        if self.world.local:
+            return tensor if grad else tensor.detach()
+        gather = all_gather_with_grad if grad else all_gather_no_grad
+        return gather(tensor, self.world.group, self.sizes)
 
 
 def _with_negatives(fn: str, features: Features):
     return _checks.with_negatives(fn, features.image, features.text, features.negatives)
 
 
-class _Rows:
-    """Where this rank's rows sit in the global batch: every rank's row count, global total, own offset."""
-
-    def __init__(self, local_rows: int, group):
-        self.group = group
-        self.sizes = gather_sizes(local_rows, group)
-        self.total = sum(self.sizes)
-        self.offset = global_row_offset(local_rows, group, self.sizes)
-
-    def gather(self, tensor: Tensor) -> Tensor:
-        return all_gather_with_grad(tensor, self.group, self.sizes)
-
-
-def _owners_and_concepts(fn: str, owner: Tensor, images: int, image_offset: int, concepts: Tensor, group):
+def _concept_columns(world: _World, images: _Rows, features: Features, concepts: Tensor):
     """Gathered concepts (with grad) and their owners as global image indices (no grad)."""
-    sizes = gather_sizes(concepts.shape[0], group)
-    owner = _checks.owner_index(fn, owner, concepts.shape[0], images)
-    owner_cols = all_gather_no_grad(owner + image_offset, group, sizes)
-    return all_gather_with_grad(concepts, group, sizes), owner_cols
+    count = concepts.shape[0]
+    owner = _checks.owner_index(world.name, features.owner, count, images.count)
+    rows = world.rows(count)
+    return rows.gather(concepts), rows.gather(owner + images.offset, grad=False)
 
 
-def _multi_negative(term: str, features: Features, with_negatives: bool, backend: str, group) -> Tensor:
-    fn = _require(term, features)
+def _multi_negative(world: _World, features: Features, with_negatives: bool, backend: str) -> Tensor:
+    fn = world.name
     backend = _checks.backend(fn, backend)
     layout = {"image": (features.image, "BD"), "text": (features.text, "BD")}
     if with_negatives:
@@ -140,24 +181,24 @@ def _multi_negative(term: str, features: Features, with_negatives: bool, backend
     _, tensors = _checks.prepare(fn, **layout)
     image, text = tensors[:2]
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = _Rows(image.shape[0], group)
+    rows = world.rows(image.shape[0])
     negative_cols = rows.gather(tensors[2]) if with_negatives else None
     total = partials.multi_negative_sum(
         image, text, rows.gather(image), rows.gather(text), negative_cols, logit_scale, rows.offset, backend
     )
-    return sum_across_ranks(total / (2 * rows.total), group)
+    return world.sum(total / (2 * rows.total))
 
 
 @_term("clip", "image", "text", "logit_scale")
 def clip(features: Features, *, backend: str = "auto", group=None) -> Tensor:
-    """CLIP InfoNCE on the global batch (``functional.clip_loss``)."""
-    return _multi_negative("clip", features, False, backend, group)
+    """CLIP InfoNCE on the global batch."""
+    return _multi_negative(_World("clip", features, group), features, False, backend)
 
 
 @_term("negclip", "image", "text", "negatives", "logit_scale")
 def negclip(features: Features, *, backend: str = "auto", group=None) -> Tensor:
     """NegCLIP multi-negative loss on the global batch: every image against all B texts and B·K negatives."""
-    return _multi_negative("negclip", features, True, backend, group)
+    return _multi_negative(_World("negclip", features, group), features, True, backend)
 
 
 def _threshold_tensor(fn: str, threshold) -> Tensor:
@@ -171,48 +212,77 @@ def _threshold_tensor(fn: str, threshold) -> Tensor:
 @_term("cmr", "image", "text", "negatives", "valid", "logit_scale")
 def cmr(features: Features, *, threshold=None, backend: str = "auto", group=None) -> Tensor:
     """CE-CLIP cross-modal rank loss on the global batch, θ from ``threshold`` (a ``CMRThreshold`` or [K])."""
-    fn = _require("cmr", features)
+    world = _World("cmr", features, group)
+    fn = world.name
     backend = _checks.backend(fn, backend)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
     valid = _checks.valid_mask(fn, features.valid, sizes["B"], sizes["K"])
     theta = _checks.per_type(fn, "threshold", _threshold_tensor(fn, threshold), sizes["K"])
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = _Rows(sizes["B"], group)
+    rows = world.rows(sizes["B"])
     total = partials.cmr_sum(image, text, negatives, valid, logit_scale, theta, backend)
-    return sum_across_ranks(total / max(rows.total * sizes["K"], 1), group)
+    return world.sum(total / max(rows.total * sizes["K"], 1))
+
+
+def cmr_threshold(features: Features, *, upper: float = 10.0, previous: Optional[Tensor] = None,
+                  backend: str = "auto", group=None) -> Tensor:
+    """CE-CLIP's threshold from the global batch, float64 [K], no grad (the math: docs/losses.md).
+
+    θ_k = clamp(mean_i S_i − Σ_i m_ik S_ik / Σ_i m_ik, 0, upper); a type without a valid negative in the global
+    batch keeps ``previous[k]`` (0 when ``previous`` is None). Ranks all-reduce K + 2 sums, not the features.
+    """
+    world = _World("cmr", features, group)
+    return _threshold(world, features, upper, previous, backend)
+
+
+def _threshold(world: _World, features: Features, upper, previous, backend: str) -> Tensor:
+    fn = world.name
+    backend = _checks.backend(fn, backend)
+    sizes, (image, text, negatives) = _with_negatives(fn, features)
+    valid = _checks.valid_mask(fn, features.valid, sizes["B"], sizes["K"])
+    logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
+    upper = _checks.positive(fn, "upper", upper)
+    if previous is not None:
+        previous = _checks.per_type(fn, "previous", previous, sizes["K"])
+    stats = world.sum(partials.threshold_stats(image, text, negatives, valid, logit_scale, backend))
+    return partials.threshold_from_stats(stats, upper, previous)
 
 
 @_term("imc", "image", "text", "negatives", "logit_scale")
 def imc(features: Features, *, variant: str = "paper", backend: str = "auto", group=None) -> Tensor:
     """CE-CLIP intra-modal contrast on the global batch: each caption against every negative of the batch."""
-    fn = _require("imc", features)
+    world = _World("imc", features, group)
+    fn = world.name
     backend = _checks.backend(fn, backend)
     variant = _checks.variant(fn, variant)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
     if variant == "released" and sizes["K"] == 0:
-        raise ValueError(f"{fn}: variant='released' needs at least one negative (K >= 1)")
+        raise ValueError(f"{fn}: variant='released' needs at least one negative (K >= 1), "
+                         f"got {tuple(negatives.shape)}")
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = _Rows(sizes["B"], group)
+    rows = world.rows(sizes["B"])
     total = partials.imc_sum(image, text, rows.gather(negatives), logit_scale, variant, backend)
-    return sum_across_ranks(total / rows.total, group)
+    return world.sum(total / rows.total)
 
 
 @_term("igc", "image", "text", "negatives", "logit_scale")
 def igc(features: Features, *, backend: str = "auto", group=None) -> Tensor:
     """DeGLA image-grounded contrast (own caption + own negatives): rows are independent, nothing is gathered."""
-    fn = _require("igc", features)
+    world = _World("igc", features, group)
+    fn = world.name
     backend = _checks.backend(fn, backend)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = _Rows(sizes["B"], group)
-    return sum_across_ranks(partials.grouped_sum(image, text, negatives, logit_scale, backend) / rows.total, group)
+    rows = world.rows(sizes["B"])
+    return world.sum(partials.grouped_sum(image, text, negatives, logit_scale, backend) / rows.total)
 
 
 @_term("tgc", "text", "teacher_text", "negatives")
 def tgc(features: Features, *, variant: str = "paper", scale: float = 10.0, backend: str = "auto",
         group=None) -> Tensor:
     """DeGLA text-grounded contrast; ``variant="released"`` draws anchor i's negatives from the global flat list."""
-    fn = _require("tgc", features)
+    world = _World("tgc", features, group)
+    fn = world.name
     backend = _checks.backend(fn, backend)
     variant = _checks.variant(fn, variant)
     sizes, (text, teacher_text, negatives) = _checks.prepare(
@@ -222,19 +292,19 @@ def tgc(features: Features, *, variant: str = "paper", scale: float = 10.0, back
         negatives=(features.negatives, "BKD"),
     )
     scale = _checks.scalar(fn, "scale", scale)
-    rows = _Rows(sizes["B"], group)
+    rows = world.rows(sizes["B"])
     if variant == "released":
         negatives = partials.tgc_released_negatives(rows.gather(negatives), rows.offset, sizes["B"])
     total = partials.grouped_sum(text, teacher_text.detach(), negatives, scale, backend)
-    return sum_across_ranks(total / rows.total, group)
+    return world.sum(total / rows.total)
 
 
 @_term("distill", "image", "text", "negatives", "teacher_image", "teacher_text", "teacher_negatives")
 def distill(features: Features, *, group=None) -> Tensor:
     """DeGLA distillation, summed over the global batch (each rank sums its own rows)."""
-    fn = _require("distill", features)
+    world = _World("distill", features, group)
     _, tensors = _checks.prepare(
-        fn,
+        world.name,
         image=(features.image, "BD"),
         text=(features.text, "BD"),
         negatives=(features.negatives, "BKD"),
@@ -242,67 +312,67 @@ def distill(features: Features, *, group=None) -> Tensor:
         teacher_text=(features.teacher_text, "BD"),
         teacher_negatives=(features.teacher_negatives, "BKD"),
     )
-    return sum_across_ranks(partials.distill_sum(*tensors), group)
+    return world.sum(partials.distill_sum(*tensors))
+
+
+def _scale_and_bias(fn: str, features: Features):
+    logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
+    return logit_scale, _checks.scalar(fn, "logit_bias", features.logit_bias, allow_none=True)
 
 
 @_term("siglip", "image", "text", "logit_scale", "logit_bias")
 def siglip(features: Features, *, group=None) -> Tensor:
     """SigLIP sigmoid loss on the global batch: local images against every text."""
-    fn = _require("siglip", features)
+    world = _World("siglip", features, group)
+    fn = world.name
     sizes, (image, text) = _checks.prepare(fn, image=(features.image, "BD"), text=(features.text, "BD"))
-    logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    logit_bias = _checks.scalar(fn, "logit_bias", features.logit_bias, allow_none=True)
-    rows = _Rows(sizes["B"], group)
+    logit_scale, logit_bias = _scale_and_bias(fn, features)
+    rows = world.rows(sizes["B"])
     total = partials.siglip_sum(image, rows.gather(text), logit_scale, logit_bias, rows.offset)
-    return sum_across_ranks(total / rows.total, group)
+    return world.sum(total / rows.total)
 
 
 @_term("npc", "image", "concepts", "owner", "logit_scale", "logit_bias")
 def npc(features: Features, *, group=None) -> Tensor:
     """C2LIP concept contrast on the global batch: local images against every concept of every rank."""
-    fn = _require("npc", features)
+    world = _World("npc", features, group)
+    fn = world.name
     sizes, (image, concepts) = _checks.prepare(
         fn, image=(features.image, "BD"), concepts=(features.concepts, "PD")
     )
-    logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    logit_bias = _checks.scalar(fn, "logit_bias", features.logit_bias, allow_none=True)
-    images = _Rows(sizes["B"], group)
-    concept_cols, owner_cols = _owners_and_concepts(
-        fn, features.owner, sizes["B"], images.offset, concepts, group
-    )
+    images = world.rows(sizes["B"])
+    concept_cols, owner_cols = _concept_columns(world, images, features, concepts)
+    logit_scale, logit_bias = _scale_and_bias(fn, features)
     total = partials.npc_sum(image, concept_cols, owner_cols, logit_scale, logit_bias, images.offset)
-    return sum_across_ranks(total / max(concept_cols.shape[0], 1), group)
+    return world.sum(total / max(concept_cols.shape[0], 1))
 
 
 @_term("xac", "tokens", "concepts", "owner", "logit_scale", "logit_bias")
 def xac(features: Features, *, temperature: float = 1.0, backend: str = "auto", group=None) -> Tensor:
     """C2LIP XAC on the global batch: each rank pools its own images' tokens against every gathered concept."""
-    fn = _require("xac", features)
+    world = _World("xac", features, group)
+    fn = world.name
     backend = _checks.backend(fn, backend)
     sizes, (tokens, concepts) = _checks.prepare(
         fn, tokens=(features.tokens, "BLD"), concepts=(features.concepts, "PD")
     )
-    logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    logit_bias = _checks.scalar(fn, "logit_bias", features.logit_bias, allow_none=True)
+    images = world.rows(sizes["B"])
+    concept_cols, owner_cols = _concept_columns(world, images, features, concepts)
+    logit_scale, logit_bias = _scale_and_bias(fn, features)
     temperature = _checks.positive(fn, "temperature", temperature)
-    images = _Rows(sizes["B"], group)
-    concept_cols, owner_cols = _owners_and_concepts(
-        fn, features.owner, sizes["B"], images.offset, concepts, group
-    )
     total = partials.xac_sum(
         tokens, concept_cols, owner_cols, logit_scale, logit_bias, temperature, images.offset, backend
     )
-    return sum_across_ranks(total / max(concept_cols.shape[0], 1), group)
+    return world.sum(total / max(concept_cols.shape[0], 1))
 
 
 class CMRThreshold:
     """CE-CLIP's adaptive per-type threshold θ [K] for the ``cmr`` term.
 
     ``value`` starts at 0 and is reset to 0 at every epoch start (``reset``). After each optimizer step
-    ``update(features)`` sets θ_k = clamp(mean_i S_i − Σ_i m_ik S_ik / Σ_i m_ik, 0, upper) from the **global**
-    batch (no grad), used at the next step; a type without a valid negative in the global batch keeps its value.
-    Globally this needs only K + 2 sums, so ranks all-reduce those instead of gathering the features.
-    ``value`` is float64 (tiny; exact in float64 tests) and follows the features' device.
+    ``update(features)`` sets it to ``cmr_threshold`` of the **global** batch (no grad), used at the next step; a
+    type without a valid negative in the global batch keeps its value. ``value`` is float64 (tiny; exact in
+    float64 tests) and follows the features' device.
     """
 
     def __init__(self, num_types: int, upper: float = 10.0):
@@ -319,19 +389,12 @@ class CMRThreshold:
     @torch.no_grad()
     def update(self, features: Features, *, backend: str = "auto", group=None) -> Tensor:
         """Recompute θ from this step's global batch; returns the new ``value``."""
-        fn = "CMRThreshold.update"
-        for field in ("image", "text", "negatives", "valid", "logit_scale"):
-            if getattr(features, field) is None:
-                raise ValueError(f"{fn}: needs Features.{field}, got None")
-        backend = _checks.backend(fn, backend)
-        sizes, (image, text, negatives) = _with_negatives(fn, features)
+        world = _World("cmr", features, group, fn="CMRThreshold.update")
+        sizes, _ = _with_negatives(world.name, features)
         if sizes["K"] != self.num_types:
-            raise ValueError(f"{fn}: negatives have K = {sizes['K']} types, the threshold has {self.num_types}")
-        valid = _checks.valid_mask(fn, features.valid, sizes["B"], sizes["K"])
-        logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-        stats = partials.threshold_stats(image, text, negatives, valid, logit_scale, backend)
-        stats = sum_across_ranks(stats, group)
-        self.value = partials.threshold_from_stats(stats, self.upper, self.value)
+            raise ValueError(f"{world.name}: negatives have K = {sizes['K']} types, "
+                             f"the threshold has {self.num_types}")
+        self.value = _threshold(world, features, self.upper, self.value, backend)
         return self.value
 
     def state_dict(self) -> dict:

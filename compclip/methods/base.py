@@ -54,7 +54,13 @@ class Method:
         self.required: Set[str] = self.objective.required
 
     def published_terms(self) -> Dict[str, float]:
+        """The weights when the config names no terms (subclasses read ``PUBLISHED_WEIGHTS``)."""
         return dict(self.default_terms)
+
+    @property
+    def contrastive_term(self) -> str:
+        """The model's image–text contrastive term: SigLIP's sigmoid loss needs a logit bias, else CLIP InfoNCE."""
+        return "siglip" if self.has_logit_bias else "clip"
 
     # ---- what to compute -------------------------------------------------------------------------------------
     @property

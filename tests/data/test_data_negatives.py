@@ -12,9 +12,8 @@ from compclip.data.negatives import (INVALID, NegativeGenerator, Vocabulary, nor
 
 import datatest_support as support
 
-SUGARCREPE = "/work/shared/data/sugarcrepe"
-if not os.path.isdir(SUGARCREPE):
-    SUGARCREPE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "sugarcrepe")
+# SugarCrepe annotations, in the data folder beside the checkout (see tests/evaluation/evaltest_helpers.py).
+SUGARCREPE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "sugarcrepe")
 
 
 def parse(text):
@@ -111,3 +110,15 @@ def test_loader_derives_missing_concepts_with_spacy(tmp_path):
                                        train=False)))
     assert support.decoded(batch["concepts"]) == ["big red cube", "blue ball", "x"]
     assert batch["owner"].tolist() == [0, 0, 1]
+
+
+def test_missing_spacy_pipeline_names_the_setting():
+    """Data and evaluation load spaCy through one helper: a missing pipeline says which setting picks another."""
+    from compclip.data.concepts import ConceptExtractor
+
+    with pytest.raises(RuntimeError, match=r"'no_such_pipeline_xyz' is not installed .*data\.spacy_model"):
+        ConceptExtractor("no_such_pipeline_xyz")(["a red cube"])
+    # The official name falls back to its PyPI re-upload when only that is installed.
+    from compclip.spacy_pipeline import load_spacy
+
+    assert load_spacy("en_core_web_sm", exclude=("ner",), needed_for="a test", setting="--x").pipe_names

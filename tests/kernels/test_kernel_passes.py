@@ -46,7 +46,7 @@ def test_counter_restores_the_interpreter():
 
 def test_contrastive_and_xac_work_at_their_closed_forms_within_budget():
     """The executed dot FLOPs of the real kernels equal the closed forms their docstrings derive, and meet the
-    SPEC budgets: contrastive 5 passes per direction (deterministic), XAC ≤ 8."""
+    budgets of docs/kernels.md: contrastive 5 passes per direction (deterministic), XAC ≤ 8."""
     from compclip.kernels.passes import BUDGETS, XATTN_SHAPE, measure, xattn_closed_form
     rows = {r["op"]: r for r in measure(["contrastive_row_loss", "xac_loss_sum", "concept_attention_pool"])}
     contrastive = rows["contrastive_row_loss"]

@@ -1,4 +1,4 @@
-"""Every differentiable function of SPEC §2 as a table the gradcheck and dtype tests iterate over."""
+"""Every differentiable function of compclip.losses (docs/losses.md) as a table the gradcheck and dtype tests iterate over."""
 import torch
 
 import compclip.losses as losses

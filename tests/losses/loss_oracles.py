@@ -1,4 +1,4 @@
-"""Independent implementations of every SPEC §1 loss, written from the formulas with explicit Python loops over
+"""Independent implementations of every loss of docs/losses.md, written from the formulas with explicit Python loops over
 rows (small B only) or fully materialised logits, sharing no code with ``compclip.losses``. Float64 throughout.
 Also the random-batch factory the loss tests share."""
 import torch

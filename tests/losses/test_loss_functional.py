@@ -1,4 +1,4 @@
-"""Every function of SPEC §2 against the independent oracles of ``loss_oracles`` (float64), plus the properties the
+"""Every function of compclip.losses (docs/losses.md) against the independent oracles of ``loss_oracles`` (float64), plus the properties the
 papers and the released code pin down: which negatives a row sees, paper vs released variants, thresholds."""
 import pytest
 import torch

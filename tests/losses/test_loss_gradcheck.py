@@ -1,4 +1,4 @@
-"""Float64 gradcheck of every differentiable function of SPEC §2, on every floating input that should get a
+"""Float64 gradcheck of every differentiable function of compclip.losses (docs/losses.md), on every floating input that should get a
 gradient, ``logit_scale`` and ``logit_bias`` included (a learnable temperature must never be frozen)."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""nn.Module losses: each published combination equals the weighted sum of the functional API (SPEC §2), and
+"""nn.Module losses: each published combination equals the weighted sum of the functional API (docs/losses.md), and
 CE-CLIP's threshold state moves, resets and round-trips through state_dict."""
 import pytest
 import torch
@@ -78,3 +78,25 @@ def test_bad_compositions_are_refused():
         L.CompositionalLoss({"negclip": 1.0, "cmr": 0.2})
     with pytest.raises(ValueError, match="non-zero weight"):
         L.CompositionalLoss({"negclip": 0.0})
+
+
+def test_published_weights_have_one_source(monkeypatch):
+    """The loss classes and the methods read PUBLISHED_WEIGHTS: a changed entry changes both; kwargs override."""
+    from compclip.config import LossConfig
+    from compclip.methods import build_method
+
+    classes = {"clip": L.ClipLoss, "negclip": L.NegClipLoss, "degla": L.DeGLALoss, "c2lip": L.C2LIPLoss,
+               "ceclip": lambda: L.CEClipLoss(num_negatives=2)}
+    for method, weights in L.PUBLISHED_WEIGHTS.items():
+        for term in weights:
+            monkeypatch.setitem(weights, term, weights[term] + 0.5)
+        assert classes[method]().weights == weights, method
+        built = build_method(LossConfig(method=method), num_negatives=2, has_logit_bias=True)
+        assert built.weights == {("siglip" if t == "clip" else t): w for t, w in weights.items()}, method
+    c2lip = L.PUBLISHED_WEIGHTS["c2lip"]
+    assert L.C2LIPLoss(contrastive="clip", xac_weight=0.25).weights == {"clip": c2lip["siglip"],
+                                                                       "npc": c2lip["npc"], "xac": 0.25}
+    assert L.CEClipLoss(num_negatives=2, imc_weight=0.3).weights["imc"] == 0.3
+    assert L.DeGLALoss(distill_weight=0.0).weights.keys() == {"negclip", "igc", "tgc"}  # weight 0 drops a term
+    with pytest.raises(ValueError, match="degla has no term 'xac'"):
+        L.published_weights("degla", xac=1.0)

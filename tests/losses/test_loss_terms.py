@@ -139,3 +139,22 @@ def test_terms_on_the_triton_kernels_match_the_reference(name):
     for field, grad in results["torch"][1].items():
         torch.testing.assert_close(results["triton"][1][field], grad, rtol=1e-5, atol=1e-5,
                                    msg=lambda message, field=field: f"{field}: {message}")
+
+
+def test_local_world_is_the_whole_batch_and_names_the_caller():
+    """``group=Local(caller)`` (what the functional API runs): the features are the whole batch; messages name the
+    caller and report a missing feature by its argument check, not as a missing ``Features`` field."""
+    from compclip.losses.terms import Local, cmr_threshold
+    import loss_oracles as oracle
+
+    b = BATCH
+    torch.testing.assert_close(TERMS["negclip"](features(), group=Local("mine")),
+                               torch.as_tensor(oracle.negclip(b["image"], b["text"], b["negatives"],
+                                                              b["logit_scale"]), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^mine: logit_scale is required"):
+        TERMS["clip"](features(logit_scale=None), group=Local("mine"))
+    with pytest.raises(ValueError, match=r"^terms\.clip: the term needs Features\.logit_scale"):
+        TERMS["clip"](features(logit_scale=None))
+    theta = cmr_threshold(features(), upper=3.0)
+    expected = oracle.threshold(b["image"], b["text"], b["negatives"], b["valid"], b["logit_scale"], upper=3.0)
+    torch.testing.assert_close(theta, torch.as_tensor(expected, dtype=torch.float64))

@@ -6,7 +6,8 @@ copies. The master history is read through DeepSpeed's own accessors (`safe_get_
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_ema_zero import _build, _closed_form, _engine, _free_port, _init_rank
+from compclip.distributed import free_port
+from test_ema_zero import _build, _closed_form, _engine, _init_rank
 
 STEPS = 4
 DECAY = 0.8
@@ -64,7 +65,7 @@ def _worker(rank, world, port, results):
 def test_ema_teacher_follows_fp32_master_under_bf16_zero_0_1_2():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
         for stage, kind in ((0, "full"), (1, "fragment"), (2, "fragment")):
             res = results[rank][stage]

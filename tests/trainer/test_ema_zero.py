@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from compclip.distributed import free_port as _free_port
+from compclip.distributed import free_port
 
 STEPS = 4  # > 2: ZeRO-3 starts keeping small parameters gathered after its first traced step
 DECAY = 0.8  # far from 1 so that every step visibly moves the teacher
@@ -138,7 +138,7 @@ def _clamp_check(engine):
 def test_ema_teacher_matches_closed_form_under_zero_1_2_3():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
         for stage in (1, 2, 3):
             res = results[rank][stage]

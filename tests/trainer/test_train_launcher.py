@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compclip.distributed import free_port as _free_port
+from compclip.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "compclip" / "train.py"
@@ -34,7 +34,7 @@ def _launch(args, ranks, timeout=300):
         cmd = [sys.executable, str(TRAIN)] + args
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN)] + args
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN)] + args
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
