@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-BUDGETS = {"contrastive_row_loss": 5.0, "xac_loss_sum": 8.0}
+BUDGETS = {"contrastive_row_loss": 5.0, "xac_loss_sum": 8.0, "xac_loss_sum[pooled]": 8.0}
 CONTRASTIVE_SHAPE = dict(M=128, N=128, D=256)
 XATTN_SHAPE = dict(B=2, P=256, L=64, D=256)
 
@@ -66,13 +66,19 @@ def _fwd_bwd(op_name: str, make, gemm_flops: float) -> Dict[str, float]:
                 gemm_flops=gemm_flops, budget=BUDGETS.get(op_name))
 
 
-def xattn_closed_form(op: str, P: int, L: int, D: int) -> Dict[str, float]:
-    """The passes xattn_pool's kernels do by construction (its module docstring): the Gram parts G = U Uᵀ, H = A G,
-    M = Aᵀ diag(q) A and M U cost L/P, L/D, L/D and L/P of a pass; pooling adds its v̂ GEMM and dV Uᵀ, (A/n)ᵀ dV."""
+def xattn_closed_form(op: str, P: int, L: int, D: int, route: str = "gram") -> Dict[str, float]:
+    """The passes xattn_pool's kernels do by construction (its module docstring). Route "gram": G = U Uᵀ, H = A G,
+    M = Aᵀ diag(q) A and M U cost L/P, L/D, L/D and L/P of a pass; route "pooled": W = A U (forward and backward),
+    h = W Uᵀ and (qA)ᵀ W, one pass each. Pooling adds its v̂ GEMM and dV Uᵀ, (A/n)ᵀ dV."""
+    op = op.split("[")[0]
+    if route == "gram":
+        extra_fwd, extra_bwd = L / D + L / P, 2 * L / D + 2 * L / P
+    else:
+        extra_fwd, extra_bwd = 1.0, 3.0
     if op == "xac_loss_sum":
-        forward, backward = 1 + L / D + L / P, 3 + 2 * L / D + 2 * L / P
+        forward, backward = 1 + extra_fwd, 3 + extra_bwd
     elif op == "concept_attention_pool":
-        forward, backward = 2 + L / D + L / P, 5 + 2 * L / D + 2 * L / P
+        forward, backward = 2 + extra_fwd, 5 + extra_bwd
     else:
         raise ValueError(op)
     return dict(forward=forward, backward=backward, total=forward + backward)
@@ -113,6 +119,9 @@ def measure(ops: Optional[List[str]] = None) -> List[Dict[str, float]]:
     add("xac_loss_sum", lambda: xac_loss_sum(unit(Bi, L, D), unit(P, D), owner, scale, torch.tensor(-1.0)),
         2 * Bi * P * L * D)
     add("concept_attention_pool", lambda: concept_attention_pool(unit(Bi, L, D), unit(P, D)), 2 * Bi * P * L * D)
+    # the other route, forced (the default picks the cheaper one: "gram" here, "pooled" for long L)
+    add("xac_loss_sum[pooled]", lambda: xac_loss_sum(unit(Bi, L, D), unit(P, D), owner, scale, torch.tensor(-1.0),
+                                                     route="pooled"), 2 * Bi * P * L * D)
     return rows
 
 

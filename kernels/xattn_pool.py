@@ -8,11 +8,15 @@ Forward, for image i (tokens u_l, l < L) and concept p (c_p); T = temperature, s
     z_p   = s ⟨v̂_p, c_p⟩ + b,  y_p = +1 if owner[p] == image_offset + i else −1
     xac_loss_sum -> Σ_i Σ_p softplus(−y_p z_p) = Σ −log σ(y z)          (0-d float32)
 
-**Nothing D-wide per pair is needed.** With the image's Gram matrix G = U Uᵀ [L, L] (``G_ll' = ⟨u_l, u_l'⟩``)::
+**Two routes to the per-pair statistics** (``route=``; default ``choose_route``, the one with fewer passes).
+With the image's Gram matrix G = U Uᵀ [L, L] (``G_ll' = ⟨u_l, u_l'⟩``)::
 
     ⟨w_p, c_p⟩ = Σ_l a_pl r_pl        ‖w_p‖² = Σ_l a_pl h_pl,   h_pl = ⟨w_p, u_l⟩ = (a_p G)_l
 
-so the forward needs R = C Uᵀ (one GEMM of 2·P·L·D per image) and H = A G (2·P·L², i.e. L/D of a pass), never w.
+* "gram": nothing D-wide per pair is ever formed: R = C Uᵀ (one GEMM of 2·P·L·D per image), H = A G (2·P·L², L/D
+  of a pass). Cheap while L is small against D and P (ViT-B/16: L = 196).
+* "pooled": the chunk's pooled vectors W = A U [chunk, P, D] go into a workspace (‖w‖² from its float32 tiles,
+  h = W Uᵀ): a flat pass each, whatever L (ViT-L/14 at 448 px: L = 1024).
 
 Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B, P, D] for pooling; for XAC
 ``dv_p = γ_p c_p`` with dz_p = −y_p σ(−y_p z_p), γ_p = s dz_p, formed for ∂L = 1 and ∂L applied afterwards)::
@@ -24,47 +28,51 @@ Backward, per pair, from the gradient reaching v̂_p (``dv_p``: the upstream [B,
     κ_p    = Σ_l a_pl ∂a_pl = ⟨w_p, dv_p⟩ / n_p − q_p ‖w_p‖²           closed form: no extra sweep over L
     ∂r_pl  = a_pl (∂a_pl − κ_p) / T                                      through the softmax
     X_pl   = ∂r_pl  [+ γ_p a_pl / n_p for XAC: the direct path of z through v̂ in ∂c]
-    ∂U     = Xᵀ C  [+ (A / n)ᵀ dV for pooling]  −  M U,    M = Aᵀ diag(q) A  [L, L] per image
+    ∂U     = Xᵀ C  [+ (A / n)ᵀ dV for pooling]  −  (q A)ᵀ W,   (q A)ᵀ W = M U with M = Aᵀ diag(q) A [L, L]
     ∂C     = Σ_i X_i U_i
     ∂s     = Σ dz_p ⟨v̂_p, c_p⟩,   ∂b = Σ dz_p      (XAC; per-program partials summed on the host)
 
-(Σ_p q_p a_pl w_p = Σ_l' M_ll' u_l' is the −q w part of ∂w carried back to the tokens without forming w.)
+((q A)ᵀ W is the −q w part of ∂w carried back to the tokens: "gram" forms it as M U, without W.)
 
 ε = NORM_EPS = 1e-12 (F.normalize's clamp). The temperature is a Python float (no gradient); ``owner`` and
 ``image_offset`` are integers. Shapes: tokens [B, L, D], concepts [P, D], owner [P] long; logit_scale /
 logit_bias 0-d tensors, floats or (bias) None. Gradients come back in each input's dtype.
 
 Kernels. Images are processed in **chunks** of ``chunk`` images (default: as many as fit WORKSPACE_BYTES); per
-chunk the [P, L]-per-image quantities live in float32 workspaces (R, X; pooling also E) and the [L, L] ones in G, M.
-All loops run over fixed tiles (BLOCK_P concepts × BLOCK_L tokens, D in BLOCK_D steps, outputs BLOCK_DO wide), so
-shared memory and registers do not depend on L, P or D. Every grid puts the image on its slowest axis, so one
-image's tokens (and G) stay in L2 while its concept blocks run.
+chunk the [P, L]-per-image quantities live in workspaces (R, X; pooling also E), and G, M ("gram") or W
+("pooled"). All loops run over fixed tiles (BLOCK_P concepts × BLOCK_L tokens, D in BLOCK_D steps, outputs
+BLOCK_DO wide), so shared memory and registers do not depend on L, P or D. Every grid puts the image on its slowest
+axis, so one image's tokens (and G or W) stay in L2 while its concept blocks run.
 
-* ``_xattn_gram_kernel``   G_i = U_i U_iᵀ                                           L/P of a pass
+* ``_xattn_gram_kernel``   G_i = U_i U_iᵀ ("gram")                                  L/P of a pass
 * ``_xattn_pair_kernel``   grid (concept blocks × images). Sweep 1: R tiles (K = D) into the workspace, with an
-  online log-sum-exp (forward) or the saved one (backward; pooling also E = dV Uᵀ). Sweep 2, per output token
-  tile: H = A G (K = L), then the statistics ‖w‖², ⟨w, c⟩ and the loss (forward) or X (backward). Saves
-  (lse, ‖w‖², ⟨w,c⟩) per pair: 3·B·P floats, all the backward needs besides the inputs.
-* ``_xattn_mgram_kernel``  M_i = A_iᵀ diag(q_i) A_i (K = P)                         L/D
-* ``_xattn_dtokens_kernel`` ∂U_i = X_iᵀ C − M_i U_i (K = P, then K = L)              1 + L/P
+  online log-sum-exp and ⟨w, c⟩ (forward) or the saved lse (backward, which then forms q and κ; pooling also
+  E = dV Uᵀ). Sweep 2, per output token tile: h = A G (K = L) or W Uᵀ (K = D), then ‖w‖² and the loss (forward,
+  "gram") or X (backward). Saves (lse, ‖w‖², ⟨w,c⟩) per pair: 3·B·P floats, all the backward needs besides the
+  inputs. "pooled" runs the two sweeps of the backward as two launches around W.
+* ``_xattn_pool_out_kernel`` A U (K = L): v̂ = A U / n (pooling's output), or W / Σ w² ("pooled")       1
+* ``_xattn_mgram_kernel``  M_i = A_iᵀ diag(q_i) A_i (K = P) ("gram")                L/D
+* ``_xattn_dtokens_kernel`` ∂U_i = X_iᵀ C − M_i U_i or − (q A)ᵀ W                  1 + L/P or 2
 * ``_xattn_dconcepts_kernel`` ∂C += Σ_i X_i U_i (K = chunk·L), chunk after chunk   1
-* ``_xattn_pool_out_kernel`` (pooling) v̂ = A U / n (K = L), the op's own output    1
 
 Passes (units of 2·B·P·L·D dot FLOPs), deterministic (every output element has one writer; the cross-chunk sum of
-∂C is in chunk order; no atomics): XAC forward 1 + L/D + L/P, backward 3 + 2·L/D + 2·L/P; **total 4 + 3·L/D +
-3·L/P**: 5.0 at the C2LIP target (B = 768, P = 2304, L = 196, D = 768), 4.3 at L = 50, 7.0 at L = 577; the Gram
-terms grow with L and pass the budget of 8 at L = 768 (9.3 at L = 1024, D = 768). Pooling: 7 + 3·L/D + 3·L/P (its
-forward writes v̂, its backward reads dV: two more GEMMs). ``python -m compclip.kernels.passes`` counts them.
+∂C is in chunk order; no atomics). XAC, "gram": forward 1 + L/D + L/P, backward 3 + 2·L/D + 2·L/P, **total
+4 + 3·L/D + 3·L/P**: 5.0 at the C2LIP target (B = 768, P = 2304, L = 196, D = 768), 4.3 at L = 50, 7.0 at
+L = 577. XAC, "pooled": forward 2 (R, W), backward 6 (R, W, h, Xᵀ C, (qA)ᵀ W, X U), **total 8** for any L; it is
+chosen where 3·L/D + 3·L/P > 4 (L > 768 at D = 768, P = 2304), so XAC stays ≤ 8 passes up to any L. Pooling: 3
+more passes than XAC on either route (its forward writes v̂, its backward reads dV twice).
+``python -m compclip.kernels.passes`` counts them.
 
 Extra memory: the chunk workspaces (≤ WORKSPACE_BYTES unless one image alone needs more) plus 3·B·P floats of
 saved statistics, P·D float32 for the ∂C accumulator and the per-program partials. [B, P, D] is never formed by
-XAC; [B, P, L] exists one chunk at a time.
+XAC; [B, P, L] (and, on the "pooled" route, W) exists one chunk at a time.
 
 Limits: any B, L, P ≥ 1 and D ≥ 1 (masking); images per chunk ≤ 65,535 (grid axis); offsets are int64. Requested
 blocks must be powers of two ≥ 16 (tl.dot's smallest extent on a GPU). Inputs are made contiguous once on the
 host. Numerics: 16-bit inputs feed their own dtype to tl.dot on a GPU, fp32 inputs use tf32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set, else "ieee" (``_common.dot_config``); workspaces, softmax and
-accumulators are float32, and A, G, X, q·A, M are rounded to the dot dtype as they enter a dot. Underflow: attention
+accumulators are float32, and A, G, W, X, q·A, M are rounded to the dot dtype as they enter a dot (G, M, W and X
+are stored in it: what a dot would round anyway). Underflow: attention
 probabilities below fp16's 2⁻²⁴ flush to 0 (an absolute error ≤ 2⁻²⁴·L·max‖u‖ on w); XAC's X and M are formed
 for ∂L = 1 and ∂L multiplies the float32 accumulators after the dots, so loss scaling or a tiny ∂L cannot flush
 them. Overflow (fp16 only): q ∝ 1/n³, so pairs whose pooled vector nearly cancels (n ≲ 0.01 with unit tokens)
@@ -152,19 +160,44 @@ def _xattn_gram_kernel(
 
 
 @triton.jit
+def _pair_scalars(stat, total, c_ok, owner_ptr, scale_ptr, bias_ptr, cidx, P, image, w_dot_dv,
+                  POOL: tl.constexpr):
+    """Backward per-pair scalars from the saved statistics: (1/n, γ, dz, ⟨v̂,c⟩, q, κ); pooling passes ⟨w, dv⟩."""
+    norm_sq = tl.load(stat + total, mask=c_ok, other=0.0)
+    w_dot_c = tl.load(stat + 2 * total, mask=c_ok, other=0.0)
+    norm = tl.sqrt(norm_sq)
+    inv_n = 1.0 / tl.maximum(norm, NORM_EPS)
+    if POOL:
+        gamma = tl.zeros_like(norm)
+        dz = gamma
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        bias = tl.load(bias_ptr).to(tl.float32)
+        logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image, scale, bias)
+        dz = tl.where(valid, -sign * tl.sigmoid(-sign * logit), 0.0)          # per unit ∂L: |dz| < 1
+        gamma = scale * dz
+        w_dot_dv = gamma * w_dot_c
+    q = tl.where(norm > NORM_EPS, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
+    kappa = w_dot_dv * inv_n - q * norm_sq                                            # Σ_l a_l ∂a_l
+    return inv_n, gamma, dz, w_dot_c * inv_n, q, kappa
+
+
+@triton.jit
 def _xattn_pair_kernel(
     tokens_ptr, concepts_ptr, owner_ptr, scale_ptr, bias_ptr, grad_ptr,   # inputs; grad: ∂v̂ [B, P, D] (pool bwd)
-    gram_ptr, scores_ptr, e_ptr, x_ptr, q_ptr,                            # workspaces: G, R, E (pool bwd), X, q
+    gram_ptr, w_ptr, scores_ptr, e_ptr, x_ptr, q_ptr,    # workspaces: G or W, R, E (pool bwd), X, (q, κ) [2, chunk, P]
     stats_ptr, partials_ptr,                                              # (lse, ‖w‖², ⟨w,c⟩) [3, B, P]; XAC
-    image0, B, L, P, D, inv_temp, image_offset,
-    BACKWARD: tl.constexpr, POOL: tl.constexpr,
+    image0, chunk, B, L, P, D, inv_temp, image_offset,
+    BACKWARD: tl.constexpr, POOL: tl.constexpr, GRAM: tl.constexpr, SWEEP1: tl.constexpr, SWEEP2: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One image (grid axis 1, slow) × one block of BLOCK_P concepts (axis 0); see the module docstring.
 
-    partials (XAC): forward, the loss sum of this program at [image, block]; backward, the ∂s and ∂b partials at
-    [0 | 1, image, block] (per unit ∂L)."""
+    SWEEP1: R (and the forward's lse, ⟨w,c⟩ online; pooling backward: E) into the workspace; backward: the
+    per-pair scalars, (q, κ) stored. SWEEP2: per output token tile, h = (A G) (GRAM) or W Uᵀ (the chunk's
+    pooled vectors, in w_ptr), then ‖w‖² (forward, GRAM) or X (backward). partials (XAC): forward (GRAM), the loss
+    sum of this program at [image, block]; backward, the ∂s and ∂b partials at [0 | 1, image, block] per unit ∂L."""
     pid_p = tl.program_id(0).to(tl.int64)
     n_blocks = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
@@ -174,95 +207,96 @@ def _xattn_pair_kernel(
     tok_ptr = tokens_ptr + image * L * D
     stat = stats_ptr + image * P + cidx
     total = B * P
-    # ---- sweep 1: R = C Uᵀ tile by tile into the workspace (pooling backward: also E = dV Uᵀ) --------------------
     if BACKWARD:
         lse = tl.load(stat, mask=c_ok, other=0.0)
+    if SWEEP1:  # ---- R = C Uᵀ tile by tile into the workspace --------------------------------------------------
         w_dot_dv = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    else:
-        run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
-        run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for l0 in range(0, L, BLOCK_L):
-        lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)                                # [BLOCK_L]
-        raw = _dot_tile(concepts_ptr, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L, BLOCK_D,
-                        DOT_DTYPE, PRECISION)                                          # [BLOCK_P, BLOCK_L]
-        _store_ws(scores_ptr, b, cidx, lidx, P, L, raw)
         if not BACKWARD:
-            scores = tl.where((lidx < L)[None, :], raw * inv_temp, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None]), axis=1)
-            run_max = new_max
-    if not BACKWARD:
-        lse = run_max + tl.log(run_sum)
-    # The tiles just stored are read back below in another thread layout: make them visible to the whole CTA.
-    tl.debug_barrier()
-    if BACKWARD:
-        if POOL:   # sweep 1b: E = dV Uᵀ into its workspace and ⟨w, dv⟩ = Σ_l a_l e_l (its own loop: registers)
-            for l0 in range(0, L, BLOCK_L):
-                lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-                e = _dot_tile(grad_ptr + image * P * D, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L,
-                              BLOCK_D, DOT_DTYPE, PRECISION)
-                _store_ws(e_ptr, b, cidx, lidx, P, L, e)
-                attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
-                w_dot_dv += tl.sum(attn * e, axis=1)
-            tl.debug_barrier()
-    # ---- per-pair scalars (backward) ------------------------------------------------------------------------------
-    if BACKWARD:
-        norm_sq = tl.load(stat + total, mask=c_ok, other=0.0)
-        w_dot_c = tl.load(stat + 2 * total, mask=c_ok, other=0.0)
-        norm = tl.sqrt(norm_sq)
-        inv_n = 1.0 / tl.maximum(norm, NORM_EPS)
-        if POOL:
-            gamma = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
-            bias = tl.load(bias_ptr).to(tl.float32)
-            logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
-            dz = tl.where(valid, -sign * tl.sigmoid(-sign * logit), 0.0)      # per unit ∂L: |dz| < 1
-            gamma = scale * dz
-            w_dot_dv = gamma * w_dot_c
-            out = image * n_blocks + pid_p
-            tl.store(partials_ptr + out, tl.sum(dz * w_dot_c * inv_n, axis=0))
-            tl.store(partials_ptr + B * n_blocks + out, tl.sum(dz, axis=0))
-        q = tl.where(norm > NORM_EPS, w_dot_dv * inv_n * inv_n * inv_n, 0.0)
-        kappa = w_dot_dv * inv_n - q * norm_sq                                        # Σ_l a_l ∂a_l
-        tl.store(q_ptr + b * P + cidx, q, mask=c_ok)
-    else:
-        norm_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        w_dot_c = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    # ---- sweep 2: per output token tile, H = A G, then the statistics (forward) or X (backward) ------------------
-    for l1 in range(0, L, BLOCK_L):
-        lout = l1 + tl.arange(0, BLOCK_L).to(tl.int64)                                # [BLOCK_L]
-        h = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
+            run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+            run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            run_wc = tl.zeros((BLOCK_P,), dtype=tl.float32)                           # Σ exp(r/T − max) r
         for l0 in range(0, L, BLOCK_L):
-            lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-            attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
-            gram, _ = _ws_tile(gram_ptr, b, lidx, lout, L, L)                         # [BLOCK_L, BLOCK_L]
-            h = tl.dot(attn.to(DOT_DTYPE), gram.to(DOT_DTYPE), h, input_precision=PRECISION)
-        attn, raw = _attn_tile(scores_ptr, b, cidx, lout, P, L, lse, inv_temp)
+            lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)                            # [BLOCK_L]
+            raw = _dot_tile(concepts_ptr, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L, BLOCK_D,
+                            DOT_DTYPE, PRECISION)                                      # [BLOCK_P, BLOCK_L]
+            _store_ws(scores_ptr, b, cidx, lidx, P, L, raw)
+            if not BACKWARD:
+                scores = tl.where((lidx < L)[None, :], raw * inv_temp, float("-inf"))
+                new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+                rescale = tl.exp(run_max - new_max)
+                weights = tl.exp(scores - new_max[:, None])
+                run_sum = run_sum * rescale + tl.sum(weights, axis=1)
+                run_wc = run_wc * rescale + tl.sum(weights * raw, axis=1)
+                run_max = new_max
+        if not BACKWARD:
+            lse = run_max + tl.log(run_sum)
+            w_dot_c = run_wc / run_sum
+        # The tiles just stored are read back below in another thread layout: make them visible to the CTA.
+        tl.debug_barrier()
         if BACKWARD:
-            if POOL:
-                e, _ = _ws_tile(e_ptr, b, cidx, lout, P, L)
-            else:
-                e = gamma[:, None] * raw
-            d_attn = e * inv_n[:, None] - q[:, None] * h
-            x = attn * (d_attn - kappa[:, None]) * inv_temp
+            if POOL:   # E = dV Uᵀ into its workspace and ⟨w, dv⟩ = Σ_l a_l e_l (its own loop: registers)
+                for l0 in range(0, L, BLOCK_L):
+                    lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+                    e = _dot_tile(grad_ptr + image * P * D, tok_ptr, cidx, lidx, P, L, D, D, D, BLOCK_P, BLOCK_L,
+                                  BLOCK_D, DOT_DTYPE, PRECISION)
+                    _store_ws(e_ptr, b, cidx, lidx, P, L, e)
+                    attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
+                    w_dot_dv += tl.sum(attn * e, axis=1)
+                tl.debug_barrier()
+            inv_n, gamma, dz, cosine, q, kappa = _pair_scalars(stat, total, c_ok, owner_ptr, scale_ptr, bias_ptr,
+                                                               cidx, P, image + image_offset, w_dot_dv, POOL)
+            tl.store(q_ptr + b * P + cidx, q, mask=c_ok)
+            tl.store(q_ptr + (chunk + b) * P + cidx, kappa, mask=c_ok)
             if not POOL:
-                x += (gamma * inv_n)[:, None] * attn
-            _store_ws(x_ptr, b, cidx, lout, P, L, x)
-        else:
-            norm_sq += tl.sum(attn * h, axis=1)
-            w_dot_c += tl.sum(attn * raw, axis=1)
+                out = image * n_blocks + pid_p
+                tl.store(partials_ptr + out, tl.sum(dz * cosine, axis=0))
+                tl.store(partials_ptr + B * n_blocks + out, tl.sum(dz, axis=0))
+    elif BACKWARD:  # the second launch of the pooled-vector route: scalars as the first launch stored them
+        inv_n, gamma, dz, cosine, q, kappa = _pair_scalars(stat, total, c_ok, owner_ptr, scale_ptr, bias_ptr,
+                                                           cidx, P, image + image_offset,
+                                                           tl.zeros((BLOCK_P,), dtype=tl.float32), POOL)
+        q = tl.load(q_ptr + b * P + cidx, mask=c_ok, other=0.0)
+        kappa = tl.load(q_ptr + (chunk + b) * P + cidx, mask=c_ok, other=0.0)
+    if SWEEP2:  # ---- per output token tile: h, then ‖w‖² (forward) or X (backward) ---------------------------
+        norm_sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for l1 in range(0, L, BLOCK_L):
+            lout = l1 + tl.arange(0, BLOCK_L).to(tl.int64)                            # [BLOCK_L]
+            if GRAM:       # h = A G over the token tiles
+                h = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
+                for l0 in range(0, L, BLOCK_L):
+                    lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+                    attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
+                    gram, _ = _ws_tile(gram_ptr, b, lidx, lout, L, L)                 # [BLOCK_L, BLOCK_L]
+                    h = tl.dot(attn.to(DOT_DTYPE), gram.to(DOT_DTYPE), h, input_precision=PRECISION)
+            else:          # h = W Uᵀ over D
+                h = _dot_tile(w_ptr + b * P * D, tok_ptr, cidx, lout, P, L, D, D, D, BLOCK_P, BLOCK_L, BLOCK_D,
+                              DOT_DTYPE, PRECISION)
+            attn, raw = _attn_tile(scores_ptr, b, cidx, lout, P, L, lse, inv_temp)
+            if BACKWARD:
+                if POOL:
+                    e, _ = _ws_tile(e_ptr, b, cidx, lout, P, L)
+                else:
+                    e = gamma[:, None] * raw
+                d_attn = e * inv_n[:, None] - q[:, None] * h
+                x = attn * (d_attn - kappa[:, None]) * inv_temp
+                if not POOL:
+                    x += (gamma * inv_n)[:, None] * attn
+                _store_ws(x_ptr, b, cidx, lout, P, L, x)
+            else:
+                norm_sq += tl.sum(attn * h, axis=1)
     if not BACKWARD:
         tl.store(stat, lse, mask=c_ok)
-        tl.store(stat + total, norm_sq, mask=c_ok)
         tl.store(stat + 2 * total, w_dot_c, mask=c_ok)
-        if not POOL:
-            scale = tl.load(scale_ptr).to(tl.float32)
-            bias = tl.load(bias_ptr).to(tl.float32)
-            logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale, bias)
-            margin = -sign * logit                             # −log σ(y z) = softplus(−y z), computed stably
-            loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
-            tl.store(partials_ptr + image * n_blocks + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        if SWEEP2:
+            tl.store(stat + total, norm_sq, mask=c_ok)
+            if not POOL:
+                scale = tl.load(scale_ptr).to(tl.float32)
+                bias = tl.load(bias_ptr).to(tl.float32)
+                logit, sign, valid = _xac_logit(norm_sq, w_dot_c, owner_ptr, cidx, P, image + image_offset, scale,
+                                                bias)
+                margin = -sign * logit                         # −log σ(y z) = softplus(−y z), computed stably
+                loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
+                tl.store(partials_ptr + image * n_blocks + pid_p, tl.sum(tl.where(valid, loss, 0.0), axis=0))
 
 
 @triton.jit
@@ -290,9 +324,10 @@ def _xattn_mgram_kernel(
 @triton.jit
 def _xattn_dtokens_kernel(
     tokens_ptr, concepts_ptr, grad_ptr, scores_ptr, x_ptr, m_ptr, stats_ptr,   # grad: ∂L [1] or ∂v̂ [B, P, D]
+    w_ptr, q_ptr,                                                              # route W: pooled vectors, q
     d_tokens_ptr,                                                              # [B, L, D]
     image0, B, L, P, D, inv_temp,
-    POOL: tl.constexpr,
+    POOL: tl.constexpr, GRAM: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -317,11 +352,21 @@ def _xattn_dtokens_kernel(
             grad_v = _load_dot(grad_ptr + image * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)
             acc = tl.dot(tl.trans(attn * inv_n[:, None]).to(DOT_DTYPE), grad_v, acc,
                          input_precision=PRECISION)
-    for l0 in range(0, L, BLOCK_L):                                    # − M U (M is stored negated)
-        lk = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        m, _ = _ws_tile(m_ptr, b, lidx, lk, L, L)                                    # [BLOCK_L, BLOCK_L]
-        tok = _load_dot(tok_ptr, lk, offs_o, L, D, D, DOT_DTYPE)                     # [BLOCK_L, BLOCK_DO]
-        acc = tl.dot(m.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
+    if GRAM:
+        for l0 in range(0, L, BLOCK_L):                                # − M U (M is stored negated)
+            lk = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+            m, _ = _ws_tile(m_ptr, b, lidx, lk, L, L)                                # [BLOCK_L, BLOCK_L]
+            tok = _load_dot(tok_ptr, lk, offs_o, L, D, D, DOT_DTYPE)                 # [BLOCK_L, BLOCK_DO]
+            acc = tl.dot(m.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
+    else:
+        for p0 in range(0, P, BLOCK_P):                                # − (q A)ᵀ W
+            cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+            c_ok = cidx < P
+            lse = tl.load(stats_ptr + image * P + cidx, mask=c_ok, other=0.0)
+            q = tl.load(q_ptr + b * P + cidx, mask=c_ok, other=0.0)
+            attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
+            pooled = _load_dot(w_ptr + b * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)  # [BLOCK_P, BLOCK_DO]
+            acc = tl.dot(tl.trans(-q[:, None] * attn).to(DOT_DTYPE), pooled, acc, input_precision=PRECISION)
     if POOL:
         grad_loss = 1.0
     else:
@@ -362,18 +407,21 @@ def _xattn_dconcepts_kernel(
 
 @triton.jit
 def _xattn_pool_out_kernel(
-    tokens_ptr, scores_ptr, stats_ptr, out_ptr,   # out: v̂ [B, P, D] float32
+    tokens_ptr, scores_ptr, stats_ptr, out_ptr,   # out: v̂ [B, P, D] float32, or (RAW and STORE_W) W [chunk, P, D]
+    sq_ptr,                                       # RAW: Σ_d w² of this D slice, [chunk, P, n_slices] float32
     image0, B, L, P, D, inv_temp,
+    RAW: tl.constexpr, STORE_W: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cidx = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    pid_d = tl.program_id(1).to(tl.int64)
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     b = tl.program_id(2).to(tl.int64)
     image = image0 + b
     c_ok = cidx < P
+    mask = c_ok[:, None] & (offs_o < D)[None, :]
     lse = tl.load(stats_ptr + image * P + cidx, mask=c_ok, other=0.0)
-    inv_n = _inv_norm(stats_ptr, image * P + cidx, c_ok, B * P)
     tok_ptr = tokens_ptr + image * L * D
     acc = tl.zeros((BLOCK_P, BLOCK_DO), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
@@ -381,15 +429,21 @@ def _xattn_pool_out_kernel(
         attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)         # [BLOCK_P, BLOCK_L]
         tok = _load_dot(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)                   # [BLOCK_L, BLOCK_DO]
         acc = tl.dot(attn.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
-    tl.store(out_ptr + (image * P + cidx[:, None]) * D + offs_o[None, :], acc * inv_n[:, None],
-             mask=c_ok[:, None] & (offs_o < D)[None, :])
+    if RAW:
+        tl.store(sq_ptr + (b * P + cidx) * tl.num_programs(1) + pid_d, tl.sum(acc * acc, axis=1), mask=c_ok)
+        if STORE_W:
+            tl.store(out_ptr + (b * P + cidx[:, None]) * D + offs_o[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+    else:
+        inv_n = _inv_norm(stats_ptr, image * P + cidx, c_ok, B * P)
+        tl.store(out_ptr + (image * P + cidx[:, None]) * D + offs_o[None, :], acc * inv_n[:, None], mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Host launchers (no autograd)
 # --------------------------------------------------------------------------------------------------------------
 MIN_BLOCK = 16                 # smallest tl.dot extent on a GPU
-WORKSPACE_BYTES = 256 << 20    # default bound on the per-chunk float32 workspaces (R, X, E, G, M, q)
+WORKSPACE_BYTES = 256 << 20    # default bound on the per-chunk workspaces (R, X, E, G, M or W, q and κ)
 MAX_CHUNK = 65_535             # images are grid axis 2 (CUDA's limit on the y/z axes)
 NUM_WARPS = 8                  # 64 × 64/128 tiles: wgmma on sm_90, no spills on sm_80/sm_90 (python -m compclip.kernels.aot)
 
@@ -397,13 +451,25 @@ NUM_WARPS = 8                  # 64 × 64/128 tiles: wgmma on sm_90, no spills o
 _TORCH_DTYPE = {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float32: torch.float32}
 
 
-def workspace_bytes_per_image(P: int, L: int, pool: bool, dot_bytes: int = 4) -> int:
-    """Workspace one image of a chunk needs in the backward (the forward needs less: R and G). R, E (pooling) and
-    q are float32; G, M and X are only ever dot operands and are stored in the dot dtype (``dot_bytes``)."""
-    return 4 * ((2 if pool else 1) * P * L + P) + dot_bytes * (P * L + 2 * L * L)
+ROUTES = ("gram", "pooled")
 
 
-def _meta(tokens, concepts, pool, block_p, block_l, block_d, block_do, chunk) -> dict:
+def choose_route(P: int, L: int, D: int) -> str:
+    """The cheaper way to the per-pair statistics: "gram" costs 3·L/D + 3·L/P passes beyond XAC's 4, "pooled"
+    (the chunk's pooled vectors W = A U in a workspace) a flat 4 (module docstring)."""
+    return "gram" if 3 * L / D + 3 * L / P <= 4 else "pooled"
+
+
+def workspace_bytes_per_image(P: int, L: int, D: int, pool: bool, route: str, dot_bytes: int = 4,
+                              slices: int = 1) -> int:
+    """Workspace one image of a chunk needs in the backward (the forward needs less). float32: R, E (pooling),
+    (q, κ), the pooled route's Σ w² per D slice; in the dot dtype (``dot_bytes``), what only enters dots: X and
+    either G and M ("gram") or W ("pooled")."""
+    f32 = (2 if pool else 1) * P * L + 2 * P + (P * slices if route == "pooled" else 0)
+    return 4 * f32 + dot_bytes * (P * L + (2 * L * L if route == "gram" else P * D))
+
+
+def _meta(tokens, concepts, pool, block_p, block_l, block_d, block_do, chunk, route) -> dict:
     B, L, D = tokens.shape
     P = concepts.shape[0]
     dot_dtype, precision = dot_config(tokens, concepts, follow_tf32=True)
@@ -411,15 +477,19 @@ def _meta(tokens, concepts, pool, block_p, block_l, block_d, block_do, chunk) ->
                             ("block_do", block_do)):
         if requested is not None and requested < MIN_BLOCK:
             raise ValueError(f"{name} must be >= {MIN_BLOCK} (tl.dot needs M, N, K >= 16 on a GPU), got {requested}")
-    ws_dtype = _TORCH_DTYPE[dot_dtype]
+    route = choose_route(P, L, D) if route is None else route
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    meta = dict(BLOCK_P=block_size(block_p, P, 64), BLOCK_L=block_size(block_l, L, 64),
+                BLOCK_D=block_size(block_d, D, 64), BLOCK_DO=block_size(block_do, D, 128),
+                DOT_DTYPE=dot_dtype, PRECISION=precision, ws_dtype=_TORCH_DTYPE[dot_dtype], route=route)
     if chunk is None:
-        chunk = WORKSPACE_BYTES // workspace_bytes_per_image(P, L, pool, ws_dtype.itemsize)
+        chunk = WORKSPACE_BYTES // workspace_bytes_per_image(P, L, D, pool, route, meta["ws_dtype"].itemsize,
+                                                             triton.cdiv(D, meta["BLOCK_DO"]))
     elif chunk < 1:
         raise ValueError(f"chunk must be >= 1 image, got {chunk}")
-    return dict(BLOCK_P=block_size(block_p, P, 64), BLOCK_L=block_size(block_l, L, 64),
-                BLOCK_D=block_size(block_d, D, 64), BLOCK_DO=block_size(block_do, D, 128),
-                DOT_DTYPE=dot_dtype, PRECISION=precision, chunk=max(1, min(int(chunk), B, MAX_CHUNK)),
-                ws_dtype=ws_dtype)
+    meta["chunk"] = max(1, min(int(chunk), B, MAX_CHUNK))
+    return meta
 
 
 def _chunks(B: int, chunk: int):
@@ -431,43 +501,75 @@ def _tile_meta(meta, *names):
     return {k: meta[k] for k in (*names, "DOT_DTYPE", "PRECISION")}
 
 
-def _gram_and_pairs(tokens, concepts, owner, scale, bias, grad, gram, scores, e, x, q, stats, partials,
-                    image0, n, inv_temp, image_offset, backward, pool, meta):
-    """G for images [image0, image0 + n), then the pair kernel over them (see ``_xattn_pair_kernel``)."""
-    B, L, D = tokens.shape
-    P = concepts.shape[0]
-    n_l = triton.cdiv(L, meta["BLOCK_L"])
-    launch(_xattn_gram_kernel, (n_l, n_l, n), tokens, gram, image0, L, D,
-           num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_L", "BLOCK_D"))
-    launch(_xattn_pair_kernel, (triton.cdiv(P, meta["BLOCK_P"]), n),
-           tokens, concepts, owner, scale, bias, grad,
-           gram, scores, e, x, q,
-           stats, partials,
-           image0, B, L, P, D, inv_temp, image_offset,
-           BACKWARD=backward, POOL=pool, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_D"))
+class _Launcher:
+    """The launches of one op call: its tensors, scalars and tiles, so each kernel is launched by what differs."""
+
+    def __init__(self, tokens, concepts, owner, scale, bias, grad, temperature, image_offset, pool, meta):
+        self.tokens, self.concepts, self.owner, self.scale, self.bias, self.grad = (tokens, concepts, owner, scale,
+                                                                                     bias, grad)
+        self.inv_temp, self.image_offset, self.pool, self.meta = 1.0 / temperature, image_offset, pool, meta
+        self.B, self.L, self.D = tokens.shape
+        self.P = concepts.shape[0]
+        self.n_blocks = triton.cdiv(self.P, meta["BLOCK_P"])
+        self.n_l, self.n_do = triton.cdiv(self.L, meta["BLOCK_L"]), triton.cdiv(self.D, meta["BLOCK_DO"])
+
+    def gram(self, gram, image0, n):
+        launch(_xattn_gram_kernel, (self.n_l, self.n_l, n), self.tokens, gram, image0, self.L, self.D,
+               num_warps=NUM_WARPS, **_tile_meta(self.meta, "BLOCK_L", "BLOCK_D"))
+
+    def pairs(self, ws, stats, partials, image0, n, backward, sweep1=True, sweep2=True):
+        """ws: dict of the workspaces gram, w, scores, e, x, q (unused ones may be any tensor)."""
+        launch(_xattn_pair_kernel, (self.n_blocks, n),
+               self.tokens, self.concepts, self.owner, self.scale, self.bias, self.grad,
+               ws["gram"], ws["w"], ws["scores"], ws["e"], ws["x"], ws["q"],
+               stats, partials,
+               image0, self.meta["chunk"], self.B, self.L, self.P, self.D, self.inv_temp, self.image_offset,
+               BACKWARD=backward, POOL=self.pool, GRAM=self.meta["route"] == "gram", SWEEP1=sweep1, SWEEP2=sweep2,
+               num_warps=NUM_WARPS, **_tile_meta(self.meta, "BLOCK_P", "BLOCK_L", "BLOCK_D"))
+
+    def pooled(self, scores, stats, out, sq, image0, n, raw, store_w=False):
+        launch(_xattn_pool_out_kernel, (self.n_blocks, self.n_do, n),
+               self.tokens, scores, stats, out, sq,
+               image0, self.B, self.L, self.P, self.D, self.inv_temp,
+               RAW=raw, STORE_W=store_w, num_warps=NUM_WARPS, **_tile_meta(self.meta, "BLOCK_P", "BLOCK_L",
+                                                                             "BLOCK_DO"))
+
+
+def _xac_loss_rows(stats, owner, scale, bias, first_image: int) -> torch.Tensor:
+    """Σ_p softplus(−y z) per image from the statistics [3, n, P] (the pooled route's forward epilogue)."""
+    norm_sq, w_dot_c = stats[1], stats[2]
+    logits = scale * w_dot_c / norm_sq.sqrt().clamp_min(NORM_EPS.value) + bias
+    images = torch.arange(stats.shape[1], device=stats.device) + first_image
+    sign = torch.where(owner.view(1, -1) == images.view(-1, 1), 1.0, -1.0)
+    return torch.nn.functional.softplus(-sign * logits).sum(1)
 
 
 def xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offset, pool: bool, meta):
     """(out, stats): POOL: v̂ [B, P, D] float32, else the loss partials [B, ⌈P/BLOCK_P⌉] float32 (sum them);
     stats = (lse, ‖w‖², ⟨w,c⟩) [3, B, P] float32, what the backward reads."""
-    B, L, D = tokens.shape
-    P = concepts.shape[0]
-    chunk = meta["chunk"]
-    n_blocks = triton.cdiv(P, meta["BLOCK_P"])
+    run = _Launcher(tokens, concepts, owner, scale, bias, scale, temperature, image_offset, pool, meta)
+    B, L, P, chunk, gram_route = run.B, run.L, run.P, meta["chunk"], meta["route"] == "gram"
     f32 = dict(dtype=torch.float32, device=tokens.device)
     stats = torch.empty(3, B, P, **f32)
-    out = torch.empty((B, P, D) if pool else (B, n_blocks), **f32)
+    out = torch.empty(B, P, run.D, **f32) if pool else torch.zeros(B, run.n_blocks, **f32)
     scores = torch.empty(chunk, P, L, **f32)
-    gram = torch.empty(chunk, L, L, dtype=meta["ws_dtype"], device=tokens.device)
-    inv_temp = 1.0 / temperature
+    if gram_route:
+        aux = torch.empty(chunk, L, L, dtype=meta["ws_dtype"], device=tokens.device)
+    else:
+        aux = torch.empty(chunk, P, run.n_do, **f32)   # Σ w² per D slice
+    ws = dict(gram=aux, w=aux, scores=scores, e=scores, x=scores, q=scores)
     for image0, n in _chunks(B, chunk):
-        _gram_and_pairs(tokens, concepts, owner, scale, bias, scale, gram, scores, scores, scores, scale, stats, out,
-                        image0, n, inv_temp, image_offset, False, pool, meta)
+        if gram_route:
+            run.gram(aux, image0, n)
+        run.pairs(ws, stats, out, image0, n, backward=False, sweep2=gram_route)
+        if not gram_route:   # ‖w‖² from W = A U, formed slice by slice and not stored
+            run.pooled(scores, stats, scores, aux, image0, n, raw=True)
+            stats[1, image0:image0 + n] = aux[:n].sum(-1)
+            if not pool:
+                out[image0:image0 + n, 0] = _xac_loss_rows(stats[:, image0:image0 + n], owner, scale, bias,
+                                                           image0 + image_offset)
         if pool:
-            launch(_xattn_pool_out_kernel, (n_blocks, triton.cdiv(D, meta["BLOCK_DO"]), n),
-                   tokens, scores, stats, out,
-                   image0, B, L, P, D, inv_temp,
-                   num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
+            run.pooled(scores, stats, out, scores, image0, n, raw=False)
     return out, stats
 
 
@@ -475,33 +577,39 @@ def xattn_backward(tokens, concepts, owner, scale, bias, stats, grad, temperatur
                    need_tokens: bool = True, need_concepts: bool = True):
     """(d_tokens, d_concepts, d_scale_partials, d_bias_partials); ``grad`` is ∂v̂ [B, P, D] float32 (pooling) or
     ∂L as a 1-element float32 tensor (XAC). A gradient that is not needed comes back as None."""
-    B, L, D = tokens.shape
-    P = concepts.shape[0]
-    chunk, BP, BL, BDO = meta["chunk"], meta["BLOCK_P"], meta["BLOCK_L"], meta["BLOCK_DO"]
-    n_blocks, n_l, n_do = triton.cdiv(P, BP), triton.cdiv(L, BL), triton.cdiv(D, BDO)
-    f32 = dict(dtype=torch.float32, device=tokens.device)
+    run = _Launcher(tokens, concepts, owner, scale, bias, grad, temperature, image_offset, pool, meta)
+    B, L, P, D, chunk, gram_route = run.B, run.L, run.P, run.D, meta["chunk"], meta["route"] == "gram"
+    f32, dot = dict(dtype=torch.float32, device=tokens.device), dict(dtype=meta["ws_dtype"], device=tokens.device)
     d_tokens = torch.empty_like(tokens) if need_tokens else None
     d_concepts = torch.zeros(P, D, **f32) if need_concepts else None
-    partials = torch.zeros(2, B, n_blocks, **f32)
-    ws = dict(dtype=meta["ws_dtype"], device=tokens.device)
-    scores, x = torch.empty(chunk, P, L, **f32), torch.empty(chunk, P, L, **ws)
-    e = torch.empty(chunk, P, L, **f32) if pool else scores
-    gram, mgram = torch.empty(chunk, L, L, **ws), torch.empty(chunk, L, L, **ws)
-    q = torch.empty(chunk, P, **f32)
-    inv_temp = 1.0 / temperature
+    partials = torch.zeros(2, B, run.n_blocks, **f32)
+    scores, x, q = torch.empty(chunk, P, L, **f32), torch.empty(chunk, P, L, **dot), torch.empty(2, chunk, P, **f32)
+    ws = dict(scores=scores, x=x, q=q, e=torch.empty(chunk, P, L, **f32) if pool else scores)
+    if gram_route:
+        ws.update(gram=torch.empty(chunk, L, L, **dot), m=torch.empty(chunk, L, L, **dot), w=scores)
+    else:
+        ws.update(w=torch.empty(chunk, P, D, **dot), sq=torch.empty(chunk, P, run.n_do, **f32), gram=scores,
+                  m=scores)
     for image0, n in _chunks(B, chunk):
-        _gram_and_pairs(tokens, concepts, owner, scale, bias, grad, gram, scores, e, x, q, stats, partials,
-                        image0, n, inv_temp, image_offset, True, pool, meta)
+        if gram_route:
+            run.gram(ws["gram"], image0, n)
+            run.pairs(ws, stats, partials, image0, n, backward=True)
+        else:   # R and the scalars; W = A U into its workspace; then h = W Uᵀ and X
+            run.pairs(ws, stats, partials, image0, n, backward=True, sweep2=False)
+            run.pooled(scores, stats, ws["w"], ws["sq"], image0, n, raw=True, store_w=True)
+            run.pairs(ws, stats, partials, image0, n, backward=True, sweep1=False)
         if need_tokens:
-            launch(_xattn_mgram_kernel, (n_l, n_l, n), scores, q, stats, mgram, image0, L, P, inv_temp,
-                   num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L"))
-            launch(_xattn_dtokens_kernel, (n_l, n_do, n),
-                   tokens, concepts, grad, scores, x, mgram, stats,
+            if gram_route:
+                launch(_xattn_mgram_kernel, (run.n_l, run.n_l, n), scores, q, stats, ws["m"], image0, L, P,
+                       run.inv_temp, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L"))
+            launch(_xattn_dtokens_kernel, (run.n_l, run.n_do, n),
+                   tokens, concepts, grad, scores, x, ws["m"], stats, ws["w"], q,
                    d_tokens,
-                   image0, B, L, P, D, inv_temp,
-                   POOL=pool, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
+                   image0, B, L, P, D, run.inv_temp,
+                   POOL=pool, GRAM=gram_route, num_warps=NUM_WARPS,
+                   **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
         if need_concepts:
-            launch(_xattn_dconcepts_kernel, (n_blocks, n_do),
+            launch(_xattn_dconcepts_kernel, (run.n_blocks, run.n_do),
                    tokens, grad, x, d_concepts,
                    image0, n, L, P, D,
                    POOL=pool, num_warps=NUM_WARPS, **_tile_meta(meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
@@ -583,12 +691,14 @@ def concept_attention_pool(
     block_d: Optional[int] = None,
     block_do: Optional[int] = None,
     chunk: Optional[int] = None,
+    route: Optional[str] = None,
 ) -> torch.Tensor:
     """normalize(Σ_l softmax_l(⟨u_il, c_p⟩ / T) u_il): tokens [B, L, D], concepts [P, D] -> [B, P, D] float32.
 
-    ``chunk``: images per workspace chunk (default: as many as fit ``WORKSPACE_BYTES``)."""
+    ``chunk``: images per workspace chunk (default: as many as fit ``WORKSPACE_BYTES``); ``route``: "gram" or
+    "pooled" (default: ``choose_route``, the one with fewer passes)."""
     _check(tokens, concepts)
-    meta = _meta(tokens, concepts, True, block_p, block_l, block_d, block_do, chunk)
+    meta = _meta(tokens, concepts, True, block_p, block_l, block_d, block_do, chunk, route)
     return ConceptAttentionPool.apply(tokens, concepts, float(temperature), meta)
 
 
@@ -606,13 +716,15 @@ def xac_loss_sum(
     block_d: Optional[int] = None,
     block_do: Optional[int] = None,
     chunk: Optional[int] = None,
+    route: Optional[str] = None,
 ) -> torch.Tensor:
     """Σ_i Σ_p −log σ(y_ip (s⟨v̂_ip, c_p⟩ + b)) without materialising v̂ (see ``reference.xac_loss_sum``); 0-d float32.
 
-    ``chunk``: images per workspace chunk (default: as many as fit ``WORKSPACE_BYTES``)."""
+    ``chunk``: images per workspace chunk (default: as many as fit ``WORKSPACE_BYTES``); ``route``: "gram" or
+    "pooled" (default: ``choose_route``, the one with fewer passes)."""
     _check(tokens, concepts)
     if owner.shape != concepts.shape[:1]:
         raise ValueError(f"owner must have shape [P] = {tuple(concepts.shape[:1])}, got {tuple(owner.shape)}")
-    meta = _meta(tokens, concepts, False, block_p, block_l, block_d, block_do, chunk)
+    meta = _meta(tokens, concepts, False, block_p, block_l, block_d, block_do, chunk, route)
     return XACLossSum.apply(tokens, concepts, owner, logit_scale, logit_bias, float(temperature), int(image_offset),
                             meta)

@@ -48,13 +48,15 @@ def test_contrastive_and_xac_work_at_their_closed_forms_within_budget():
     """The executed dot FLOPs of the real kernels equal the closed forms their docstrings derive, and meet the
     budgets of docs/kernels.md: contrastive 5 passes per direction (deterministic), XAC ≤ 8."""
     from compclip.kernels.passes import BUDGETS, XATTN_SHAPE, measure, xattn_closed_form
-    rows = {r["op"]: r for r in measure(["contrastive_row_loss", "xac_loss_sum", "concept_attention_pool"])}
+    rows = {r["op"]: r for r in measure(["contrastive_row_loss", "xac_loss_sum", "concept_attention_pool",
+                                         "xac_loss_sum[pooled]"])}
     contrastive = rows["contrastive_row_loss"]
     assert (contrastive["forward"], contrastive["backward"]) == (1.0, 4.0)
     assert contrastive["total"] <= BUDGETS["contrastive_row_loss"]
     shape = {k: XATTN_SHAPE[k] for k in ("P", "L", "D")}
-    for op in ("xac_loss_sum", "concept_attention_pool"):
-        expected = xattn_closed_form(op, **shape)
+    for op, route in (("xac_loss_sum", "gram"), ("concept_attention_pool", "gram"), ("xac_loss_sum[pooled]", "pooled")):
+        expected = xattn_closed_form(op, **shape, route=route)
         for key in ("forward", "backward"):
             assert rows[op][key] == pytest.approx(expected[key], rel=1e-12), (op, key)
     assert rows["xac_loss_sum"]["total"] <= BUDGETS["xac_loss_sum"]
+    assert rows["xac_loss_sum[pooled]"]["total"] == pytest.approx(8.0)

@@ -127,3 +127,23 @@ def test_chunk_must_be_positive():
     tokens, concepts, owner = _inputs(2, 3, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="chunk"):
         xac_loss_sum(tokens, concepts, owner, 10.0, chunk=0)
+
+
+@pytest.mark.parametrize("route", ["gram", "pooled"])
+def test_both_routes_to_the_pair_statistics(route):
+    # The Gram route (h = aG) and the pooled-vector route (W = AU per chunk, h = W Uᵀ), each forced, over several
+    # token tiles, D slices, concept blocks and chunks, for XAC and pooling, with and without a bias.
+    blocks = dict(SMALL, route=route)
+    _run_xac(3, 40, 37, 33, 100.0, -10.0, 0.5, **blocks)
+    _run_xac(2, 7, 5, 19, 1.0, None, **blocks)
+    _run_pool(3, 40, 19, 33, 0.5, **blocks)
+
+
+def test_route_choice_follows_the_pass_count():
+    from compclip.kernels.xattn_pool import choose_route
+    assert choose_route(2304, 196, 768) == "gram"       # 3·196/768 + 3·196/2304 = 1.02 extra passes < 4
+    assert choose_route(2304, 1024, 768) == "pooled"    # 5.33 > 4
+    assert choose_route(2304, 768, 768) == "gram"       # exactly 4: either; the Gram route keeps less memory
+    with pytest.raises(ValueError, match="route"):
+        tokens, concepts, owner = _inputs(2, 3, 2, 8, torch.float32)
+        xac_loss_sum(tokens, concepts, owner, 10.0, route="direct")
