@@ -153,3 +153,25 @@ def test_explicit_incomplete_tag_is_refused_naming_the_complete_ones(tmp_path):
         checkpoints.locate(str(ds / "step3"))
     assert checkpoints.locate("latest") == (ds, "step2")
     assert checkpoints.locate(str(ds)) == (ds, "step2")
+
+
+def test_retention_keeps_the_newest_complete_tags_and_exports(tmp_path):
+    """keep=2 after a commit of step5: step4 and step5 stay, so does nothing newer; an incomplete older tag and
+    what an interrupted deletion left go; keep_exports=2 keeps the two highest epochs."""
+    from compclip.checkpoint import MARKER, TRASH, Checkpointer
+
+    checkpoints = Checkpointer.__new__(Checkpointer)
+    checkpoints.rank, checkpoints.world, checkpoints.keep, checkpoints.keep_exports = 0, 1, 2, 2
+    checkpoints.dir = tmp_path / "checkpoints"
+    checkpoints.ds_dir = checkpoints.dir / "deepspeed"
+    for step, complete in ((1, True), (2, False), (3, True), (4, True), (5, True)):
+        (checkpoints.ds_dir / f"step{step}").mkdir(parents=True)
+        if complete:
+            (checkpoints.ds_dir / f"step{step}" / MARKER).write_text("{}")
+    (checkpoints.ds_dir / (TRASH + "step0")).mkdir()
+    checkpoints.prune()
+    assert sorted(p.name for p in checkpoints.ds_dir.iterdir()) == ["step4", "step5"]
+    for epoch in (1, 2, 10, 3):
+        (checkpoints.dir / f"epoch_{epoch}.pt").write_bytes(b"")
+    checkpoints._prune_exports()
+    assert sorted(p.name for p in checkpoints.dir.glob("*.pt")) == ["epoch_10.pt", "epoch_3.pt"]
