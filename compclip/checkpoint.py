@@ -338,8 +338,8 @@ class Checkpointer:
         _, client = engine.load_checkpoint(str(root), tag=tag)
         state = client["compclip"]
         extras = torch.load(extras_path, map_location="cpu", weights_only=True)
-        point = ResumePoint(state["epoch"], state["micro_in_epoch"], state["global_step"], rng_state_from_safe(extras["rng"]),
-                            extras.get("data"))
+        point = ResumePoint(state["epoch"], state["micro_in_epoch"], state["global_step"],
+                            rng_state_from_safe(extras["rng"]), extras.get("data"))
         logger.info("resumed from %s at epoch %d, micro-batch %d, step %d", root / tag, point.epoch,
                     point.micro_in_epoch, point.global_step)
         return point, extras

@@ -168,8 +168,8 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (the DeepSpeed accelerator: CUDA if present, else CPU), `cuda` or `cpu`."""
     resume: str = ""
-    """`latest` (the newest DeepSpeed checkpoint of this run folder) or a checkpoint folder/tag path. Same world
-    size and ZeRO stage: bit-identical continuation. For another world size use `init_from`."""
+    """`latest` (the newest complete DeepSpeed checkpoint of this run folder) or a checkpoint folder/tag path.
+    Same world size and ZeRO stage: bit-identical continuation. For another world size use `init_from`."""
     init_from: str = ""
     """A DeepSpeed checkpoint folder: load its consolidated fp32 weights (student and EMA teacher) and start a
     new run (optimizer, schedule and data order restart). For changing the number of ranks."""
