@@ -1,27 +1,38 @@
 """Training checkpoints: save, resume (bit-identical continuation), init-from (weights from any world size), and
 the run folder a checkpoint path belongs to.
 
-Layout of one checkpoint, `<run>/checkpoints/deepspeed/step<N>/`:
+Layout of one checkpoint, `<run>/checkpoints/deepspeed/step<N>/` (a "tag"):
 
 * DeepSpeed's own files (`engine.save_checkpoint`): module, optimizer and schedule state, sharded as the run's
   ZeRO stage shards them, plus the client state `{"compclip": {epoch, micro_in_epoch, global_step, world_size,
-  config}}`; DeepSpeed writes the `latest` pointer next to the tags.
+  config}}`.
 * `compclip_rank<r>.pt` per rank: what DeepSpeed does not know: the RNG state (python, numpy, torch, cuda), the
   method's state (CE-CLIP's threshold), the EMA teacher's local storage (full tensors, or this rank's ZeRO-3
   shard), the non-finite counter, and the rank's data position (`loader.state_dict()`: skip count, streams).
+* `compclip_complete.json` (rank 0, last): the completion marker. A tag without it is incomplete: its save was
+  interrupted, and nothing resumes from it.
+
+The commit is atomic under a kill at any instant. Every rank writes its pieces (DeepSpeed's states without
+DeepSpeed's `latest` pointer, then its extras, each through a temporary name and a rename), a barrier, then rank 0
+writes the marker, and only then the pointers next to the tags: `compclip_latest` and DeepSpeed's `latest` (kept
+for DeepSpeed's own tools), each replaced atomically. `--resume latest` takes the newest complete tag and warns
+about the incomplete ones it skips; an explicit incomplete tag is refused. With `log.keep_checkpoints = N`, rank
+0 then deletes the tags older than the newest N complete ones (renamed out of the way first, so a kill during the
+deletion leaves no half-deleted tag under a tag's name). `compclip.faults` kills a save at each of these stages
+for the tests.
 
 Resume needs the same world size (the shards and data positions are per rank); `init_from` consolidates the fp32
 weights (and the teacher's shards) of a checkpoint written by any number of ranks, and starts optimizer,
 schedule and data order fresh.
-
-Saving ends with a barrier (`Checkpointer.save`); a completion marker or a pointer update written after it, by
-rank 0, is the one place to make the commit atomic.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -29,12 +40,44 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from compclip import faults
 from compclip.config import ConfigError, TrainConfig, default_run_name
 from compclip.safe_pickle import rng_state_from_safe, rng_state_to_safe
 
 logger = logging.getLogger("compclip")
 
 EXTRAS = "compclip_rank{rank}.pt"
+MARKER = "compclip_complete.json"  # in a tag: written last, by rank 0, once every rank's pieces are on disk
+POINTER = "compclip_latest"  # next to the tags: the tag of the last commit (DeepSpeed's `latest` too)
+TAG = re.compile(r"step(\d+)")
+TRASH = ".deleting-"  # a tag being deleted is renamed to this prefix first
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file and a rename: a reader sees the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _tags(root: Path):
+    """[(step, name)] of the tags in a DeepSpeed checkpoint folder, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p.name) for p in root.iterdir() if p.is_dir() and (m := TAG.fullmatch(p.name))]
+    return sorted(found)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / MARKER).is_file()
+
+
+def _legacy(root: Path) -> bool:
+    """A folder written before completion markers: DeepSpeed's `latest` and no marker in any tag."""
+    return (root / "latest").is_file() and not any(is_complete(root / name) for _, name in _tags(root))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,10 +180,12 @@ def epoch_batches(loader, epoch: int, start: int, point: Optional[ResumePoint]):
 
 
 class Checkpointer:
-    """DeepSpeed checkpoints of one run folder, for one rank."""
+    """DeepSpeed checkpoints of one run folder, for one rank. `keep` / `keep_exports`: how many complete tags /
+    exports `epoch_N.pt` to keep (0 = all)."""
 
-    def __init__(self, run_dir: Path, rank: int, world: int):
-        self.rank, self.world = rank, world
+    def __init__(self, run_dir: Path, rank: int, world: int, keep: int = 0, keep_exports: int = 0):
+        self.rank, self.world, self.keep, self.keep_exports = rank, world, keep, keep_exports
+        self.saved_step = -1  # the step of the last checkpoint saved or resumed from
         self.dir = run_dir / "checkpoints"  # exports (epoch_N.pt) live here too
         self.ds_dir = self.dir / "deepspeed"
         if rank == 0:
@@ -155,14 +200,51 @@ class Checkpointer:
 
     def save(self, engine, step: int, counters: Dict[str, int], config: Dict[str, Any],
              extras: Dict[str, Any]) -> Path:
-        """Tag `step<step>`: DeepSpeed's state + counters + config, and this rank's `extras` (+ RNG state)."""
+        """Tag `step<step>`: DeepSpeed's state + counters + config, and this rank's `extras` (+ RNG state),
+        committed atomically (module docstring); then the retention of `keep`."""
         tag = f"step{step}"
+        tag_dir = self.ds_dir / tag
         client = {"compclip": {**counters, "world_size": self.world, "config": config}}
-        engine.save_checkpoint(str(self.ds_dir), tag=tag, client_state=client)
-        torch.save({"rng": rng_state_to_safe(rng_state()), **extras, **counters}, self.ds_dir / tag / EXTRAS.format(rank=self.rank))
+        if self.rank == 0 and is_complete(tag_dir):  # saved again (a resumed run): incomplete until re-committed
+            (tag_dir / MARKER).unlink()
+        faults.save_stage("before_states", step)
+        engine.save_checkpoint(str(self.ds_dir), tag=tag, client_state=client, save_latest=False)
+        faults.save_stage("after_states", step)
+        extras_path = tag_dir / EXTRAS.format(rank=self.rank)
+        temporary = extras_path.with_name(f".{extras_path.name}.tmp")
+        torch.save({"rng": rng_state_to_safe(rng_state()), **extras, **counters}, temporary)
+        os.replace(temporary, extras_path)
+        faults.save_stage("after_extras", step)
+        torch.distributed.barrier()  # every rank's pieces are on disk
+        if self.rank == 0:
+            files = sorted(p.name for p in tag_dir.iterdir() if not p.name.startswith("."))
+            _write_atomic(tag_dir / MARKER, json.dumps({"tag": tag, "global_step": step, "world_size": self.world,
+                                                         "files": files}, indent=1))
+            faults.save_stage("after_marker", step)
+            _write_atomic(self.ds_dir / POINTER, tag)
+            _write_atomic(self.ds_dir / "latest", tag)
+            faults.save_stage("after_pointer", step)
+            self.prune()
         torch.distributed.barrier()
-        logger.info("saved DeepSpeed checkpoint %s", self.ds_dir / tag)
-        return self.ds_dir / tag
+        self.saved_step = step
+        logger.info("saved DeepSpeed checkpoint %s", tag_dir)
+        return tag_dir
+
+    def prune(self) -> None:
+        """Rank 0, after a commit: delete the tags older than the newest `keep` complete ones (none when keep =
+        0), and what an interrupted deletion left."""
+        for leftover in self.ds_dir.glob(TRASH + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        complete = [(step, name) for step, name in _tags(self.ds_dir) if is_complete(self.ds_dir / name)]
+        if not self.keep or len(complete) <= self.keep:
+            return
+        oldest_kept = complete[-self.keep][0]
+        for step, name in _tags(self.ds_dir):
+            if step < oldest_kept:
+                trash = self.ds_dir / (TRASH + name)
+                os.replace(self.ds_dir / name, trash)  # a kill from here on leaves no tag named `name`
+                shutil.rmtree(trash)
+                logger.info("log.keep_checkpoints=%d: deleted %s", self.keep, self.ds_dir / name)
 
     def save_training(self, engine, counters: Dict[str, int], config: Dict[str, Any], stateful: Dict[str, Any],
                       values: Dict[str, Any]) -> Path:
@@ -175,6 +257,7 @@ class Checkpointer:
         """`resume`, then `load_state_dict` of every `stateful` object (None skipped) from its saved state. The
         data loader is not among them: its position is restored at its epoch (`epoch_batches`)."""
         point, extras = self.resume(engine, spec)
+        self.saved_step = point.global_step  # an epoch end right at the resume point saves nothing new
         for name, obj in stateful.items():
             if obj is not None:
                 obj.load_state_dict(extras[name])
@@ -188,37 +271,75 @@ class Checkpointer:
         if self.rank == 0:
             export_checkpoint(state, path, epoch, arch, config)
             logger.info("exported open_clip checkpoint %s", path)
+            self._prune_exports()
         return path
 
+    def _prune_exports(self) -> None:
+        exports = sorted((int(m.group(1)), p) for p in self.dir.glob("epoch_*.pt")
+                         if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name)))
+        for _, path in exports[:-self.keep_exports] if self.keep_exports else []:
+            path.unlink()
+            logger.info("log.keep_exports=%d: deleted %s", self.keep_exports, path)
+
     def locate(self, spec: str) -> Tuple[Path, str]:
-        """(DeepSpeed checkpoint folder, tag) of `latest`, a checkpoint folder or a tag folder."""
+        """(DeepSpeed checkpoint folder, tag) of `latest` (this run's newest complete tag), a checkpoint folder
+        (its newest complete tag) or a tag folder; the tag is checked to be complete (`checked`)."""
         if spec == "latest":
-            latest = self.ds_dir / "latest"
-            if not latest.exists():
+            if not _tags(self.ds_dir):
                 raise FileNotFoundError(f"resume=latest: no checkpoint in {self.ds_dir}")
-            return self.ds_dir, latest.read_text().strip()
+            return self.ds_dir, self.newest_complete(self.ds_dir)
         path = Path(spec)
-        if (path / "latest").exists():
-            return path, (path / "latest").read_text().strip()
-        if (path.parent / "latest").exists() or path.is_dir():
-            return path.parent, path.name
-        raise FileNotFoundError(f"resume: {spec} is not a DeepSpeed checkpoint folder or tag")
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume: {spec} is not a DeepSpeed checkpoint folder or tag")
+        if _tags(path) or (path / "latest").is_file():
+            return path, self.newest_complete(path)
+        return self.checked(path.parent, path.name)
+
+    def newest_complete(self, root: Path) -> str:
+        """The newest tag of `root` with a completion marker, warning about each newer incomplete one it skips
+        (DeepSpeed's `latest` in a folder written before markers)."""
+        if _legacy(root):
+            logger.warning("%s has no completion markers (written by an older compclip): trusting DeepSpeed's "
+                           "`latest`", root)
+            return (root / "latest").read_text().strip()
+        skipped = []
+        for _, name in reversed(_tags(root)):
+            if is_complete(root / name):
+                for incomplete in skipped:
+                    if self.rank == 0:
+                        logger.warning("resume: skipping %s: incomplete (its save was interrupted before the "
+                                       "commit); using %s", root / incomplete, root / name)
+                return name
+            skipped.append(name)
+        raise FileNotFoundError(f"resume: no complete checkpoint in {root} (incomplete, interrupted saves: "
+                                f"{', '.join(skipped) or 'none'})")
+
+    def checked(self, root: Path, tag: str) -> Tuple[Path, str]:
+        """(root, tag) when `root/tag` is a complete checkpoint, else FileNotFoundError saying why."""
+        tag_dir = root / tag
+        if not tag_dir.is_dir():
+            raise FileNotFoundError(f"resume: {tag_dir}: no such checkpoint")
+        if not is_complete(tag_dir) and not _legacy(root):
+            complete = [name for _, name in _tags(root) if is_complete(root / name)]
+            raise FileNotFoundError(f"resume: {tag_dir} is incomplete: its save was interrupted before the commit "
+                                    f"(no {MARKER}); complete checkpoints there: {', '.join(complete) or 'none'}")
+        return root, tag
 
     def resume(self, engine, spec: str) -> Tuple[ResumePoint, Dict[str, Any]]:
         """Load DeepSpeed's state into `engine`; (where to continue, this rank's extras)."""
         root, tag = self.locate(spec)
+        marker = root / tag / MARKER
+        saved_world = json.loads(marker.read_text())["world_size"] if marker.is_file() else self.world
         extras_path = root / tag / EXTRAS.format(rank=self.rank)
-        if not extras_path.exists():
-            raise FileNotFoundError(f"resume: {extras_path} missing (written by a different number of ranks? "
-                                    "use init_from)")
+        if saved_world != self.world or not extras_path.exists():
+            raise ConfigError(f"resume: {root / tag} was written by {saved_world} ranks"
+                              f"{'' if extras_path.exists() else f' ({extras_path.name} missing)'}, this run has "
+                              f"{self.world}; use init_from to continue on a different number of ranks")
         _, client = engine.load_checkpoint(str(root), tag=tag)
         state = client["compclip"]
-        if state["world_size"] != self.world:
-            raise ConfigError(f"resume: checkpoint has {state['world_size']} ranks, this run {self.world}; "
-                              "use init_from to continue on a different number of ranks")
         extras = torch.load(extras_path, map_location="cpu", weights_only=True)
-        point = ResumePoint(state["epoch"], state["micro_in_epoch"], state["global_step"], rng_state_from_safe(extras["rng"]),
-                            extras.get("data"))
+        point = ResumePoint(state["epoch"], state["micro_in_epoch"], state["global_step"],
+                            rng_state_from_safe(extras["rng"]), extras.get("data"))
         logger.info("resumed from %s at epoch %d, micro-batch %d, step %d", root / tag, point.epoch,
                     point.micro_in_epoch, point.global_step)
         return point, extras

@@ -129,6 +129,14 @@ class LogConfig:
     """tqdm progress bar on rank 0."""
     save_every_n_steps: int = 0
     """Also write a DeepSpeed checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
+    save_every_n_minutes: float = 0.0
+    """Also write a DeepSpeed checkpoint when N minutes of wall clock have passed since the last such save, at
+    the same optimizer step on every rank (0 = off). For preemptible jobs; SIGTERM always saves."""
+    keep_checkpoints: int = 0
+    """Keep the newest N complete DeepSpeed checkpoints; older ones are deleted once a newer one is complete
+    (0 = keep all)."""
+    keep_exports: int = 0
+    """Keep the newest N exports epoch_N.pt (0 = keep all)."""
     save_deepspeed: bool = True
     """Write DeepSpeed checkpoints (needed for --resume) at the end of each epoch and of the run."""
     export: bool = True
@@ -161,8 +169,8 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (the DeepSpeed accelerator: CUDA if present, else CPU), `cuda` or `cpu`."""
     resume: str = ""
-    """`latest` (the newest DeepSpeed checkpoint of this run folder) or a checkpoint folder/tag path. Same world
-    size and ZeRO stage: bit-identical continuation. For another world size use `init_from`."""
+    """`latest` (the newest complete DeepSpeed checkpoint of this run folder) or a checkpoint folder/tag path.
+    Same world size and ZeRO stage: bit-identical continuation. For another world size use `init_from`."""
     init_from: str = ""
     """A DeepSpeed checkpoint folder: load its consolidated fp32 weights (student and EMA teacher) and start a
     new run (optimizer, schedule and data order restart). For changing the number of ranks."""
@@ -462,6 +470,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"loss.terms.{name}: weight must be >= 0, got {weight}")
     if not 0.0 <= cfg.loss.ema_decay < 1.0:
         raise ConfigError(f"loss.ema_decay: must be in [0, 1), got {cfg.loss.ema_decay}")
+    for key in ("save_every_n_steps", "save_every_n_minutes", "keep_checkpoints", "keep_exports"):
+        if getattr(cfg.log, key) < 0:
+            raise ConfigError(f"log.{key}: must be >= 0 (0 = off), got {getattr(cfg.log, key)}")
     if cfg.resume and cfg.init_from:
         raise ConfigError("resume and init_from are exclusive")
 
@@ -496,8 +507,12 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 
 def resolve_data(cfg: TrainConfig) -> Optional[dict]:
-    """Format the synthetic world's folder; generate it (locked, so every rank may call); return its paths.
-    With `eval_synthetic` and no benchmark configured, the world's held-out sets become the evaluation."""
+    """Format the synthetic world's folder; generate it; return its paths. With `eval_synthetic` and no benchmark
+    configured, the world's held-out sets become the evaluation.
+
+    Global rank 0 writes the world (or finds it complete) before the other ranks look: on a shared folder they
+    reuse its copy; where the folder is node-local, the first rank of each other node to take the world's file
+    lock writes that node's copy and the rest of the node reuse it. No decision rests on LOCAL_RANK."""
     world = cfg.data.synthetic
     if "{" in world.root:
         world.root = world.root.format(seed=world.seed, num_train=world.num_train, num_val=world.num_val,
@@ -508,7 +523,14 @@ def resolve_data(cfg: TrainConfig) -> Optional[dict]:
         return None
     from compclip.data.synthetic import generate_world
 
+    from compclip.distributed import barrier, get_rank
+
+    first = get_rank() == 0
+    if not first:
+        barrier()  # rank 0 is done with the world
     paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size)
+    if first:
+        barrier()
     if not cfg.eval.enabled() and cfg.eval_synthetic:
         cfg.eval.sugarcrepe = os.path.dirname(next(iter(paths["eval"].values())))
         cfg.eval.sugarcrepe_subsets = list(paths["eval"])

@@ -39,6 +39,7 @@ __all__ = [
     "all_gather_no_grad",
     "sum_across_ranks",
     "barrier",
+    "any_across_ranks",
 ]
 
 
@@ -72,6 +73,15 @@ def free_port() -> int:
 def barrier(group=None) -> None:
     if is_distributed(group):
         dist.barrier(group=group)
+
+
+def any_across_ranks(flags: Sequence[bool], group=None) -> List[bool]:
+    """Per flag, whether it is set on any rank of ``group`` (one small all-reduce MAX; ``flags`` without one)."""
+    if not is_distributed(group):
+        return [bool(f) for f in flags]
+    values = torch.tensor([float(bool(f)) for f in flags], device=_communication_device(group))
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in values.tolist()]
 
 
 def _communication_device(group) -> torch.device:

@@ -32,6 +32,7 @@ from compclip.config import (ConfigError, TrainConfig, dump_yaml, help_text, loa
                              resolve_data, to_dict)
 from compclip.metrics import (Evaluator, Metrics, NonFiniteGuard, Progress, StepOutput,  # noqa: E402
                               final_report, log_kernel_backends, setup_logging, step_values)
+from compclip.preemption import PREEMPTED, SaveSchedule  # noqa: E402
 
 logger = logging.getLogger("compclip")
 
@@ -55,7 +56,8 @@ class Trainer:
         self.rank, self.world, self.device = ds.init_distributed(cfg)
         self.dtype = ds.COMPUTE_DTYPES[cfg.deepspeed.precision]
         self.run_dir = resolve_run_dir(cfg)
-        self.checkpoints = Checkpointer(self.run_dir, self.rank, self.world)
+        self.checkpoints = Checkpointer(self.run_dir, self.rank, self.world, cfg.log.keep_checkpoints,
+                                        cfg.log.keep_exports)
         setup_logging(self.run_dir, self.rank)
         logger.info("run folder %s (%d rank%s, device %s, %d threads)", self.run_dir, self.world,
                     "s" * (self.world > 1), self.device, torch.get_num_threads())
@@ -65,9 +67,10 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, self.rank, cfg.log.tensorboard)
         self._build(world_paths)
         self.guard = NonFiniteGuard(cfg.max_nonfinite, self.metrics)
+        self.schedule = SaveSchedule(cfg.log.save_every_n_steps, cfg.log.save_every_n_minutes, self.rank)
         self.global_step = self.epoch = self.micro_in_epoch = 0
         self.last_export, self.after = None, None
-        self.saved_at = self.exported_at = -1
+        self.exported_at = -1
         self.resume_point: Optional[ResumePoint] = None
         if cfg.resume:
             point, extras = self.checkpoints.restore_training(self.engine, cfg.resume, self._stateful())
@@ -125,9 +128,8 @@ class Trainer:
         return {"method": self.method, "teacher": self.teacher}
 
     def _save(self) -> None:
-        if not self.cfg.log.save_deepspeed or self.saved_at == self.global_step:
+        if not self.cfg.log.save_deepspeed or self.checkpoints.saved_step == self.global_step:
             return
-        self.saved_at = self.global_step
         counters = {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step}
         # data: this rank's position in the epoch (skip count, streams), restored at its epoch (epoch_batches)
         self.checkpoints.save_training(self.engine, counters, to_dict(self.cfg), self._stateful(),
@@ -170,11 +172,11 @@ class Trainer:
         self.metrics.log_step(self.global_step, self.total_steps, self.epoch, values)
 
     def train(self) -> Dict[str, Any]:
-        cfg, last = self.cfg, {}
+        cfg, last, schedule = self.cfg, {}, self.schedule.start()
         progress = Progress(self.rank == 0 and cfg.log.progress, self.total_steps, self.global_step)
         self.engine.train()
         samples, window_start, logged_backends = 0, time.time(), False
-        while self.global_step < self.total_steps and self.epoch < cfg.optim.epochs:
+        while self.global_step < self.total_steps and self.epoch < cfg.optim.epochs and not schedule.stop:
             for index, batch in self._epoch_batches():
                 self.micro_in_epoch = index + 1
                 step = self.train_step(batch)
@@ -188,22 +190,21 @@ class Trainer:
                 if self.global_step in (1, self.total_steps) or self.global_step % cfg.log.every_n_steps == 0:
                     self._log(step, samples, time.time() - window_start)
                     samples, window_start = 0, time.time()
-                if cfg.log.save_every_n_steps and self.global_step % cfg.log.save_every_n_steps == 0:
+                if schedule.due(self.global_step):  # every n steps / minutes, or SIGTERM; all ranks agree
                     self._save()
-                if self.global_step >= self.total_steps:
+                if self.global_step >= self.total_steps or schedule.stop:
                     break
-            if self.micro_in_epoch >= self.micro_per_epoch:
+            if self.micro_in_epoch >= self.micro_per_epoch and not schedule.stop:
                 self.epoch, self.micro_in_epoch = self.epoch + 1, 0
                 self._epoch_end(f"epoch_{self.epoch}", self.epoch, cfg.eval.due(self.epoch))
                 self._save()
-        progress.close()
-        if self.exported_at != self.global_step:  # stopped mid-epoch (max_steps): what there is, as this epoch
+        progress.close(), schedule.close()
+        if self.exported_at != self.global_step and not schedule.stop:  # mid-epoch (max_steps): as this epoch
             self._epoch_end(f"step_{self.global_step}", self.epoch + 1, cfg.eval.enabled())
-        if self.saved_at != self.global_step:
-            self._save()
+        self._save()  # unless this step is saved already
         self.metrics.close()
         return {"before": self.before, "after": self.after, "export": self.last_export, "last": last,
-                "steps": self.global_step}
+                "steps": self.global_step, "preempted": schedule.stop}
 
 
 def build_trainer(argv: List[str]) -> Trainer:
@@ -220,8 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if "--help" in argv or "-h" in argv:
         raise SystemExit(print(__doc__.strip() + "\n\n" + help_text(load_config([], base=EMBEDDED_DEFAULT))))
     t0 = time.time()
-    # A caller that set up the process group (a test, a notebook) keeps it: DeepSpeed caches groups derived from
-    # it, so tearing it down would break the caller's next run.
+    # A caller's process group (a test, a notebook) stays: DeepSpeed caches groups derived from it.
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
         trainer = build_trainer(argv)
@@ -229,13 +229,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(f"compclip/train.py: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     result = trainer.train()
-    if trainer.rank == 0:
+    if trainer.rank == 0 and not result["preempted"]:
         final_report(trainer.run_dir, f"{trainer.method.describe()} — {result['steps']} steps in "
                      f"{time.time() - t0:.0f}s ({trainer.world} rank{'s' * (trainer.world > 1)}, {trainer.device})",
                      trainer.cfg.model.arch, result)
     torch.distributed.barrier()
     if owns_process_group:
         torch.distributed.destroy_process_group()
+    if result["preempted"]:  # SIGTERM: checkpoint saved, `--resume latest` continues
+        raise SystemExit(PREEMPTED)
     return result
 
 
