@@ -134,12 +134,14 @@ def chunk_gradients(grads: Dict[str, torch.Tensor], rows: Dict[str, List[int]], 
 
 
 def surrogate(features: Features, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """sum_f <f, g_f> in fp32: its gradient with respect to each feature f is g_f, so its backward through the
-    encoder is the loss's backward through this chunk."""
+    """sum_f <f, g_f>, accumulated in fp32 at least (bf16 features: the products are not rounded to bf16): its
+    gradient with respect to each feature f is g_f, so its backward through the encoder is the loss's backward
+    through this chunk."""
     total = torch.zeros((), dtype=torch.float32, device=features.logit_scale.device)
     for name, grad in grads.items():
         value = getattr(features, name)
-        total = total + (value.float() * grad.float()).sum()
+        wide = torch.promote_types(value.dtype, torch.float32)
+        total = total + (value.to(wide) * grad.to(wide)).sum()
     return total
 
 
