@@ -316,3 +316,39 @@ def test_contrastive_batch_is_deepspeeds_train_batch_and_the_chunks_its_accumula
     assert cfg.data.batch_size == 32 and step_data(cfg, 2).batch_size == 128 and step_data(cfg, 2) is not cfg.data
     plain = load_config(["--data.batch_size=32"])
     assert step_data(plain, 2) is plain.data
+
+
+def test_resume_in_the_middle_of_a_cached_run_is_bit_identical(tmp_path, one_process):
+    """Every term at once (EMA teacher and CE-CLIP threshold in the state), 16-sample contrastive batches in chunks
+    of 4: a run killed after its step-2 checkpoint and resumed with `--resume latest` logs the straight run's
+    steps 3-4 bit for bit."""
+    import shutil
+
+    from compclip.train import main
+
+    common = ["--config", COMPOSITE, "--deepspeed.zero_stage=0", "--optim.contrastive_batch=16", "--data.batch_size=4",
+              f"--log.logs={tmp_path}", "--optim.max_steps=4", "--log.save_every_n_steps=2", "--threads=1",
+              "--log.tensorboard=false", f"--data.synthetic.root={tmp_path.parent / 'synthetic-gradcache'}"]
+    main(common + ["--log.name=straight"])
+    shutil.copytree(tmp_path / "straight", tmp_path / "killed")
+    (tmp_path / "killed" / "checkpoints" / "deepspeed" / "latest").write_text("step2")
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "deepspeed" / "step4")
+    (tmp_path / "killed" / "metrics.jsonl").unlink()
+    (tmp_path / "killed" / "checkpoints" / "epoch_1.pt").unlink()
+    main(common + ["--log.name=killed", "--resume", "latest"])
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row for row in rows if "loss" in row}
+
+    straight, resumed = losses("straight"), losses("killed")
+    assert sorted(resumed) == [3, 4] and straight[4]["loss"] != straight[1]["loss"]
+    keys = [k for k in straight[3] if k.startswith(("loss", "cmr_threshold", "logit_scale", "lr"))]
+    assert {"loss/xac", "loss/distill", "loss/cmr", "cmr_threshold/0"} <= set(keys)
+    for step in (3, 4):
+        for key in keys:
+            assert resumed[step][key] == straight[step][key], (step, key)
+    straight_export = torch.load(tmp_path / "straight" / "checkpoints" / "epoch_1.pt", weights_only=False)
+    resumed_export = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_1.pt", weights_only=False)
+    for key, value in straight_export["state_dict"].items():
+        assert torch.equal(resumed_export["state_dict"][key], value), key
