@@ -88,7 +88,7 @@ class OptimConfig:
     """Stop after this many optimizer steps (0 = run all epochs). The schedule spans min(epochs, max_steps)."""
     grad_accumulation: int = 1
     """Micro-batches per optimizer step. Every micro-batch's loss uses only that micro-batch's global batch as
-    negatives (see README, 'Gradient accumulation')."""
+    negatives (see README, 'Gradient accumulation'); for a larger contrastive batch use optim.contrastive_batch."""
     contrastive_batch: int = 0
     """Samples one loss sees, over all ranks (0 = data.batch_size x world size). Larger than what fits: one step
     caches the features of every chunk of data.batch_size per rank without autograd, takes the global-batch loss's
