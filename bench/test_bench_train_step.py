@@ -26,6 +26,22 @@ METHOD_ARGS = {
 }
 
 
+def _argv(method: str, base, extra=(), num_train: int = 0):
+    arch = SETTINGS["map_arch"] if method == "c2lip" else SETTINGS["arch"]
+    num_train = num_train or max(64, 4 * SETTINGS["batch"])
+    return [
+        f"--loss.method={method}", f"--model.arch={arch}", "--model.pretrained=",
+        f"--data.batch_size={SETTINGS['batch']}", "--data.num_negatives=4",
+        f"--data.synthetic.num_train={num_train}", "--data.synthetic.num_val=8",
+        f"--data.synthetic.root={base / f'world-{num_train}'}",
+        f"--deepspeed.precision={SETTINGS['precision']}", "--deepspeed.zero_stage=0",
+        "--optim.warmup_steps=1", "--optim.lr=1e-5", "--eval_before=false", "--eval_synthetic=false",
+        "--log.progress=false", "--log.tensorboard=false", f"--log.logs={base}",
+        f"--log.name=bench-{method}-{'-'.join(a.strip('-').replace('=', '') for a in extra) or 'plain'}",
+        *METHOD_ARGS.get(method, []), *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def trainers(tmp_path_factory):
     from compclip.train import build_trainer
@@ -34,18 +50,7 @@ def trainers(tmp_path_factory):
 
     def get(method: str):
         if method not in built:
-            arch = SETTINGS["map_arch"] if method == "c2lip" else SETTINGS["arch"]
-            argv = [
-                f"--loss.method={method}", f"--model.arch={arch}", "--model.pretrained=",
-                f"--data.batch_size={SETTINGS['batch']}", "--data.num_negatives=4",
-                f"--data.synthetic.num_train={max(64, 4 * SETTINGS['batch'])}", "--data.synthetic.num_val=8",
-                f"--data.synthetic.root={tmp_path_factory.getbasetemp() / 'world'}",
-                f"--deepspeed.precision={SETTINGS['precision']}", "--deepspeed.zero_stage=0",
-                "--optim.warmup_steps=1", "--optim.lr=1e-5", "--eval_before=false", "--eval_synthetic=false",
-                "--log.progress=false", "--log.tensorboard=false", f"--log.logs={tmp_path_factory.getbasetemp()}",
-                f"--log.name=bench-{method}", *METHOD_ARGS.get(method, []),
-            ]
-            trainer = build_trainer(argv)
+            trainer = build_trainer(_argv(method, tmp_path_factory.getbasetemp()))
             batch = next(iter(trainer.loader))
             built[method] = (trainer, batch)
         return built[method]
@@ -72,3 +77,33 @@ def test_train_step(benchmark, rounds, trainers, method):
         benchmark.extra_info["ema_update_ms"] = float(f"{update * 1e3:.4g}")
         if benchmark.stats is not None:
             benchmark.extra_info["ema_share"] = float(f"{update / benchmark.stats.stats.mean:.3g}")
+
+
+# Gradient caching (optim.contrastive_batch): the chunk per rank fixed, the contrastive batch doubled; "plain" is the
+# same contrastive batch as one micro-batch (where it fits), the reference for the cost of the second forward.
+CHUNK, LADDER = {"tiny": (4, (8,)), "cpu": (32, (64, 128, 256, 512)), "gpu": (256, (512, 1024, 2048, 4096))}[SIZES]
+
+
+@pytest.mark.parametrize("mode", ("cached", "plain"))
+@pytest.mark.parametrize("contrastive", LADDER)
+def test_contrastive_batch_ladder(benchmark, rounds, tmp_path_factory, contrastive, mode):
+    from compclip.train import build_trainer
+
+    extra = ([f"--optim.contrastive_batch={contrastive}", f"--data.batch_size={CHUNK}"] if mode == "cached"
+             else [f"--data.batch_size={contrastive}"])
+    extra += [] if CUDA else ["--threads=1"]  # one thread: on a shared CPU the figures otherwise follow the load
+    trainer = build_trainer(_argv("negclip", tmp_path_factory.getbasetemp(), extra, num_train=max(LADDER)))
+    batch = next(iter(trainer.loader))
+    benchmark.group = f"contrastive batch {SETTINGS['arch']} chunk={CHUNK} K=4 {SETTINGS['precision']}"
+    benchmark.name = f"{mode} B={contrastive}"
+    run_case(benchmark, Case(setup=lambda: (batch,), run=trainer.train_step), rounds if SIZES == "tiny" else 3)
+    # What caching keeps for a step: image, text, K=4 negatives and one concept per sample (the synthetic world's),
+    # [B, D] each in the compute dtype, values and gradients.
+    import open_clip
+
+    dim, size = open_clip.get_model_config(SETTINGS["arch"])["embed_dim"], 4 if SETTINGS["precision"] == "fp32" else 2
+    benchmark.extra_info.update(contrastive_batch=contrastive, chunk=CHUNK if mode == "cached" else contrastive,
+                                cached_features_mb=float(f"{contrastive * 7 * dim * size * 2 / 2**20:.3g}"))
+    if benchmark.stats is not None:
+        benchmark.extra_info["samples_per_s"] = float(f"{contrastive / benchmark.stats.stats.mean:.4g}")
+    del trainer, batch

@@ -89,7 +89,15 @@ class OptimConfig:
     """Stop after this many optimizer steps (0 = run all epochs). The schedule spans min(epochs, max_steps)."""
     grad_accumulation: int = 1
     """Micro-batches per optimizer step. Every micro-batch's loss uses only that micro-batch's global batch as
-    negatives (see README, 'Gradient accumulation')."""
+    negatives (see README, 'Gradient accumulation'); for a larger contrastive batch use optim.contrastive_batch."""
+    contrastive_batch: int = 0
+    """Samples one loss sees, over all ranks (0 = data.batch_size x world size). Larger than what fits: one step
+    caches the features of every chunk of data.batch_size per rank without autograd, takes the global-batch loss's
+    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.gradcache; ~1.3-1.5x
+    the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
+    Cached per rank: B/world x (2 + K + concepts/sample) x D features and, for C2LIP's XAC, the visual tokens
+    B/world x L x D in the compute dtype (e.g. ViT-B/32 at 224 px, B/world = 4096: 4096 x 49 x 512 x 2 bytes = 206
+    MB in bf16), each twice (values and gradients)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
     logit_scale_max: float = 100.0
@@ -459,6 +467,11 @@ def validate(cfg: TrainConfig) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}: must be >= 1")
+    if cfg.optim.contrastive_batch < 0:
+        raise ConfigError(f"optim.contrastive_batch: must be >= 0, got {cfg.optim.contrastive_batch}")
+    if cfg.optim.contrastive_batch and cfg.optim.grad_accumulation > 1:
+        raise ConfigError("optim.contrastive_batch and optim.grad_accumulation > 1 do not combine: the contrastive "
+                          "batch already accumulates its chunks; make it larger instead")
     if cfg.optim.logit_scale_max <= 1.0:
         raise ConfigError("optim.logit_scale_max: must be > 1 (it bounds exp(logit_scale))")
     if cfg.loss.backend not in BACKENDS:

@@ -7,7 +7,9 @@ Only this module and `compclip.checkpoint` import deepspeed, so a DeepSpeed upgr
 (`safe_get_local_fp32_param`, `_hp_mapping`, `ds_tensor`) is fixed here and nowhere else.
 
 Batch arithmetic: `train_batch_size = data.batch_size x optim.grad_accumulation x world_size` (DeepSpeed checks
-the product); `global_batch_size`, when given, fixes the left side and `data.batch_size` is derived from it.
+the product); `global_batch_size`, when given, fixes the left side and `data.batch_size` is derived from it. With
+`optim.contrastive_batch` the accumulation is the chunks of one cached step (compclip.gradcache):
+`train_batch_size = optim.contrastive_batch`, `data.batch_size` the chunk.
 
 Gradient scale: the global-batch losses give every rank the exact gradient of the global loss w.r.t. its local
 features (compclip.distributed); DeepSpeed averages gradients over ranks, so the trainer back-propagates
@@ -100,7 +102,15 @@ def run_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
 
 
 def apply_global_batch(cfg: TrainConfig, world_size: int) -> None:
-    """Resolve `global_batch_size` into the per-rank micro-batch `data.batch_size`."""
+    """Resolve `global_batch_size` into the per-rank micro-batch `data.batch_size` (with `optim.contrastive_batch`
+    that is the chunk, given as such: a global batch must then equal the contrastive batch)."""
+    if cfg.optim.contrastive_batch > 0:
+        if cfg.global_batch_size > 0 and cfg.global_batch_size != cfg.optim.contrastive_batch:
+            raise ConfigError(f"global_batch_size {cfg.global_batch_size} != optim.contrastive_batch "
+                              f"{cfg.optim.contrastive_batch}: with a contrastive batch, data.batch_size is the "
+                              "per-rank chunk; leave global_batch_size at 0 or equal to it")
+        accumulation_steps(cfg, world_size)  # checks the divisibility
+        return
     if cfg.global_batch_size <= 0:
         return
     per_step = world_size * cfg.optim.grad_accumulation
@@ -108,6 +118,19 @@ def apply_global_batch(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by world size {world_size} "
                           f"x optim.grad_accumulation {cfg.optim.grad_accumulation}")
     cfg.data.batch_size = cfg.global_batch_size // per_step
+
+
+def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches DeepSpeed accumulates per optimizer step: `optim.grad_accumulation`, or with
+    `optim.contrastive_batch` the chunks of one cached step (compclip.gradcache): contrastive / (chunk x world)."""
+    contrastive = cfg.optim.contrastive_batch
+    if contrastive <= 0:
+        return cfg.optim.grad_accumulation
+    per_chunk = cfg.data.batch_size * world_size
+    if contrastive % per_chunk:
+        raise ConfigError(f"optim.contrastive_batch {contrastive} is not a multiple of data.batch_size "
+                          f"{cfg.data.batch_size} x world size {world_size} = {per_chunk}")
+    return contrastive // per_chunk
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> Tuple[Dict[str, Any], List[str]]:
@@ -126,7 +149,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Tuple[Dict[str, Any],
 def _generated_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
     """The config compclip generates from `cfg` alone."""
     micro = cfg.data.batch_size
-    accumulation = cfg.optim.grad_accumulation
+    accumulation = accumulation_steps(cfg, world_size)
     ds: Dict[str, Any] = {
         "train_batch_size": micro * accumulation * world_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -160,7 +183,7 @@ def _generated_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
 
 def _with_file(cfg: TrainConfig, ds: Dict[str, Any], world_size: int) -> Tuple[Dict[str, Any], List[str]]:
     """`ds` overlaid with `deepspeed.config_file`, checked against the data loader's batch arithmetic."""
-    micro, accumulation = cfg.data.batch_size, cfg.optim.grad_accumulation
+    micro, accumulation = cfg.data.batch_size, accumulation_steps(cfg, world_size)
     try:
         with open(cfg.deepspeed.config_file, encoding="utf-8") as fh:
             explicit = json.load(fh)

@@ -30,6 +30,7 @@ from compclip.checkpoint import (Checkpointer, ResumePoint, epoch_batches, resol
                                  seed_everything)
 from compclip.config import (ConfigError, TrainConfig, dump_yaml, help_text, load_config,  # noqa: E402
                              resolve_data, to_dict)
+from compclip.data import build_dataloader, to_device  # noqa: E402
 from compclip.metrics import (Evaluator, Metrics, NonFiniteGuard, Progress, StepOutput,  # noqa: E402
                               final_report, log_kernel_backends, setup_logging, step_values)
 from compclip.preemption import PREEMPTED, SaveSchedule  # noqa: E402
@@ -79,7 +80,8 @@ class Trainer:
 
     def _build(self, world_paths: Optional[dict]) -> None:
         """Model, method, data, the `before` evaluation, the DeepSpeed engine and the EMA teacher."""
-        from compclip.data import build_dataloader
+        from compclip.ema import build_teacher
+        from compclip.gradcache import CachedStep, step_data
         from compclip.methods import build_method
         from compclip.models import Encoder, build_from_config, visual_token_kind
 
@@ -92,10 +94,10 @@ class Trainer:
         if self.method.needs_tokens:
             visual_token_kind(clip)  # unsupported towers fail here, not at step 1
         logger.info("method %s", self.method.describe())
-        # Training images keep their geometry by default: the synthetic world's relations are spatial and a
-        # random crop could cut an object out (use a YAML with a manifest to get open_clip's train transform).
-        self.loader = build_dataloader(cfg.data, tokenizer, preprocess if world_paths else preprocess_train,
-                                       rank=self.rank, world_size=self.world, seed=cfg.seed, epoch=0, train=True)
+        # Images keep their geometry by default (the synthetic world's relations are spatial; a manifest gets crops).
+        self.loader = build_dataloader(step_data(cfg, self.world), tokenizer,  # with contrastive_batch: a step's share
+                                       preprocess if world_paths else preprocess_train, rank=self.rank,
+                                       world_size=self.world, seed=cfg.seed, epoch=0, train=True)
         init_teacher = self.checkpoints.init_from(clip, cfg.init_from) if cfg.init_from else None
         due = cfg.eval_before and cfg.eval.enabled() and not cfg.resume
         self.before = self.evaluator.model(clip, "before") if due else None
@@ -104,12 +106,10 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = ds.build_engine(Encoder(clip), cfg, self.ds_config,
                                                                       self.total_steps)
         self.clip = self.engine.module.clip
-        self.teacher = None
-        if self.method.needs_teacher:
-            from compclip.ema import build_teacher
-
-            untrained = lambda: Encoder(build_from_config(cfg.model, load_weights=False)[0])  # noqa: E731
-            self.teacher = build_teacher(self.engine, untrained, cfg.loss.ema_decay, self.ds_config, init_teacher)
+        untrained = lambda: Encoder(build_from_config(cfg.model, load_weights=False)[0])  # noqa: E731
+        self.teacher = (build_teacher(self.engine, untrained, cfg.loss.ema_decay, self.ds_config, init_teacher)
+                        if self.method.needs_teacher else None)
+        self.cached = CachedStep.build(cfg, self.engine, self.method, self.teacher, self.device, self.world)
 
     # ---- export, evaluation, checkpoints ------------------------------------------------------------------------
     def _epoch_end(self, label: str, export_epoch: int, run_eval: bool) -> None:
@@ -139,11 +139,11 @@ class Trainer:
     def train_step(self, batch: Dict[str, Any]) -> Optional[StepOutput]:
         """One micro-batch: the method's features, global-batch loss, backward, DeepSpeed step and the method's
         hooks; at an accumulation boundary also the logit-scale clamp and the EMA teacher's update.
-
-        Returns None when the loss is not finite: the step is skipped and logged (`NonFiniteGuard`).
-        """
-        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
+        With `optim.contrastive_batch`, the whole optimizer step over chunks (compclip.gradcache). Returns None when
+        the loss is not finite: the step is skipped and logged (`NonFiniteGuard`)."""
+        if self.cached is not None:
+            return self.cached.step(batch, self.guard, (self.epoch, self.micro_in_epoch - 1, self.global_step))
+        batch = to_device(batch, self.device)
         features = self.method.features(self.engine, self.teacher, batch, self.dtype)
         loss, parts = self.method.loss(features)
         if not self.guard.ok(loss, parts, self.epoch, self.micro_in_epoch - 1, self.global_step):

@@ -71,3 +71,8 @@ def build_dataloader(cfg: DataConfig, tokenizer: Tokenizer, preprocess: Callable
     log.info("%s: %d samples, %d batches of %d per rank (rank %d of %d)", path, len(records), len(dataloader),
              cfg.batch_size, rank, world_size)
     return Loader(dataloader, sampler, len(dataloader), len(sampler), cfg.max_skip_fraction)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on `device` (non-blocking: pinned host memory copies asynchronously)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
