@@ -1,11 +1,12 @@
 """Gradient caching (`optim.contrastive_batch`, compclip.gradcache) against runs that hold the whole contrastive
 batch in one autograd graph, with two real gloo ranks on the CPU in fp32, under ZeRO 0 and 3.
 
-* Every method's terms: CLIP (clip), C2LIP on the SigLIP-style MAP tower (siglip, npc, xac on MAP tokens, the
-  logit bias) and the composite of NegCLIP + CE-CLIP + DeGLA + C2LIP (negclip, cmr, imc, igc, tgc, distill, npc,
-  xac on ViT patch tokens, the EMA teacher, CE-CLIP's threshold). After one and after three optimizer steps the
-  parameters (logit scale and bias included), the EMA teacher and the threshold equal, to fp32 rounding, those of
-  a run whose micro-batch is the whole contrastive batch (16 samples: 2 ranks x 2 chunks of 4).
+* Every method: CLIP, NegCLIP, CE-CLIP (threshold), DeGLA (EMA teacher), C2LIP on the SigLIP-style MAP tower
+  (siglip, npc, xac on MAP tokens, the logit bias) and the composite of NegCLIP + CE-CLIP + DeGLA + C2LIP
+  (negclip, cmr, imc, igc, tgc, distill, npc, xac on ViT patch tokens, the EMA teacher, CE-CLIP's threshold).
+  After one and after three optimizer steps the parameters (logit scale and bias included), the EMA teacher and
+  the threshold equal, to fp32 rounding, those of a run whose micro-batch is the whole contrastive batch
+  (16 samples: 2 ranks x 2 chunks of 4).
 * Stochastic depth on (the MAP tower with timm drop-path): no big micro-batch draws the chunks' masks, so the
   reference runs the same chunks in the same order with autograd through one graph, as a hand-written step. The
   cached step matches it, and stops matching when the RNG replay is switched off (the test can see it).
@@ -27,6 +28,9 @@ WORLD, CONTRASTIVE, CHUNK, STEPS = 2, 16, 4, 3
 COMPOSITE = str(ROOT / "configs" / "tiny" / "composite.yaml")
 CASES = {
     "clip": ["--loss.method=clip"],
+    "negclip": ["--loss.method=negclip"],
+    "ceclip": ["--loss.method=ceclip"],
+    "degla": ["--loss.method=degla"],
     "c2lip": ["--loss.method=c2lip", "--model.arch=compclip-tiny-map"],
     "composite": ["--config", COMPOSITE],
 }
@@ -160,9 +164,11 @@ def test_cached_steps_equal_the_whole_contrastive_batch_in_one_graph(tmp_path):
             # it trained: the parameters moved, the teacher and the threshold followed
             first, last = whole[0]["params"], whole[1]["params"]
             assert any(not torch.equal(first[k], last[k]) for k in first), name
-    composite = results["composite/zero0/cached"]
-    assert not torch.equal(composite[0]["threshold"], torch.zeros_like(composite[0]["threshold"]))
-    assert {"teacher", "threshold"} <= set(composite[1])
+    for name in ("composite", "ceclip"):
+        threshold = results[f"{name}/zero0/cached"][0]["threshold"]
+        assert not torch.equal(threshold, torch.zeros_like(threshold)), name
+    assert {"teacher", "threshold"} <= set(results["composite/zero0/cached"][1])
+    assert "threshold" in results["ceclip/zero0/cached"][1] and "teacher" in results["degla/zero0/cached"][1]
     assert "logit_bias" in results["c2lip/zero0/cached"][1]["params"]
 
     reference, cached = results["droppath/chunked"], results["droppath/cached"]
