@@ -145,6 +145,16 @@ def surrogate(features: Features, grads: Dict[str, torch.Tensor]) -> torch.Tenso
     return total
 
 
+def finish_step(engine, method, teacher, features: Features, boundary: bool, logit_scale_max: float) -> None:
+    """After a DeepSpeed step, cached (pass (d)) or a plain micro-batch's (compclip.train): the method's hook
+    (CE-CLIP's threshold) and, at an accumulation boundary, the logit-scale clamp and the EMA teacher's update."""
+    method.after_step(features)
+    if boundary:
+        ds.clamp_logit_scale(engine.module.clip, logit_scale_max)
+        if teacher is not None:
+            teacher.update()
+
+
 class CachedStep:
     """One optimizer step over the rank's share of `optim.contrastive_batch` in chunks of `data.batch_size`
     (module docstring). `engine` is the DeepSpeed engine (its gradient accumulation = the chunks of a step)."""
@@ -200,9 +210,5 @@ class CachedStep:
         if not guard.ok(loss, parts, *where):
             return None
         boundary = self.backward_chunks(chunks, states, rows, grads)
-        self.method.after_step(features)
-        if boundary:
-            ds.clamp_logit_scale(self.engine.module.clip, self.logit_scale_max)
-            if self.teacher is not None:
-                self.teacher.update()
+        finish_step(self.engine, self.method, self.teacher, features, boundary, self.logit_scale_max)
         return StepOutput(loss, parts, features, boundary, batch["images"].shape[0] * self.world)

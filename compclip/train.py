@@ -4,9 +4,8 @@
     python compclip/train.py ...            # one process, no launcher
     python compclip/train.py                # the embedded default: tiny model, synthetic world, a few minutes
 
-The entry point and the loop. Configuration: compclip.config; model: compclip.models; objective and features:
-compclip.methods; DeepSpeed: compclip.engine; checkpoints, resume, RNG, run folder: compclip.checkpoint; logs,
-metrics, evaluation runs, the summary: compclip.metrics. No loss math, no feature list, no branch on the method.
+The entry point and the loop. Every other concern lives in its own component (the table in docs/architecture.md):
+no loss math here, no feature list, no branch on the method.
 """
 from __future__ import annotations
 
@@ -31,15 +30,15 @@ from compclip.checkpoint import (Checkpointer, ResumePoint, epoch_batches, resol
 from compclip.config import (ConfigError, TrainConfig, dump_yaml, help_text, load_config,  # noqa: E402
                              resolve_data, to_dict)
 from compclip.data import build_dataloader, to_device  # noqa: E402
+from compclip.gradcache import CachedStep, finish_step, step_data  # noqa: E402
 from compclip.metrics import (Evaluator, Metrics, NonFiniteGuard, Progress, StepOutput,  # noqa: E402
                               final_report, log_kernel_backends, setup_logging, step_values)
 from compclip.preemption import PREEMPTED, SaveSchedule  # noqa: E402
 
 logger = logging.getLogger("compclip")
 
-# The embedded default run (`python compclip/train.py` with no arguments) and the base of every run: values a
-# YAML or the command line overrides. Chosen so the default finishes in a few minutes on 2 CPU cores and
-# visibly improves attribute/relation binding on the synthetic world.
+# The embedded default run (`python compclip/train.py` with no arguments) and the base of every run (a YAML or the
+# command line overrides it): a few minutes on 2 CPU cores; attribute binding improves, relations not yet.
 EMBEDDED_DEFAULT: Dict[str, Any] = {
     "model": {"arch": "compclip-tiny", "pretrained": ""},
     "data": {"batch_size": 32, "num_negatives": 4,
@@ -81,7 +80,6 @@ class Trainer:
     def _build(self, world_paths: Optional[dict]) -> None:
         """Model, method, data, the `before` evaluation, the DeepSpeed engine and the EMA teacher."""
         from compclip.ema import build_teacher
-        from compclip.gradcache import CachedStep, step_data
         from compclip.methods import build_method
         from compclip.models import Encoder, build_from_config, visual_token_kind
 
@@ -151,11 +149,7 @@ class Trainer:
         self.engine.backward(loss * self.world)  # DeepSpeed averages over ranks; the loss is already global
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        self.method.after_step(features)
-        if boundary:
-            ds.clamp_logit_scale(self.clip, self.cfg.optim.logit_scale_max)
-            if self.teacher is not None:
-                self.teacher.update()
+        finish_step(self.engine, self.method, self.teacher, features, boundary, self.cfg.optim.logit_scale_max)
         return StepOutput(loss, parts, features, boundary, batch["images"].shape[0] * self.world)
 
     def _epoch_batches(self):
