@@ -5,9 +5,7 @@ copies. The master history is read through DeepSpeed's own accessors (`safe_get_
 `optimizer.fp32_groups`), not through `compclip.engine.fp32_master_sources`."""
 import pytest
 import torch
-import torch.multiprocessing as mp
-from compclip.distributed import free_port
-from test_ema_zero import _build, _closed_form, _engine, _init_rank
+from test_ema_zero import _build, _closed_form, _engine, _init_rank, spawn_ranks
 
 STEPS = 4
 DECAY = 0.8
@@ -63,9 +61,7 @@ def _worker(rank, world, port, results):
 
 @pytest.mark.slow
 def test_ema_teacher_follows_fp32_master_under_bf16_zero_0_1_2():
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    results = spawn_ranks(_worker)
     for rank in (0, 1):
         for stage, kind in ((0, "full"), (1, "fragment"), (2, "fragment")):
             res = results[rank][stage]

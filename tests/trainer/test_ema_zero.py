@@ -134,11 +134,16 @@ def _clamp_check(engine):
             "target": math.log(100.0)}
 
 
+def spawn_ranks(worker, world=2):
+    """Run ``worker(rank, world, port, results)`` on ``world`` gloo ranks; returns their shared ``results`` dict."""
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(world, free_port(), results), nprocs=world, join=True)
+    return results
+
+
 @pytest.mark.slow
 def test_ema_teacher_matches_closed_form_under_zero_1_2_3():
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    results = spawn_ranks(_worker)
     for rank in (0, 1):
         for stage in (1, 2, 3):
             res = results[rank][stage]
