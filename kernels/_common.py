@@ -11,7 +11,7 @@ otherwise, since the interpreter cannot multiply bf16); ``launch`` (skips empty 
 ``needs_grad``.
 
 Device side (``@triton.jit``, inlined into the calling kernels): ``_dot_tile`` (an X Yᵀ tile over the whole D in
-BLOCK_D slices, float32 accumulation) and ``_load_rows`` (a masked [rows, D slice] float32 load).
+BLOCK_D slices, float32 accumulation) and ``_load_rows`` (a masked [rows, D slice] load in a given dtype).
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def _dot_tile(
 
 
 @triton.jit
-def _load_rows(ptr, idx, offs_d, ROWS, D, stride):
-    """[len(idx), len(offs_d)] slice of a row-major [ROWS, D] matrix, float32, 0 where masked."""
+def _load_rows(ptr, idx, offs_d, ROWS, D, stride, DTYPE: tl.constexpr):
+    """[len(idx), len(offs_d)] slice of a row-major [ROWS, D] matrix in ``DTYPE`` (e.g. a tl.dot operand's), 0
+    where masked."""
     mask = (idx < ROWS)[:, None] & (offs_d < D)[None, :]
-    return tl.load(ptr + idx[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + idx[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(DTYPE)

@@ -50,7 +50,7 @@ axis, so one image's tokens (and G or W) stay in L2 while its concept blocks run
   E = dV Uᵀ). Sweep 2, per output token tile: h = A G (K = L) or W Uᵀ (K = D), then ‖w‖² and the loss (forward,
   "gram") or X (backward). Saves (lse, ‖w‖², ⟨w,c⟩) per pair: 3·B·P floats, all the backward needs besides the
   inputs. "pooled" runs the two sweeps of the backward as two launches around W.
-* ``_xattn_pool_out_kernel`` A U (K = L): v̂ = A U / n (pooling's output), or W / Σ w² ("pooled")       1
+* ``_xattn_pool_out_kernel`` A U (K = L): v̂ = A U / n (pooling's output), or Σ w² per slice, or W ("pooled") 1
 * ``_xattn_mgram_kernel``  M_i = A_iᵀ diag(q_i) A_i (K = P) ("gram")                L/D
 * ``_xattn_dtokens_kernel`` ∂U_i = X_iᵀ C − M_i U_i or − (q A)ᵀ W                  1 + L/P or 2
 * ``_xattn_dconcepts_kernel`` ∂C += Σ_i X_i U_i (K = chunk·L), chunk after chunk   1
@@ -87,7 +87,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._common import (Scalar, _dot_tile, block_size, contiguous, dot_config, launch, needs_grad,
+from ._common import (Scalar, _dot_tile, _load_rows, block_size, contiguous, dot_config, launch, needs_grad,
                       scalar_arg, scalar_grad)
 
 # F.normalize's clamp, v / max(‖v‖, NORM_EPS) (reference.NORM_EPS); also where q's gradient is cut off.
@@ -116,13 +116,6 @@ def _attn_tile(scores_ptr, b, rows, cols, P, L, lse, inv_temp):
 def _store_ws(ws_ptr, b, rows, cols, P, L, value):
     tl.store(ws_ptr + (b * P + rows[:, None]) * L + cols[None, :], value.to(ws_ptr.dtype.element_ty),
              mask=(rows < P)[:, None] & (cols < L)[None, :])
-
-
-@triton.jit
-def _load_dot(ptr, idx, offs_d, ROWS, D, stride, DOT_DTYPE: tl.constexpr):
-    """[len(idx), len(offs_d)] slice of a row-major [ROWS, D] matrix as a tl.dot operand, 0 where masked."""
-    mask = (idx < ROWS)[:, None] & (offs_d < D)[None, :]
-    return tl.load(ptr + idx[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -340,7 +333,7 @@ def _xattn_dtokens_kernel(
     for p0 in range(0, P, BLOCK_P):                                    # Xᵀ C  [+ (A/n)ᵀ dV]
         cidx = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         x, _ = _ws_tile(x_ptr, b, cidx, lidx, P, L)                                  # [BLOCK_P, BLOCK_L]
-        concept = _load_dot(concepts_ptr, cidx, offs_o, P, D, D, DOT_DTYPE)          # [BLOCK_P, BLOCK_DO]
+        concept = _load_rows(concepts_ptr, cidx, offs_o, P, D, D, DOT_DTYPE)          # [BLOCK_P, BLOCK_DO]
         acc = tl.dot(tl.trans(x).to(DOT_DTYPE), concept, acc, input_precision=PRECISION)
     if POOL:                                                           # (A/n)ᵀ dV: its own loop (registers)
         for p0 in range(0, P, BLOCK_P):
@@ -349,14 +342,14 @@ def _xattn_dtokens_kernel(
             lse = tl.load(stats_ptr + image * P + cidx, mask=c_ok, other=0.0)
             inv_n = _inv_norm(stats_ptr, image * P + cidx, c_ok, B * P)
             attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
-            grad_v = _load_dot(grad_ptr + image * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)
+            grad_v = _load_rows(grad_ptr + image * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)
             acc = tl.dot(tl.trans(attn * inv_n[:, None]).to(DOT_DTYPE), grad_v, acc,
                          input_precision=PRECISION)
     if GRAM:
         for l0 in range(0, L, BLOCK_L):                                # − M U (M is stored negated)
             lk = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
             m, _ = _ws_tile(m_ptr, b, lidx, lk, L, L)                                # [BLOCK_L, BLOCK_L]
-            tok = _load_dot(tok_ptr, lk, offs_o, L, D, D, DOT_DTYPE)                 # [BLOCK_L, BLOCK_DO]
+            tok = _load_rows(tok_ptr, lk, offs_o, L, D, D, DOT_DTYPE)                 # [BLOCK_L, BLOCK_DO]
             acc = tl.dot(m.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
     else:
         for p0 in range(0, P, BLOCK_P):                                # − (q A)ᵀ W
@@ -365,7 +358,7 @@ def _xattn_dtokens_kernel(
             lse = tl.load(stats_ptr + image * P + cidx, mask=c_ok, other=0.0)
             q = tl.load(q_ptr + b * P + cidx, mask=c_ok, other=0.0)
             attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)
-            pooled = _load_dot(w_ptr + b * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)  # [BLOCK_P, BLOCK_DO]
+            pooled = _load_rows(w_ptr + b * P * D, cidx, offs_o, P, D, D, DOT_DTYPE)  # [BLOCK_P, BLOCK_DO]
             acc = tl.dot(tl.trans(-q[:, None] * attn).to(DOT_DTYPE), pooled, acc, input_precision=PRECISION)
     if POOL:
         grad_loss = 1.0
@@ -394,7 +387,7 @@ def _xattn_dconcepts_kernel(
         for l0 in range(0, L, BLOCK_L):
             lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
             x, _ = _ws_tile(x_ptr, b, cidx, lidx, P, L)                              # [BLOCK_P, BLOCK_L]
-            tok = _load_dot(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)               # [BLOCK_L, BLOCK_DO]
+            tok = _load_rows(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)               # [BLOCK_L, BLOCK_DO]
             acc = tl.dot(x.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
     if POOL:
         grad_loss = 1.0
@@ -407,10 +400,9 @@ def _xattn_dconcepts_kernel(
 
 @triton.jit
 def _xattn_pool_out_kernel(
-    tokens_ptr, scores_ptr, stats_ptr, out_ptr,   # out: v̂ [B, P, D] float32, or (RAW and STORE_W) W [chunk, P, D]
-    sq_ptr,                                       # RAW: Σ_d w² of this D slice, [chunk, P, n_slices] float32
+    tokens_ptr, scores_ptr, stats_ptr, out_ptr,   # out: by OUTPUT (OUT_VHAT / OUT_NORMS / OUT_W, see below)
     image0, B, L, P, D, inv_temp,
-    RAW: tl.constexpr, STORE_W: tl.constexpr,
+    OUTPUT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -427,16 +419,16 @@ def _xattn_pool_out_kernel(
     for l0 in range(0, L, BLOCK_L):
         lidx = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         attn, _ = _attn_tile(scores_ptr, b, cidx, lidx, P, L, lse, inv_temp)         # [BLOCK_P, BLOCK_L]
-        tok = _load_dot(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)                   # [BLOCK_L, BLOCK_DO]
+        tok = _load_rows(tok_ptr, lidx, offs_o, L, D, D, DOT_DTYPE)                   # [BLOCK_L, BLOCK_DO]
         acc = tl.dot(attn.to(DOT_DTYPE), tok, acc, input_precision=PRECISION)
-    if RAW:
-        tl.store(sq_ptr + (b * P + cidx) * tl.num_programs(1) + pid_d, tl.sum(acc * acc, axis=1), mask=c_ok)
-        if STORE_W:
-            tl.store(out_ptr + (b * P + cidx[:, None]) * D + offs_o[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=mask)
-    else:
+    if OUTPUT == 0:    # OUT_VHAT: v̂ = W / n into [B, P, D] float32
         inv_n = _inv_norm(stats_ptr, image * P + cidx, c_ok, B * P)
         tl.store(out_ptr + (image * P + cidx[:, None]) * D + offs_o[None, :], acc * inv_n[:, None], mask=mask)
+    elif OUTPUT == 1:  # OUT_NORMS: Σ_d w² of this D slice into [chunk, P, n_slices] float32
+        tl.store(out_ptr + (b * P + cidx) * tl.num_programs(1) + pid_d, tl.sum(acc * acc, axis=1), mask=c_ok)
+    else:              # OUT_W: W into the [chunk, P, D] workspace (dot dtype)
+        tl.store(out_ptr + (b * P + cidx[:, None]) * D + offs_o[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -445,6 +437,7 @@ def _xattn_pool_out_kernel(
 MIN_BLOCK = 16                 # smallest tl.dot extent on a GPU
 WORKSPACE_BYTES = 256 << 20    # default bound on the per-chunk workspaces (R, X, E, G, M or W, q and κ)
 MAX_CHUNK = 65_535             # images are grid axis 2 (CUDA's limit on the y/z axes)
+OUT_VHAT, OUT_NORMS, OUT_W = 0, 1, 2   # what _xattn_pool_out_kernel writes of A U
 NUM_WARPS = 8                  # 64 × 64/128 tiles: wgmma on sm_90, no spills on sm_80/sm_90 (python -m compclip.kernels.aot)
 
 
@@ -462,9 +455,9 @@ def choose_route(P: int, L: int, D: int) -> str:
 
 def workspace_bytes_per_image(P: int, L: int, D: int, pool: bool, route: str, dot_bytes: int = 4,
                               slices: int = 1) -> int:
-    """Workspace one image of a chunk needs in the backward (the forward needs less). float32: R, E (pooling),
-    (q, κ), the pooled route's Σ w² per D slice; in the dot dtype (``dot_bytes``), what only enters dots: X and
-    either G and M ("gram") or W ("pooled")."""
+    """Workspace one image of a chunk needs, bounding forward and backward together. float32: R, E (pooling
+    backward), (q, κ), the pooled route's Σ w² per D slice (forward); in the dot dtype (``dot_bytes``), what only
+    enters dots: X and either G and M ("gram") or W ("pooled")."""
     f32 = (2 if pool else 1) * P * L + 2 * P + (P * slices if route == "pooled" else 0)
     return 4 * f32 + dot_bytes * (P * L + (2 * L * L if route == "gram" else P * D))
 
@@ -527,12 +520,12 @@ class _Launcher:
                BACKWARD=backward, POOL=self.pool, GRAM=self.meta["route"] == "gram", SWEEP1=sweep1, SWEEP2=sweep2,
                num_warps=NUM_WARPS, **_tile_meta(self.meta, "BLOCK_P", "BLOCK_L", "BLOCK_D"))
 
-    def pooled(self, scores, stats, out, sq, image0, n, raw, store_w=False):
+    def pooled(self, scores, stats, out, image0, n, output: int):
+        """A U for images [image0, image0 + n): ``output`` OUT_VHAT, OUT_NORMS or OUT_W (``_xattn_pool_out_kernel``)."""
         launch(_xattn_pool_out_kernel, (self.n_blocks, self.n_do, n),
-               self.tokens, scores, stats, out, sq,
+               self.tokens, scores, stats, out,
                image0, self.B, self.L, self.P, self.D, self.inv_temp,
-               RAW=raw, STORE_W=store_w, num_warps=NUM_WARPS, **_tile_meta(self.meta, "BLOCK_P", "BLOCK_L",
-                                                                             "BLOCK_DO"))
+               OUTPUT=output, num_warps=NUM_WARPS, **_tile_meta(self.meta, "BLOCK_P", "BLOCK_L", "BLOCK_DO"))
 
 
 def _xac_loss_rows(stats, owner, scale, bias, first_image: int) -> torch.Tensor:
@@ -563,13 +556,13 @@ def xattn_forward(tokens, concepts, owner, scale, bias, temperature, image_offse
             run.gram(aux, image0, n)
         run.pairs(ws, stats, out, image0, n, backward=False, sweep2=gram_route)
         if not gram_route:   # ‖w‖² from W = A U, formed slice by slice and not stored
-            run.pooled(scores, stats, scores, aux, image0, n, raw=True)
+            run.pooled(scores, stats, aux, image0, n, OUT_NORMS)
             stats[1, image0:image0 + n] = aux[:n].sum(-1)
             if not pool:
                 out[image0:image0 + n, 0] = _xac_loss_rows(stats[:, image0:image0 + n], owner, scale, bias,
                                                            image0 + image_offset)
         if pool:
-            run.pooled(scores, stats, out, scores, image0, n, raw=False)
+            run.pooled(scores, stats, out, image0, n, OUT_VHAT)
     return out, stats
 
 
@@ -588,15 +581,14 @@ def xattn_backward(tokens, concepts, owner, scale, bias, stats, grad, temperatur
     if gram_route:
         ws.update(gram=torch.empty(chunk, L, L, **dot), m=torch.empty(chunk, L, L, **dot), w=scores)
     else:
-        ws.update(w=torch.empty(chunk, P, D, **dot), sq=torch.empty(chunk, P, run.n_do, **f32), gram=scores,
-                  m=scores)
+        ws.update(w=torch.empty(chunk, P, D, **dot), gram=scores, m=scores)
     for image0, n in _chunks(B, chunk):
         if gram_route:
             run.gram(ws["gram"], image0, n)
             run.pairs(ws, stats, partials, image0, n, backward=True)
         else:   # R and the scalars; W = A U into its workspace; then h = W Uᵀ and X
             run.pairs(ws, stats, partials, image0, n, backward=True, sweep2=False)
-            run.pooled(scores, stats, ws["w"], ws["sq"], image0, n, raw=True, store_w=True)
+            run.pooled(scores, stats, ws["w"], image0, n, OUT_W)
             run.pairs(ws, stats, partials, image0, n, backward=True, sweep1=False)
         if need_tokens:
             if gram_route:
