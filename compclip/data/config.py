@@ -62,6 +62,10 @@ class DataConfig:
     caption"."""
     max_concepts: int = 0
     """Keep at most this many concepts per sample (the first ones). 0 = all."""
+    caption_order: str = "keep"
+    """`keep`, or `shuffle`: each training caption's words in a random order, drawn per sample and epoch from the
+    seed, so that word order carries no information. The bag-of-words regime in which the study's "pretrained"
+    CLIP is trained (docs/study.md). Negatives and concepts stay as they are, and validation captions are kept."""
     spacy_model: str = "en_core_web_sm"
     """Name of the installed spaCy English pipeline (for on-the-fly concepts and the preparation step)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

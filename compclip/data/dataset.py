@@ -31,6 +31,15 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
 
 
+CAPTION_ORDERS = ("keep", "shuffle")
+
+
+def shuffle_words(caption: str, rng: np.random.Generator) -> str:
+    """The caption's words (split on whitespace) in an order drawn from `rng`."""
+    words = caption.split()
+    return " ".join(words[i] for i in rng.permutation(len(words)))
+
+
 def select_negatives(negatives: Sequence[str] | None, valid: Sequence[bool] | None, caption: str, k: int,
                      rng: np.random.Generator | None = None) -> tuple[list[str], list[bool]]:
     """Exactly K negatives and their validity for one sample.
@@ -85,7 +94,10 @@ class SampleBuilder:
     per-sample dict that `Collate` batches. Shared by the manifest and WebDataset readers."""
 
     def __init__(self, preprocess: Callable | None, num_negatives: int, seed: int, concept_extractor=None,
-                 max_concepts: int = 0):
+                 max_concepts: int = 0, caption_order: str = "keep"):
+        if caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"data.caption_order must be one of {', '.join(CAPTION_ORDERS)}, not {caption_order!r}")
+        self.caption_order = caption_order
         self.preprocess = preprocess
         self.num_negatives = num_negatives
         self.seed = seed
@@ -114,8 +126,11 @@ class SampleBuilder:
             raise Skip(name, f"unreadable image ({type(error).__name__}: {error})") from None
         texts, mask = select_negatives(negatives, valid, caption, self.num_negatives,
                                        sample_rng(self.seed, epoch, index))
+        concepts = self.concepts_of(caption, concepts)  # of the caption as written
+        if self.caption_order == "shuffle":
+            caption = shuffle_words(caption, np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, index, 1]))
         return {"index": index, "image": image, "caption": caption, "negatives": texts, "valid": mask,
-                "concepts": self.concepts_of(caption, concepts)}
+                "concepts": concepts}
 
 
 class ManifestDataset(torch.utils.data.Dataset):

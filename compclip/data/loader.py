@@ -42,7 +42,8 @@ def build_dataloader(cfg: DataConfig, tokenizer: Tokenizer, preprocess: Callable
     extractor = ConceptExtractor(cfg.spacy_model) if cfg.concept_extractor == "spacy" else None
     if cfg.concept_extractor not in ("none", "spacy"):
         raise ValueError(f"data.concept_extractor must be 'none' or 'spacy', not {cfg.concept_extractor!r}")
-    builder = SampleBuilder(preprocess, cfg.num_negatives, seed, extractor, cfg.max_concepts)
+    builder = SampleBuilder(preprocess, cfg.num_negatives, seed, extractor, cfg.max_concepts,
+                            cfg.caption_order if train else "keep")
     collate = Collate(tokenizer, cfg.num_negatives)
     fmt = detect_format(path, cfg.format)
     common = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory,
