@@ -1,0 +1,175 @@
+"""`python -m compclip.study`: the pipeline end to end on the quick profile (a test of the pipeline, not of the
+numbers), its aggregation, the bag-of-words caption order, and its errors on bad external worlds."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from compclip import study
+from compclip.data.dataset import SampleBuilder, shuffle_words
+
+ALL = ",".join(study.METHODS)
+
+
+def _independent_accuracy(checkpoint: str, annotations: str, image_root: str) -> float:
+    """Caption-vs-negative accuracy of an exported checkpoint, scored here without compclip.evaluation."""
+    import open_clip
+    from PIL import Image
+
+    from compclip.models import register_model_configs
+
+    register_model_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms("compclip-tiny", pretrained=checkpoint)
+    tokenizer = open_clip.get_tokenizer("compclip-tiny")
+    model.eval()
+    with open(annotations) as handle:
+        items = list(json.load(handle).values())
+    images = torch.stack([preprocess(Image.open(os.path.join(image_root, it["filename"])).convert("RGB"))
+                          for it in items])
+    with torch.no_grad():
+        v = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        pos = torch.nn.functional.normalize(model.encode_text(tokenizer([it["caption"] for it in items])), dim=-1)
+        neg = torch.nn.functional.normalize(model.encode_text(tokenizer([it["negative_caption"] for it in items])),
+                                            dim=-1)
+    return float(((v * pos).sum(-1) > (v * neg).sum(-1)).double().mean())
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path, capsys):
+    out = tmp_path / "study"
+    results = study.main(["--quick", "--out", str(out), "--methods", ALL, "--jobs", "1"])
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    world = on_disk["protocol"]["world"]
+    subsets = sorted(name[:-5] for name in os.listdir(world["eval_sugarcrepe"])
+                     if name.endswith(".json") and os.path.join(world["eval_sugarcrepe"], name) != world["retrieval"])
+    assert world["subsets"] == subsets and len(subsets) == 5
+    assert list(on_disk["methods"]) == list(study.METHODS)
+    for method, scores in on_disk["methods"].items():
+        assert sorted(scores) == sorted(subsets + ["retrieval_r1"]), method
+        for subset, entry in scores.items():
+            assert len(entry["runs"]) == 1 and 0.0 <= entry["runs"][0] <= 1.0
+            assert entry["mean"] == entry["runs"][0] and entry["std"] == 0.0
+        assert (out / "runs" / f"{method}-seed0" / "config.yaml").exists()
+    # every run started from the pretraining stage's export, which trained on shuffled captions
+    assert on_disk["protocol"]["start_checkpoint"].startswith(str(out / "runs" / "pretrain"))
+    pretrain_cfg = (out / "runs" / "pretrain" / "config.yaml").read_text()
+    assert "caption_order: shuffle" in pretrain_cfg and "method: clip" in pretrain_cfg
+    negclip_cfg = (out / "runs" / "negclip-seed0" / "config.yaml").read_text()
+    assert on_disk["protocol"]["start_checkpoint"] in negclip_cfg and "caption_order: keep" in negclip_cfg
+    # a number in results.json is the accuracy of that run's exported model, scored independently here
+    export = study.export_of(str(out / "runs" / "negclip-seed0"))
+    expected = _independent_accuracy(export, os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
+                                     world["eval_image_root"])
+    assert on_disk["methods"]["negclip"]["relation_swap"]["mean"] == pytest.approx(expected, abs=1e-9)
+    table = (out / "results.md").read_text()
+    for label in ("CLIP", "NegCLIP", "CE-CLIP", "DeGLA", "C2LIP", "DeGLA+NPC/XAC", "pretrained (start)",
+                  "swap mean", "retrieval r1"):
+        assert label in table
+    assert (out / "results.png").stat().st_size > 10_000
+    # started again: every run is reused, nothing retrains, the same results come back
+    stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/study_done.json")}
+    assert study.main(["--quick", "--out", str(out), "--methods", ALL, "--jobs", "1"])["methods"] == \
+        on_disk["methods"]
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/study_done.json")} == stamps
+
+
+def test_aggregate_is_the_sample_mean_and_std():
+    runs = {"a": [{"x": 0.5, "y": 0.1}, {"x": 0.7, "y": 0.2}, {"x": 0.9, "y": 0.6}]}
+    got = study.aggregate(runs)["a"]
+    for key in ("x", "y"):
+        values = np.array([r[key] for r in runs["a"]])
+        assert got[key]["mean"] == pytest.approx(values.mean())
+        assert got[key]["std"] == pytest.approx(values.std(ddof=1))
+        assert got[key]["runs"] == list(values)
+    scores = study.aggregate({"m": [{"relation_swap": 0.6, "attribute_swap": 0.8},
+                                    {"relation_swap": 0.7, "attribute_swap": 0.6}]})["m"]
+    mean, std = study.swap_mean(scores, ["relation_swap", "attribute_swap"])
+    assert mean == pytest.approx(0.675) and std == pytest.approx(math.sqrt(2) * 0.025)
+
+
+def test_shuffled_caption_order_is_a_deterministic_permutation(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    caption = "a small red circle is to the left of a blue square"
+    builder = SampleBuilder(None, 2, seed=3, caption_order="shuffle")
+    def build(epoch, index):
+        return builder.build(index, epoch, str(tmp_path / "a.png"), caption, ["x y"], [True], None, "a.png")
+    first = build(0, 5)
+    assert sorted(first["caption"].split()) == sorted(caption.split()) and first["caption"] != caption
+    assert build(0, 5)["caption"] == first["caption"]  # the same sample and epoch: the same order
+    assert len({build(epoch, 5)["caption"] for epoch in range(6)}) > 1  # a new order each epoch
+    assert first["concepts"] == [caption] and first["negatives"][0] == "x y"  # only the positive is shuffled
+    keep = SampleBuilder(None, 2, seed=3).build(5, 0, str(tmp_path / "a.png"), caption, None, None, None, "a")
+    assert keep["caption"] == caption
+    rng = np.random.default_rng(0)
+    assert shuffle_words("one", rng) == "one"
+    with pytest.raises(ValueError, match="data.caption_order"):
+        SampleBuilder(None, 2, seed=0, caption_order="reverse")
+
+
+def _external(tmp_path, manifest_rows, subsets=("swap_att",)):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "eval").mkdir()
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in manifest_rows))
+    for subset in subsets:
+        (tmp_path / "eval" / f"{subset}.json").write_text("{}")
+    return ["--train-manifest", str(manifest), "--eval-sugarcrepe", str(tmp_path / "eval"),
+            "--eval-image-root", str(tmp_path / "images"), "--out", str(tmp_path / "out")]
+
+
+def test_external_world_errors_name_the_flag_or_file(tmp_path):
+    with pytest.raises(SystemExit, match="missing --eval-sugarcrepe, --eval-image-root"):
+        study.main(["--train-manifest", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")])
+    args = _external(tmp_path, [{"image": "a.png", "caption": "a cat"}])
+    with pytest.raises(SystemExit, match="no sample has a 'negatives' field.*compclip.data.prepare"):
+        study.main(args)
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "caption": "c", "negatives": ["d"]}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"train.jsonl:2: invalid JSON"):
+        study.main(args)
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "negatives": ["d"]}\n')
+    with pytest.raises(SystemExit, match=r"train.jsonl:1: missing field 'caption'"):
+        study.main(args)
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "caption": "c", "negatives": ["d"]}\n')
+    (tmp_path / "eval" / "swap_att.json").unlink()
+    with pytest.raises(SystemExit, match="no <subset>.json file"):
+        study.main(args)
+    (tmp_path / "eval" / "swap_att.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--retrieval: no such file"):
+        study.main(args + ["--retrieval", str(tmp_path / "nope.json")])
+    (tmp_path / "ret.json").write_text(json.dumps({"images": [{"filename": "z.png", "split": "test",
+                                                               "sentences": [{"raw": "c"}]}]}))
+    with pytest.raises(SystemExit, match="'z.png'.*under none of.*--retrieval-image-root"):
+        study.main(args + ["--retrieval", str(tmp_path / "ret.json")])
+    with pytest.raises(SystemExit):
+        study.parse_args(["--methods", "clip,blip"])
+
+
+@pytest.mark.slow
+def test_external_world_through_the_flags(tmp_path):
+    """A world the study has not built itself (another seed and size, its retrieval file inside the evaluation
+    folder), given only through the issue's flags: every evaluation file becomes a subset, seeds aggregate."""
+    from compclip.data.synthetic import generate_world
+
+    paths = generate_world(str(tmp_path / "other"), 160, 40, 7, 64)
+    sugarcrepe = os.path.dirname(next(iter(paths["eval"].values())))
+    out = tmp_path / "out"
+    results = study.main(["--train-manifest", paths["train"], "--eval-sugarcrepe", sugarcrepe,
+                          "--eval-image-root", paths["eval_image_root"], "--retrieval", paths["retrieval"],
+                          "--seeds", "2", "--methods", "clip,negclip", "--out", str(out), "--quick", "--jobs", "1"])
+    assert results["protocol"]["world"]["builtin"] is False
+    assert results["protocol"]["world"]["subsets"] == sorted(paths["eval"])
+    for method in ("clip", "negclip"):
+        scores = results["methods"][method]
+        assert sorted(scores) == sorted(list(paths["eval"]) + ["retrieval_r1"])
+        for entry in scores.values():
+            assert len(entry["runs"]) == 2
+            assert entry["mean"] == pytest.approx(np.mean(entry["runs"]))
+            assert entry["std"] == pytest.approx(np.std(entry["runs"], ddof=1))
+    assert (out / "runs" / "negclip-seed1" / "study_done.json").exists()
+    assert paths["train"] in (out / "runs" / "pretrain" / "config.yaml").read_text()
