@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from harness import CUDA, SIZES, Case, run_case
+from harness import CUDA, SIZES, Case, peak_memory, run_case
 
 METHODS = ("clip", "negclip", "ceclip", "degla", "c2lip", "composite")
 SETTINGS = {
@@ -106,4 +106,27 @@ def test_contrastive_batch_ladder(benchmark, rounds, tmp_path_factory, contrasti
                                 cached_features_mb=float(f"{contrastive * 7 * dim * size * 2 / 2**20:.3g}"))
     if benchmark.stats is not None:
         benchmark.extra_info["samples_per_s"] = float(f"{contrastive / benchmark.stats.stats.mean:.4g}")
-    del trainer, batch
+    # The loss pass alone (b) on this batch's features: without CUDA the terms run the PyTorch reference, which
+    # materialises the B x B(1 + K) logits (O(B^2)); the fused kernels keep it O(B). Peak minus it is what caching
+    # itself costs on top of one chunk.
+    from compclip.gradcache import concat_features, feature_gradients, split_batch
+
+    chunks = split_batch(batch, CHUNK if mode == "cached" else contrastive)
+    cached = _cached_features(trainer, chunks)
+    features = concat_features(cached, [chunk["images"].shape[0] for chunk in chunks])
+    workspace = peak_memory(lambda: feature_gradients(trainer.method, features)) / 2**20
+    benchmark.extra_info["loss_pass_peak_mb"] = float(f"{workspace:.4g}")
+    if "peak_memory_mb" in benchmark.extra_info:
+        benchmark.extra_info["peak_minus_loss_pass_mb"] = float(
+            f"{benchmark.extra_info['peak_memory_mb'] - workspace:.4g}")
+    del trainer, batch, features, cached
+
+
+def _cached_features(trainer, chunks):
+    """Pass (a) of the cached step: every chunk's features without autograd."""
+    from compclip import engine as ds
+    from compclip.data import to_device
+
+    with torch.no_grad():
+        return [trainer.method.features(trainer.engine, trainer.teacher, to_device(chunk, trainer.device),
+                                        ds.COMPUTE_DTYPES[trainer.cfg.deepspeed.precision]) for chunk in chunks]
