@@ -109,10 +109,15 @@ def test_contrastive_batch_ladder(benchmark, rounds, tmp_path_factory, contrasti
     # The loss pass alone (b) on this batch's features: without CUDA the terms run the PyTorch reference, which
     # materialises the B x B(1 + K) logits (O(B^2)); the fused kernels keep it O(B). Peak minus it is what caching
     # itself costs on top of one chunk.
-    from compclip.gradcache import concat_features, feature_gradients, split_batch
+    from compclip import engine as ds
+    from compclip.gradcache import CachedStep, concat_features, feature_gradients, split_batch
 
     chunks = split_batch(batch, CHUNK if mode == "cached" else contrastive)
-    cached = _cached_features(trainer, chunks)
+    cfg = trainer.cfg
+    passes = trainer.cached or CachedStep(trainer.engine, trainer.method, trainer.teacher, chunk=contrastive,
+                                          world=1, device=trainer.device, logit_scale_max=cfg.optim.logit_scale_max,
+                                          dtype=ds.COMPUTE_DTYPES[cfg.deepspeed.precision])
+    _, cached = passes.cache(chunks)  # pass (a)
     features = concat_features(cached, [chunk["images"].shape[0] for chunk in chunks])
     workspace = peak_memory(lambda: feature_gradients(trainer.method, features)) / 2**20
     benchmark.extra_info["loss_pass_peak_mb"] = float(f"{workspace:.4g}")
@@ -120,13 +125,3 @@ def test_contrastive_batch_ladder(benchmark, rounds, tmp_path_factory, contrasti
         benchmark.extra_info["peak_minus_loss_pass_mb"] = float(
             f"{benchmark.extra_info['peak_memory_mb'] - workspace:.4g}")
     del trainer, batch, features, cached
-
-
-def _cached_features(trainer, chunks):
-    """Pass (a) of the cached step: every chunk's features without autograd."""
-    from compclip import engine as ds
-    from compclip.data import to_device
-
-    with torch.no_grad():
-        return [trainer.method.features(trainer.engine, trainer.teacher, to_device(chunk, trainer.device),
-                                        ds.COMPUTE_DTYPES[trainer.cfg.deepspeed.precision]) for chunk in chunks]

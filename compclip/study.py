@@ -28,17 +28,21 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
+
+from compclip.config import _merge
+from compclip.evaluation.loading import latest_checkpoint
+from compclip.plots import read_metrics
 
 log = logging.getLogger("compclip.study")
 
@@ -63,7 +67,6 @@ class Profile:
     arch: str = "compclip-tiny"
     batch_size: int = 32
     num_negatives: int = 4
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 PROFILES: Dict[str, Profile] = {
@@ -201,13 +204,6 @@ def _common(world: World, profile: Profile, stage: Dict[str, Any], threads: int)
             "log": {"progress": False, "save_deepspeed": False, "keep_exports": 1, "every_n_steps": 10}}
 
 
-def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def pretrain_config(world: World, profile: Profile, threads: int, runs: str) -> Dict[str, Any]:
     cfg = _common(world, profile, profile.pretrain, threads)
     return _merge(cfg, {"loss": {"method": "clip"}, "data": {"caption_order": "shuffle"}, "seed": 0,
@@ -231,12 +227,9 @@ def _fingerprint(cfg: Dict[str, Any], world: World) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _final_eval(run_dir: str) -> Optional[str]:
-    """The evaluation folder of the last exported epoch, or None when the run did not finish."""
-    done = os.path.join(run_dir, "study_done.json")
-    if not os.path.exists(done):
-        return None
-    with open(done, encoding="utf-8") as handle:
+def _final_eval(run_dir: str) -> str:
+    """The evaluation folder of a finished run's last evaluation (recorded in its study_done.json)."""
+    with open(os.path.join(run_dir, "study_done.json"), encoding="utf-8") as handle:
         return json.load(handle)["eval"]
 
 
@@ -252,16 +245,14 @@ def run_one(cfg: Dict[str, Any], world: World, runs: str, verbose: bool) -> str:
             if json.load(handle).get("key") == key:
                 log.info("%s: finished before, reused", name)
                 return run_dir
-        shutil.rmtree(run_dir)
-    elif os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)  # an interrupted run starts over (runs are minutes long)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a changed or interrupted run starts over (runs are minutes long)
     os.makedirs(runs, exist_ok=True)
     config_file = os.path.join(runs, f"{name}.yaml")
     with open(config_file, "w", encoding="utf-8") as handle:
         yaml.safe_dump(cfg, handle, sort_keys=False)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), PYTHONUNBUFFERED="1")
-    for name_ in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        env.pop(name_, None)  # each child is a world of one on its own free port
+    for variable in ("RANK", "MASTER_PORT"):  # without RANK the child sets itself up as a world of one, and
+        env.pop(variable, None)  # without MASTER_PORT on a free port of its own (engine.single_process_environment)
     command = [sys.executable, "-m", "compclip.train", "--config", config_file]
     t0 = time.time()
     result = subprocess.run(command, env=env, stdout=None if verbose else subprocess.PIPE,
@@ -278,13 +269,6 @@ def run_one(cfg: Dict[str, Any], world: World, runs: str, verbose: bool) -> str:
                    "seconds": round(time.time() - t0, 1)}, handle)
     log.info("%s: %.0fs", name, time.time() - t0)
     return run_dir
-
-
-def export_of(run_dir: str) -> str:
-    folder = os.path.join(run_dir, "checkpoints")
-    exports = sorted((f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".pt")),
-                     key=lambda f: int(f[len("epoch_"):-3]))
-    return os.path.join(folder, exports[-1])
 
 
 def scores_of(run_dir: str, world: World) -> Dict[str, float]:
@@ -310,10 +294,14 @@ def aggregate(runs: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict[str, Di
         out[method] = {}
         for subset in per_seed[0]:
             values = [run[subset] for run in per_seed]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            mean, std = _mean_std(values)
             out[method][subset] = {"mean": mean, "std": std, "runs": values}
     return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def swap_subsets(subsets: Sequence[str]) -> List[str]:
@@ -351,10 +339,8 @@ def markdown(results: Dict[str, Any]) -> str:
 
 def swap_mean(scores: Dict[str, Dict[str, Any]], swaps: Sequence[str]) -> tuple:
     """Mean over the swap subsets per seed, then mean and std over seeds."""
-    per_seed = [sum(scores[s]["runs"][i] for s in swaps) / len(swaps) for i in range(len(scores[swaps[0]]["runs"]))]
-    mean = sum(per_seed) / len(per_seed)
-    std = (math.sqrt(sum((v - mean) ** 2 for v in per_seed) / (len(per_seed) - 1)) if len(per_seed) > 1 else 0.0)
-    return mean, std
+    per_seed = [statistics.fmean(values) for values in zip(*(scores[s]["runs"] for s in swaps))]
+    return _mean_std(per_seed)
 
 
 def plot(results: Dict[str, Any], path: str) -> None:
@@ -427,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     t0 = time.time()
     profile = PROFILES["quick" if args.quick else "default"]
     if args.arch:
-        profile = Profile(**{**profile.__dict__, "arch": args.arch})
+        profile = replace(profile, arch=args.arch)
     seeds = args.seeds or profile.seeds
     methods = args.methods.split(",")
     out = os.path.abspath(args.out)
@@ -448,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         log.info("pretraining the bag-of-words CLIP (shuffled captions)")
         pretrain = run_one(pretrain_config(world, profile, max(1, os.cpu_count() or 1), runs), world, runs,
                            args.verbose)
-        start, start_scores = export_of(pretrain), scores_of(pretrain, world)
+        start, start_scores = latest_checkpoint(pretrain), scores_of(pretrain, world)
         log.info("start %s: %s", start, json.dumps({k: round(v, 3) for k, v in start_scores.items()}))
 
     # the costliest methods first, so that the last runs of the queue are short and no core idles at the end
@@ -464,7 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             bar.update()
     bar.close()
     per_method = {m: [scores_of(os.path.join(runs, f"{m}-seed{s}"), world) for s in range(seeds)] for m in methods}
-    steps = _steps_of(os.path.join(runs, f"{methods[0]}-seed0"))
+    steps = max(step for step, _ in read_metrics(os.path.join(runs, f"{methods[0]}-seed0"))["loss"])
     results = {
         "protocol": {"profile": "quick" if args.quick else "default", "arch": profile.arch,
                      "start": start_scores, "start_checkpoint": start,
@@ -487,14 +473,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"study: {len(configs)} fine-tune(s) in {time.time() - t0:.0f}s; {out}/results.json, results.md, "
           "results.png, runs/")
     return results
-
-
-def _steps_of(run_dir: str) -> int:
-    steps = 0
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
-        for line in handle:
-            steps = max(steps, int(json.loads(line).get("step", 0)))
-    return steps
 
 
 if __name__ == "__main__":

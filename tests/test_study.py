@@ -10,6 +10,7 @@ import torch
 
 from compclip import study
 from compclip.data.dataset import SampleBuilder, shuffle_words
+from compclip.evaluation.loading import latest_checkpoint
 
 ALL = ",".join(study.METHODS)
 
@@ -61,7 +62,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     negclip_cfg = (out / "runs" / "negclip-seed0" / "config.yaml").read_text()
     assert on_disk["protocol"]["start_checkpoint"] in negclip_cfg and "caption_order: keep" in negclip_cfg
     # a number in results.json is the accuracy of that run's exported model, scored independently here
-    export = study.export_of(str(out / "runs" / "negclip-seed0"))
+    export = latest_checkpoint(str(out / "runs" / "negclip-seed0"))
     expected = _independent_accuracy(export, os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
                                      world["eval_image_root"])
     assert on_disk["methods"]["negclip"]["relation_swap"]["mean"] == pytest.approx(expected, abs=1e-9)

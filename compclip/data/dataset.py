@@ -26,9 +26,10 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream of one sample in one epoch: independent of worker count, rank and batch order."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
+def sample_rng(seed: int, epoch: int, index: int, *stream: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch: independent of worker count, rank and batch order. `stream`
+    numbers a further stream of the same sample (the negatives' choice draws from the first, none given)."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index, *stream])
 
 
 CAPTION_ORDERS = ("keep", "shuffle")
@@ -128,7 +129,7 @@ class SampleBuilder:
                                        sample_rng(self.seed, epoch, index))
         concepts = self.concepts_of(caption, concepts)  # of the caption as written
         if self.caption_order == "shuffle":
-            caption = shuffle_words(caption, np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, index, 1]))
+            caption = shuffle_words(caption, sample_rng(self.seed, epoch, index, 1))
         return {"index": index, "image": image, "caption": caption, "negatives": texts, "valid": mask,
                 "concepts": concepts}
 

@@ -93,8 +93,7 @@ def test_no_file_decision_rests_on_local_rank():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"LOCAL_RANK|local_rank", line):
                 uses.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-    # device selection / `--local_rank` accepted from the launcher / the study clearing it from its children's env
-    allowed = ("engine.py", "config.py", "study.py")
+    allowed = ("engine.py", "config.py")  # device selection / `--local_rank` accepted from the launcher
     assert all(use.split(":")[0].endswith(allowed) for use in uses), uses
     engine = [use for use in uses if "engine.py" in use]
     assert all(re.search(r"device|environ", use) for use in engine), engine
