@@ -36,10 +36,13 @@ class ModelConfig:
 
     arch: str = "compclip-tiny"
     """open_clip architecture name (`ViT-B-32`, `ViT-B-16-SigLIP`, ...) or one of compclip/model_configs
-    (`compclip-tiny`, `compclip-tiny-siglip`)."""
+    (`compclip-tiny`; `compclip-tiny-sincos`, the same with a fixed 2-D sin-cos position embedding in the image
+    tower, the embedded default's and the study's; `compclip-tiny-map`, SigLIP-style)."""
     pretrained: str = ""
     """A pretrained tag known to open_clip (`openai`, needs the hub), a local checkpoint path (an open_clip
-    state dict, our `epoch_N.pt` export, or a consolidated fp32 state dict), or empty for random init."""
+    state dict, our `epoch_N.pt` export, or a consolidated fp32 state dict), empty for random init, or
+    `synthetic-bow`: the bag-of-words CLIP of the synthetic world the run trains on (the study's stage 1, trained
+    once by a child run in `<data.synthetic.root>/pretrained/` and reused after; the embedded default)."""
     force_quick_gelu: bool = False
     """Use QuickGELU activations. Forced on when `pretrained` is `openai`: the OpenAI weights were trained with
     it, and evaluating them with GELU silently costs accuracy."""

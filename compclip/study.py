@@ -64,7 +64,7 @@ class Profile:
     pretrain: Dict[str, Any]
     finetune: Dict[str, Any]
     seeds: int
-    arch: str = "compclip-tiny"
+    arch: str = "compclip-tiny-sincos"
     batch_size: int = 32
     num_negatives: int = 4
 
@@ -72,7 +72,7 @@ class Profile:
 PROFILES: Dict[str, Profile] = {
     "default": Profile(
         world={"num_train": 10000, "num_val": 300, "seed": 0, "image_size": 64},
-        pretrain={"epochs": 3, "lr": 1e-3, "warmup_steps": 50},
+        pretrain={"epochs": 1, "lr": 1e-3, "warmup_steps": 50},
         finetune={"epochs": 2, "lr": 1e-3, "warmup_steps": 20, "max_steps": 400},
         seeds=3),
     "quick": Profile(
@@ -111,7 +111,11 @@ def builtin_world(profile: Profile, cache: str) -> World:
 
     w = profile.world
     root = os.path.join(cache, "synthetic-{seed}-{num_train}-{num_val}-{image_size}".format(**w))
-    paths = generate_world(root, w["num_train"], w["num_val"], w["seed"], w["image_size"])
+    return synthetic_world(generate_world(root, w["num_train"], w["num_val"], w["seed"], w["image_size"]))
+
+
+def synthetic_world(paths: Dict[str, Any]) -> World:
+    """The World of a generated synthetic world (compclip.data.synthetic.generate_world's paths)."""
     sugarcrepe = os.path.dirname(next(iter(paths["eval"].values())))
     return World(paths["train"], sugarcrepe, paths["eval_image_root"], sorted(paths["eval"]), paths["retrieval"],
                  paths["root"], builtin=True)
@@ -220,9 +224,36 @@ def finetune_config(world: World, profile: Profile, method: str, seed: int, star
                         "log": {"logs": runs, "name": f"{method}-seed{seed}"}})
 
 
+BOW_TAG = "synthetic-bow"
+"""`model.pretrained: synthetic-bow`: start from the bag-of-words CLIP of the synthetic world the run trains on
+(stage 1 of the study, `bow_pretrained`). The embedded default run is such a fine-tune."""
+
+
+def bow_pretrained(paths: Dict[str, Any], arch: str, batch_size: int, num_negatives: int) -> str:
+    """The checkpoint behind `model.pretrained: synthetic-bow` for the synthetic world at `paths`.
+
+    It is the study's stage 1 (`pretrain_config` with the default profile's schedule) for this architecture and
+    batch size. It is trained once, by a child `compclip.train` run in `<world>/pretrained/`, and reused after
+    that on the study's rule (same config, same manifest). A file lock makes one process train it while the others
+    (the other ranks, a concurrent run) wait and then reuse it."""
+    import fcntl
+
+    world = synthetic_world(paths)
+    profile = replace(PROFILES["default"], arch=arch, batch_size=batch_size, num_negatives=num_negatives)
+    runs = os.path.join(paths["root"], "pretrained")
+    os.makedirs(runs, exist_ok=True)
+    cfg = pretrain_config(world, profile, max(1, os.cpu_count() or 1), runs)
+    cfg["log"]["name"] = f"bow-{arch}-b{batch_size}".replace("/", "_")
+    with open(os.path.join(runs, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return latest_checkpoint(run_one(cfg, world, runs, verbose=True))
+
+
 def _fingerprint(cfg: Dict[str, Any], world: World) -> str:
-    """What a finished run depends on: its config and the training manifest's size and modification time."""
+    """What a finished run depends on: its config (less the thread count, which changes the speed, not the run)
+    and the training manifest's size and modification time."""
     stat = os.stat(world.train_manifest)
+    cfg = {key: value for key, value in cfg.items() if key != "threads"}
     blob = json.dumps({"cfg": cfg, "manifest": [stat.st_size, int(stat.st_mtime)]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -392,7 +423,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--out", default="study", help="output folder (default: ./study)")
     parser.add_argument("--quick", action="store_true", help="a tiny world and a few steps: tests the pipeline")
-    parser.add_argument("--arch", help="open_clip architecture (default compclip-tiny)")
+    parser.add_argument("--arch", help="open_clip architecture (default compclip-tiny-sincos)")
     parser.add_argument("--pretrained", default="", help="start every fine-tune from these weights (an open_clip "
                         "tag or a checkpoint file) instead of the bag-of-words pretraining stage")
     parser.add_argument("--jobs", type=int, default=0, help="runs in parallel (default: one per 1-thread CPU core, "
