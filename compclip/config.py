@@ -41,8 +41,9 @@ class ModelConfig:
     pretrained: str = ""
     """A pretrained tag known to open_clip (`openai`, needs the hub), a local checkpoint path (an open_clip
     state dict, our `epoch_N.pt` export, or a consolidated fp32 state dict), empty for random init, or
-    `synthetic-bow`: the bag-of-words CLIP of the synthetic world the run trains on (the study's stage 1, trained
-    once by a child run in `<data.synthetic.root>/pretrained/` and reused after; the embedded default)."""
+    `synthetic-bow[:EPOCHS]`: the bag-of-words CLIP of the synthetic world the run trains on (the study's stage 1,
+    EPOCHS long if given, trained once by a child run in `<data.synthetic.root>/pretrained/` and reused after;
+    the embedded default's is `synthetic-bow:1`)."""
     force_quick_gelu: bool = False
     """Use QuickGELU activations. Forced on when `pretrained` is `openai`: the OpenAI weights were trained with
     it, and evaluating them with GELU silently costs accuracy."""

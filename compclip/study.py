@@ -72,7 +72,7 @@ class Profile:
 PROFILES: Dict[str, Profile] = {
     "default": Profile(
         world={"num_train": 10000, "num_val": 300, "seed": 0, "image_size": 64},
-        pretrain={"epochs": 1, "lr": 1e-3, "warmup_steps": 50},
+        pretrain={"epochs": 3, "lr": 1e-3, "warmup_steps": 50},
         finetune={"epochs": 2, "lr": 1e-3, "warmup_steps": 20, "max_steps": 400},
         seeds=3),
     "quick": Profile(
@@ -225,25 +225,41 @@ def finetune_config(world: World, profile: Profile, method: str, seed: int, star
 
 
 BOW_TAG = "synthetic-bow"
-"""`model.pretrained: synthetic-bow`: start from the bag-of-words CLIP of the synthetic world the run trains on
-(stage 1 of the study, `bow_pretrained`). The embedded default run is such a fine-tune."""
+"""`model.pretrained: synthetic-bow[:EPOCHS]`: start from the bag-of-words CLIP of the synthetic world the run trains
+on (stage 1 of the study, `bow_pretrained`; EPOCHS overrides its length). The embedded default is such a
+fine-tune."""
 
 
-def bow_pretrained(paths: Dict[str, Any], arch: str, batch_size: int, num_negatives: int) -> str:
-    """The checkpoint behind `model.pretrained: synthetic-bow` for the synthetic world at `paths`.
+def parse_bow_tag(pretrained: str) -> Optional[int]:
+    """None when `pretrained` is not the bag-of-words tag; else its epoch count (0 = the study's). ValueError on
+    a bad count."""
+    tag, colon, epochs = pretrained.partition(":")
+    if tag != BOW_TAG:
+        return None
+    if not colon:
+        return 0
+    if not epochs.isdigit() or int(epochs) < 1:
+        raise ValueError(f"model.pretrained={pretrained!r}: write {BOW_TAG} or {BOW_TAG}:EPOCHS with EPOCHS >= 1")
+    return int(epochs)
 
-    It is the study's stage 1 (`pretrain_config` with the default profile's schedule) for this architecture and
-    batch size. It is trained once, by a child `compclip.train` run in `<world>/pretrained/`, and reused after
-    that on the study's rule (same config, same manifest). A file lock makes one process train it while the others
-    (the other ranks, a concurrent run) wait and then reuse it."""
+
+def bow_pretrained(paths: Dict[str, Any], arch: str, batch_size: int, num_negatives: int, epochs: int = 0) -> str:
+    """The checkpoint behind `model.pretrained: synthetic-bow[:EPOCHS]` for the synthetic world at `paths`.
+
+    It is the study's stage 1 (`pretrain_config` with the default profile's schedule, `epochs` long if given) for
+    this architecture and batch size. It is trained once, by a child `compclip.train` run in
+    `<world>/pretrained/`, and reused after that on the study's rule (same config, same manifest). A file lock
+    makes one process train it while the others (the other ranks, a concurrent run) wait and then reuse it."""
     import fcntl
 
     world = synthetic_world(paths)
-    profile = replace(PROFILES["default"], arch=arch, batch_size=batch_size, num_negatives=num_negatives)
+    stage = dict(PROFILES["default"].pretrain, **({"epochs": epochs} if epochs else {}))
+    profile = replace(PROFILES["default"], arch=arch, batch_size=batch_size, num_negatives=num_negatives,
+                      pretrain=stage)
     runs = os.path.join(paths["root"], "pretrained")
     os.makedirs(runs, exist_ok=True)
     cfg = pretrain_config(world, profile, max(1, os.cpu_count() or 1), runs)
-    cfg["log"]["name"] = f"bow-{arch}-b{batch_size}".replace("/", "_")
+    cfg["log"]["name"] = f"bow-{arch}-b{batch_size}-e{stage['epochs']}".replace("/", "_")
     with open(os.path.join(runs, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return latest_checkpoint(run_one(cfg, world, runs, verbose=True))

@@ -39,10 +39,11 @@ logger = logging.getLogger("compclip")
 
 # The embedded default run (`python compclip/train.py` with no arguments) and the base of every run (a YAML or the
 # command line overrides it). It is one fine-tune of the study's protocol (docs/study.md): CE-CLIP from the synthetic
-# world's bag-of-words CLIP (trained once, then reused), on a tiny ViT with a fixed 2-D sin-cos position embedding;
-# about 5 minutes on 2 CPU cores the first time (1 of them the bag-of-words pretraining), 4 after that.
+# world's bag-of-words CLIP (the study's stage 1 cut to 1 epoch; trained once, then reused), on a tiny ViT with a
+# fixed 2-D sin-cos position embedding. About 5 minutes on 2 CPU cores the first time (1 of them the bag-of-words
+# pretraining), 4 after that.
 EMBEDDED_DEFAULT: Dict[str, Any] = {
-    "model": {"arch": "compclip-tiny-sincos", "pretrained": "synthetic-bow"},
+    "model": {"arch": "compclip-tiny-sincos", "pretrained": "synthetic-bow:1"},
     "data": {"batch_size": 32, "num_negatives": 4,
              "synthetic": {"num_train": 10000, "num_val": 300, "seed": 0, "image_size": 64,
                            "root": ".cache/compclip/synthetic-{seed}-{num_train}-{num_val}-{image_size}"}},
@@ -81,21 +82,26 @@ class Trainer:
             self.epoch, self.micro_in_epoch, self.global_step = point.epoch, point.micro_in_epoch, point.global_step
 
     def _resolve_start(self, world_paths: Optional[dict]) -> None:
-        """`model.pretrained: synthetic-bow` becomes the path of the synthetic world's bag-of-words CLIP (trained
-        once by a child run, then reused: compclip.study.bow_pretrained); the run's config records the path."""
-        from compclip.study import BOW_TAG, bow_pretrained
+        """`model.pretrained: synthetic-bow[:EPOCHS]` becomes the path of the synthetic world's bag-of-words CLIP
+        (trained once by a child run, then reused: compclip.study.bow_pretrained); the run's config records the
+        path."""
+        from compclip.study import bow_pretrained, parse_bow_tag
 
         cfg = self.cfg
-        if cfg.model.pretrained != BOW_TAG:
+        try:
+            epochs = parse_bow_tag(cfg.model.pretrained)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if epochs is None:
             return
         if world_paths is None:
-            raise ConfigError(f"model.pretrained={BOW_TAG} is the synthetic world's bag-of-words start; with "
-                              "data.train_manifest set, give model.pretrained an open_clip tag or a checkpoint")
-        logger.info("model.pretrained=%s: the bag-of-words CLIP of %s (trained once, about a minute on 2 cores, "
-                    "then reused)", BOW_TAG, world_paths["root"])
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained} is the synthetic world's bag-of-words start; "
+                              "with data.train_manifest set, give model.pretrained an open_clip tag or a checkpoint")
+        logger.info("model.pretrained=%s: the bag-of-words CLIP of %s (trained once by a child run, then reused)",
+                    cfg.model.pretrained, world_paths["root"])
         t0 = time.time()
         cfg.model.pretrained = bow_pretrained(world_paths, cfg.model.arch, cfg.data.batch_size,
-                                              cfg.data.num_negatives)
+                                              cfg.data.num_negatives, epochs)
         logger.info("start: %s (%.0fs)", cfg.model.pretrained, time.time() - t0)
 
     def _build(self, world_paths: Optional[dict]) -> None:

@@ -15,7 +15,7 @@ from compclip.evaluation.loading import latest_checkpoint
 ALL = ",".join(study.METHODS)
 
 
-def _independent_accuracy(checkpoint: str, annotations: str, image_root: str) -> float:
+def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_root: str) -> float:
     """Caption-vs-negative accuracy of an exported checkpoint, scored here without compclip.evaluation."""
     import open_clip
     from PIL import Image
@@ -23,8 +23,8 @@ def _independent_accuracy(checkpoint: str, annotations: str, image_root: str) ->
     from compclip.models import register_model_configs
 
     register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms("compclip-tiny", pretrained=checkpoint)
-    tokenizer = open_clip.get_tokenizer("compclip-tiny")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
+    tokenizer = open_clip.get_tokenizer(arch)
     model.eval()
     with open(annotations) as handle:
         items = list(json.load(handle).values())
@@ -63,7 +63,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert on_disk["protocol"]["start_checkpoint"] in negclip_cfg and "caption_order: keep" in negclip_cfg
     # a number in results.json is the accuracy of that run's exported model, scored independently here
     export = latest_checkpoint(str(out / "runs" / "negclip-seed0"))
-    expected = _independent_accuracy(export, os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
+    assert on_disk["protocol"]["arch"] == "compclip-tiny-sincos"
+    expected = _independent_accuracy(on_disk["protocol"]["arch"], export,
+                                     os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
                                      world["eval_image_root"])
     assert on_disk["methods"]["negclip"]["relation_swap"]["mean"] == pytest.approx(expected, abs=1e-9)
     table = (out / "results.md").read_text()

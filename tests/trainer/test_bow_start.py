@@ -1,6 +1,6 @@
-"""`model.pretrained: synthetic-bow` (the embedded default's start): the synthetic world's bag-of-words CLIP is
-trained once by a child run with the study's stage-1 recipe, recorded in the run's config, reused by the next run,
-and it is what the run starts from."""
+"""`model.pretrained: synthetic-bow[:EPOCHS]` (the embedded default's start): the synthetic world's bag-of-words
+CLIP is trained once by a child run with the study's stage-1 recipe, recorded in the run's config, reused by the
+next run, and it is what the run starts from."""
 import os
 from pathlib import Path
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(tmp_path, name):
-    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained=synthetic-bow",
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained=synthetic-bow:2",
             f"--data.synthetic.root={tmp_path / 'world'}", f"--log.logs={tmp_path}", f"--log.name={name}",
             "--threads=1", "--optim.lr=0", "--optim.max_steps=1", "--eval_before=false", "--eval_synthetic=false"]
 
@@ -30,6 +30,7 @@ def test_the_bow_start_is_trained_once_recorded_and_started_from(tmp_path, one_p
     bow = yaml.safe_load((Path(start).parents[1] / "config.yaml").read_text())
     assert bow["loss"]["method"] == "clip" and bow["data"]["caption_order"] == "shuffle"
     assert bow["model"]["pretrained"] == "" and bow["model"]["arch"] == "compclip-tiny"
+    assert bow["optim"]["epochs"] == 2 and Path(start).name == "epoch_2.pt"
 
     # lr 0 (AdamW's decay is scaled by lr too): the exported weights are exactly the start's
     started, trained = _weights(start), _weights(tmp_path / "a" / "checkpoints" / "epoch_1.pt")
@@ -55,4 +56,13 @@ def test_the_bow_start_needs_the_synthetic_world(tmp_path, one_process, capsys):
         main(_args(tmp_path, "m") + [f"--data.train_manifest={manifest}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "model.pretrained=synthetic-bow" in err and "data.train_manifest" in err
+    assert "model.pretrained=synthetic-bow:2" in err and "data.train_manifest" in err
+
+
+@pytest.mark.parametrize("tag", ["synthetic-bow:0", "synthetic-bow:x"])
+def test_a_bad_epoch_count_is_a_config_error(tag, tmp_path, one_process, capsys):
+    from compclip.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(tmp_path, "e") + [f"--model.pretrained={tag}"])
+    assert exit_info.value.code == 2 and f"model.pretrained='{tag}'" in capsys.readouterr().err

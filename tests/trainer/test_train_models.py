@@ -181,3 +181,26 @@ def test_map_tokens_follow_the_whole_pooled_path(head):
         same.remove()
     assert store["tokens"].shape == (2, 16, 64)
     torch.testing.assert_close(store["tokens"], pooled.unsqueeze(1).expand(2, 16, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_tiny_has_a_fixed_2d_sincos_position_embedding_outside_the_optimizer():
+    """compclip-tiny-sincos: the image tower's position embedding is the closed-form 2-D sin-cos table (a zero row
+    for the class token, then per patch sin/cos of its row and of its column at D/4 frequencies each), frozen,
+    and so in no parameter group."""
+    model = build_model("compclip-tiny-sincos")[0]
+    table = model.visual.positional_embedding
+    width, grid = table.shape[1], model.visual.grid_size[0]
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+
+    def half(pos):
+        angle = pos.double()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    expected = torch.cat([torch.zeros(1, width, dtype=torch.float64),
+                          torch.cat([half(cols), half(rows)], dim=1)])  # first half: the column, second: the row
+    assert not table.requires_grad
+    torch.testing.assert_close(table.double(), expected, rtol=0, atol=1e-6)
+    grouped = {id(p) for group in parameter_groups(model, 0.1) for p in group["params"]}
+    assert id(table) not in grouped
