@@ -2,7 +2,7 @@
 
     deepspeed compclip/train.py [--config configs/<method>.yaml ...] [--section.field=value ...]
     python compclip/train.py ...            # one process, no launcher
-    python compclip/train.py                # the embedded default: CE-CLIP from a bag-of-words tiny CLIP, ~5 min
+    python compclip/train.py                # the embedded default: CE-CLIP from a bag-of-words tiny CLIP, ~4 min
 
 The entry point and the loop. Every other concern lives in its own component (the table in docs/architecture.md):
 no loss math here, no feature list, no branch on the method.
@@ -40,8 +40,8 @@ logger = logging.getLogger("compclip")
 # The embedded default run (`python compclip/train.py` with no arguments) and the base of every run (a YAML or the
 # command line overrides it). It is one fine-tune of the study's protocol (docs/study.md): CE-CLIP from the synthetic
 # world's bag-of-words CLIP (the study's stage 1 cut to 1 epoch; trained once, then reused), on a tiny ViT with a
-# fixed 2-D sin-cos position embedding. About 5 minutes on 2 CPU cores the first time (1 of them the bag-of-words
-# pretraining), 4 after that.
+# fixed 2-D sin-cos position embedding. About 4 minutes on 2 CPU cores the first time (1 of them the bag-of-words
+# pretraining), 3 after that.
 EMBEDDED_DEFAULT: Dict[str, Any] = {
     "model": {"arch": "compclip-tiny-sincos", "pretrained": "synthetic-bow:1"},
     "data": {"batch_size": 32, "num_negatives": 4,
