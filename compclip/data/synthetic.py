@@ -30,7 +30,11 @@ from PIL import Image, ImageDraw
 
 from .negatives import normalise  # one comparison form for negatives and positives
 
-VERSION = 1
+VERSION = 2
+"""2: the third object of a 3-object scene relates to either object of the first relation. In version 1 it
+always related to the second, so a relation swap of a 3-object caption ("B left of A and C above the B") was the
+only kind of caption that referred back to its first object: a text-only cue, which the hard-negative methods
+learned instead of the spatial relation (docs/study.md, "Relations")."""
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -87,8 +91,9 @@ def make_scene(rng: random.Random) -> dict:
         if _relation(cell_a, cell_b):
             break
     placed = [cell_a, cell_b]
+    reference = rng.randrange(2)  # the third object relates to either object of the first relation (see below)
     if count == 3:
-        aligned = [cell for cell in cells if cell not in placed and _relation(cell, cell_b)]
+        aligned = [cell for cell in cells if cell not in placed and _relation(cell, placed[reference])]
         placed.append(rng.choice(aligned))
     objects = [
         {"shape": rng.choice(SHAPES), "colour": colour, "size": rng.choice(sorted(SIZES)), "cell": list(cell),
@@ -97,7 +102,7 @@ def make_scene(rng: random.Random) -> dict:
     ]
     relations = [[0, _relation(placed[0], placed[1]), 1]]
     if count == 3:
-        relations.append([2, _relation(placed[2], placed[1]), 1])
+        relations.append([2, _relation(placed[2], placed[reference]), reference])
     return {"objects": objects, "relations": relations, "template": rng.randrange(len(TEMPLATES)),
             "phrases": [rng.randrange(len(RELATION_PHRASES[rel])) for _, rel, _ in relations]}
 

@@ -99,14 +99,34 @@ def test_stated_relations_hold_in_the_rendered_pixels():
         scene = synthetic.make_sample(3, "val", index)["scene"]
         assert synthetic.caption_of(scene) == row["caption"]
         pixels = np.asarray(Image.open(os.path.join(world["root"], row["image"])).convert("RGB"))
-        a, relation, b = scene["relations"][0]
-        (ya, xa), (yb, xb) = (_centroid(pixels, COLOURS[scene["objects"][i]["colour"]]) for i in (a, b))
-        observed = {"left": xa < xb - 3, "right": xa > xb + 3, "above": ya < yb - 3, "below": ya > yb + 3}
-        assert observed[relation] and not observed[synthetic.OPPOSITE[relation]]
-        aligned = abs(ya - yb) if relation in ("left", "right") else abs(xa - xb)
-        assert aligned < 32 / 3 / 2
-        checked += 1
-    assert checked == 12
+        for a, relation, b in scene["relations"]:  # the first relation and, in 3-object scenes, the second
+            (ya, xa), (yb, xb) = (_centroid(pixels, COLOURS[scene["objects"][i]["colour"]]) for i in (a, b))
+            observed = {"left": xa < xb - 3, "right": xa > xb + 3, "above": ya < yb - 3, "below": ya > yb + 3}
+            assert observed[relation] and not observed[synthetic.OPPOSITE[relation]]
+            aligned = abs(ya - yb) if relation in ("left", "right") else abs(xa - xb)
+            assert aligned < 32 / 3 / 2
+            checked += 1
+    assert checked >= 12
+
+
+def test_a_relation_swap_is_not_recognisable_from_the_text_alone():
+    """In a 3-object caption ("A rel B and C rel2 the X") X is A or B about equally often, in the captions and in
+    their relation swaps alike. In version 1 X was always B, so only relation swaps referred back to the first
+    object, and a text-only model could reject them."""
+    refers_to_first = {"caption": 0, "relation_swap": 0}
+    three = 0
+    for index in range(3000):
+        scene = synthetic.make_sample(0, "train", index)["scene"]
+        if len(scene["relations"]) < 2:
+            continue
+        three += 1
+        first = scene["relations"][0][0]
+        refers_to_first["caption"] += scene["relations"][1][2] == first
+        swapped = scene["relations"][0][2]  # after the swap the first relation starts with b
+        refers_to_first["relation_swap"] += scene["relations"][1][2] == swapped
+    assert three > 800
+    for kind, count in refers_to_first.items():
+        assert 0.45 < count / three < 0.55, (kind, count / three)
 
 
 def test_evaluation_sets_and_retrieval_json():
