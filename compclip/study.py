@@ -19,7 +19,9 @@ fine-tuned from it with the same data, budget and seeds.
    caption and its negative) and, with a retrieval file, image<->text R@1 (the mean of both directions).
 
 Outputs in `--out`: `results.json` (`{"protocol": {...}, "methods": {name: {subset: {"mean", "std", "runs"}}}}`,
-accuracies in [0, 1]), `results.md`, `results.png`, and `runs/<run>/` (each run's folder: config, log, curves,
+accuracies in [0, 1]), `results.md`, `results.png`, `text_only.json` (the same choices made without the image:
+every caption scored against the evaluation set's mean image embedding; a subset far above chance there can be
+solved from its captions alone), and `runs/<run>/` (each run's folder: config, log, curves,
 evaluation). Finished runs are kept: a study started again continues where it stopped.
 """
 from __future__ import annotations
@@ -121,22 +123,67 @@ def synthetic_world(paths: Dict[str, Any]) -> World:
                  paths["root"], builtin=True)
 
 
-def _check_manifest(path: str) -> None:
-    """The manifest exists, parses (the data layer's own checks, which name file:line and field), and has hard
-    negatives: the methods that use them would otherwise silently train as CLIP. Reads the first 1000 rows."""
-    from compclip.data.manifest import ManifestError, detect_format, iter_rows, make_record
+def _manifest_files(path: str) -> List[str]:
+    """The files behind --train-manifest: the file itself, or a WebDataset shard pattern's shards
+    (`train-{000..011}.tar`, `a.tar::b.tar`), each of which must exist."""
+    from compclip.data.manifest import detect_format
+    from compclip.data.shards import expand_urls
 
-    if not os.path.isfile(path):
-        raise StudyError(f"--train-manifest: no such file {path}")
+    try:
+        files = expand_urls(path) if detect_format(path) == "wds" else [path]
+    except ValueError as error:
+        raise StudyError(f"--train-manifest: {error}") from None
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise StudyError(f"--train-manifest: no such file {missing[0]}"
+                         + (f" (and {len(missing) - 1} more of the pattern's {len(files)})" if len(missing) > 1 else ""))
+    return files
+
+
+def _manifest_records(path: str, limit: int):
+    """(where, has negatives) for the first `limit` samples of a manifest or shard pattern, through the data
+    layer's own parsing (errors name file:line or shard:sample and the field)."""
+    from compclip.data.manifest import detect_format, iter_rows, make_record
+    from compclip.data.shards import decode_fields, expand_urls, iter_tar_samples
+
+    seen = 0
+    if detect_format(path) == "wds":
+        for url in expand_urls(path):
+            for sample in iter_tar_samples(url):
+                where = f"{url}:{sample['__key__']}"
+                image, caption, fields = decode_fields(sample)
+                if image is None or not caption:
+                    raise ValueError(f"{where}: a sample needs an image member and a caption (json 'caption' "
+                                     "or a .txt member)")
+                negatives = fields.get("negatives") or []
+                if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+                    raise ValueError(f"{where}: field 'negatives' must be a list of strings")
+                yield where, bool(negatives)
+                seen += 1
+                if seen >= limit:
+                    return
+        return
+    for number, row in iter_rows(path, detect_format(path)):
+        record = make_record(row, f"{path}:{number}", os.path.dirname(os.path.abspath(path)))
+        yield f"{path}:{number}", bool(record.negatives)
+        seen += 1
+        if seen >= limit:
+            return
+
+
+def _check_manifest(path: str) -> None:
+    """The manifest (a JSONL/CSV/TSV file or a WebDataset shard pattern) exists, parses (the data layer's own
+    checks, which name file:line and field), and has hard negatives: the methods that use them would otherwise
+    silently train as CLIP. Reads the first 1000 samples."""
+    from compclip.data.manifest import ManifestError
+
+    _manifest_files(path)
     with_negatives = rows = 0
     try:
-        for number, row in iter_rows(path, detect_format(path)):
-            record = make_record(row, f"{path}:{number}", os.path.dirname(os.path.abspath(path)))
+        for _, has_negatives in _manifest_records(path, 1000):
             rows += 1
-            with_negatives += bool(record.negatives)
-            if rows >= 1000:
-                break
-    except (ManifestError, ValueError) as error:
+            with_negatives += has_negatives
+    except (ManifestError, ValueError, OSError) as error:
         raise StudyError(f"--train-manifest: {error}") from None
     if not rows:
         raise StudyError(f"--train-manifest {path}: no sample")
@@ -186,7 +233,8 @@ def external_world(args) -> World:
         if not os.path.isfile(args.retrieval):
             raise StudyError(f"--retrieval: no such file {args.retrieval}")
         retrieval_root = _retrieval_root(args.retrieval, args.eval_image_root, args.retrieval_image_root)
-    return World(os.path.abspath(args.train_manifest), os.path.abspath(args.eval_sugarcrepe),
+    return World("::".join(os.path.abspath(part) for part in args.train_manifest.split("::")),
+                 os.path.abspath(args.eval_sugarcrepe),
                  os.path.abspath(args.eval_image_root), subsets,
                  os.path.abspath(args.retrieval) if args.retrieval else None, retrieval_root)
 
@@ -267,10 +315,11 @@ def bow_pretrained(paths: Dict[str, Any], arch: str, batch_size: int, num_negati
 
 def _fingerprint(cfg: Dict[str, Any], world: World) -> str:
     """What a finished run depends on: its config (less the thread count, which changes the speed, not the run)
-    and the training manifest's size and modification time."""
-    stat = os.stat(world.train_manifest)
+    and the training manifest's (or its shards') size and modification time."""
+    stats = [os.stat(f) for f in _manifest_files(world.train_manifest)]
     cfg = {key: value for key, value in cfg.items() if key != "threads"}
-    blob = json.dumps({"cfg": cfg, "manifest": [stat.st_size, int(stat.st_mtime)]}, sort_keys=True)
+    manifest = [[stat.st_size, int(stat.st_mtime)] for stat in stats]
+    blob = json.dumps({"cfg": cfg, "manifest": manifest[0] if len(manifest) == 1 else manifest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -331,6 +380,15 @@ def scores_of(run_dir: str, world: World) -> Dict[str, float]:
     return scores
 
 
+def text_only_of(run_dir: str, world: World) -> Dict[str, float]:
+    """{subset: accuracy without the image} of a finished run: each item's captions scored against the mean image
+    embedding of its subset (compclip.evaluation.compositional.score_items). Far above chance means the subset can
+    be solved from the captions alone."""
+    with open(os.path.join(_final_eval(run_dir), "sugarcrepe.details.json"), encoding="utf-8") as handle:
+        text_only = json.load(handle)["details"]["text_only"]
+    return {subset: float(text_only[subset]) for subset in world.subsets}
+
+
 # ------------------------------------------------------------------------------------------------------ results
 
 
@@ -384,6 +442,18 @@ def markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_only_markdown(text_only: Dict[str, Dict[str, Dict[str, Any]]], subsets: Sequence[str]) -> str:
+    """The text-only table: the same choices made against the mean image embedding instead of the item's image."""
+    lines = ["Text-only accuracy (%): each model's choice between caption and negative scored against the mean "
+             "image embedding of the evaluation set instead of the item's own image. Near 50 % is what a subset "
+             "should give; far above, its negatives can be told from the captions alone.", "",
+             "| method | " + " | ".join(s.replace("_", " ") for s in subsets) + " |", "|" + "---|" * (len(subsets) + 1)]
+    for method, scores in text_only.items():
+        cells = [f"{100 * scores[s]['mean']:.1f} ± {100 * scores[s]['std']:.1f}" for s in subsets]
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def swap_mean(scores: Dict[str, Dict[str, Any]], swaps: Sequence[str]) -> tuple:
     """Mean over the swap subsets per seed, then mean and std over seeds."""
     per_seed = [statistics.fmean(values) for values in zip(*(scores[s]["runs"] for s in swaps))]
@@ -427,8 +497,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m compclip.study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="See docs/study.md for the protocol and the relation experiments.")
-    parser.add_argument("--train-manifest", help="JSONL manifest of the training world (image, caption, negatives, "
-                        "optional concepts); default: the built-in synthetic world")
+    parser.add_argument("--train-manifest", help="manifest of the training world (JSONL, CSV or TSV rows of image, caption, "
+                        "negatives, optional concepts; or WebDataset shards, e.g. train-{000..015}.tar); default: the "
+                        "built-in synthetic world")
     parser.add_argument("--eval-sugarcrepe", help="folder of SugarCrepe-format <subset>.json evaluation files")
     parser.add_argument("--eval-image-root", help="folder the evaluation files' `filename`s are relative to")
     parser.add_argument("--retrieval", help="Karpathy-style retrieval JSON (image paths relative to its folder or "
@@ -512,13 +583,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=1)
-    table = markdown(results)
+    text_only = aggregate({m: [text_only_of(os.path.join(runs, f"{m}-seed{s}"), world) for s in range(seeds)]
+                           for m in methods})
+    with open(os.path.join(out, "text_only.json"), "w", encoding="utf-8") as handle:
+        json.dump(text_only, handle, indent=1)
+    table = markdown(results) + "\n" + text_only_markdown(text_only, world.subsets)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(table)
     plot(results, os.path.join(out, "results.png"))
     print(table)
     print(f"study: {len(configs)} fine-tune(s) in {time.time() - t0:.0f}s; {out}/results.json, results.md, "
-          "results.png, runs/")
+          "results.png, text_only.json, runs/")
     return results
 
 

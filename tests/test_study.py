@@ -15,8 +15,9 @@ from compclip.evaluation.loading import latest_checkpoint
 ALL = ",".join(study.METHODS)
 
 
-def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_root: str) -> float:
-    """Caption-vs-negative accuracy of an exported checkpoint, scored here without compclip.evaluation."""
+def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_root: str) -> tuple:
+    """(accuracy, text-only accuracy) of an exported checkpoint on caption vs negative, scored here without
+    compclip.evaluation; text-only scores both captions against the normalised mean image embedding."""
     import open_clip
     from PIL import Image
 
@@ -35,7 +36,9 @@ def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_ro
         pos = torch.nn.functional.normalize(model.encode_text(tokenizer([it["caption"] for it in items])), dim=-1)
         neg = torch.nn.functional.normalize(model.encode_text(tokenizer([it["negative_caption"] for it in items])),
                                             dim=-1)
-    return float(((v * pos).sum(-1) > (v * neg).sum(-1)).double().mean())
+    mean_image = torch.nn.functional.normalize(v.mean(0), dim=-1)
+    return (float(((v * pos).sum(-1) > (v * neg).sum(-1)).double().mean()),
+            float((pos @ mean_image > neg @ mean_image).double().mean()))
 
 
 @pytest.mark.slow
@@ -64,11 +67,15 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     # a number in results.json is the accuracy of that run's exported model, scored independently here
     export = latest_checkpoint(str(out / "runs" / "negclip-seed0"))
     assert on_disk["protocol"]["arch"] == "compclip-tiny-sincos"
-    expected = _independent_accuracy(on_disk["protocol"]["arch"], export,
-                                     os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
-                                     world["eval_image_root"])
+    expected, expected_text_only = _independent_accuracy(on_disk["protocol"]["arch"], export,
+                                                         os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
+                                                         world["eval_image_root"])
     assert on_disk["methods"]["negclip"]["relation_swap"]["mean"] == pytest.approx(expected, abs=1e-9)
+    text_only = json.loads((out / "text_only.json").read_text())
+    assert list(text_only) == list(study.METHODS) and sorted(text_only["clip"]) == subsets
+    assert text_only["negclip"]["relation_swap"]["mean"] == pytest.approx(expected_text_only, abs=1e-9)
     table = (out / "results.md").read_text()
+    assert "Text-only accuracy" in table
     for label in ("CLIP", "NegCLIP", "CE-CLIP", "DeGLA", "C2LIP", "DeGLA+NPC/XAC", "pretrained (start)",
                   "swap mean", "retrieval r1"):
         assert label in table
@@ -176,3 +183,30 @@ def test_external_world_through_the_flags(tmp_path):
             assert entry["std"] == pytest.approx(np.std(entry["runs"], ddof=1))
     assert (out / "runs" / "negclip-seed1" / "study_done.json").exists()
     assert paths["train"] in (out / "runs" / "pretrain" / "config.yaml").read_text()
+
+
+def test_webdataset_shards_as_the_training_manifest(tmp_path):
+    """--train-manifest also takes a WebDataset shard pattern: its shards are checked (missing ones, samples
+    without negatives) and the run-reuse key follows every shard, not just the first."""
+    from compclip.data.shards import write_shards
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"image": str(tmp_path / "a.png"), "caption": f"cat {i}", "negatives": [f"dog {i}"]} for i in range(5)]
+    shards = write_shards(rows, str(tmp_path / "wds"), max_count=2)
+    assert len(shards) == 3
+    pattern = str(tmp_path / "wds" / "shard-{000000..000002}.tar")
+    assert study._manifest_files(pattern) == shards
+    study._check_manifest(pattern)
+    study._check_manifest("::".join(shards[:2]))
+    with pytest.raises(study.StudyError, match=r"no such file .*shard-000003.tar"):
+        study._check_manifest(str(tmp_path / "wds" / "shard-{000000..000003}.tar"))
+    plain = write_shards([{"image": str(tmp_path / "a.png"), "caption": "cat"}], str(tmp_path / "plain"))
+    with pytest.raises(study.StudyError, match="no sample has a 'negatives' field"):
+        study._check_manifest(plain[0])
+    world = study.World(pattern, str(tmp_path), str(tmp_path), ["x"])
+    before = study._fingerprint({"seed": 0, "threads": 1}, world)
+    assert study._fingerprint({"seed": 0, "threads": 2}, world) == before
+    with open(shards[2], "ab") as handle:  # the last shard changes: finished runs are not reused
+        handle.write(b"\0" * 512)
+    assert study._fingerprint({"seed": 0, "threads": 1}, world) != before

@@ -46,8 +46,13 @@ class ChoiceItem:
     group: str = ""
 
 
-def score_items(embedder: Embedder, items: Sequence[ChoiceItem], desc: str = "") -> Tuple[np.ndarray, list]:
-    """Return (correct [N] bool, per-item option scores). Correct = right option strictly above all others."""
+def score_items(embedder: Embedder, items: Sequence[ChoiceItem], desc: str = "", text_only: Optional[list] = None
+                ) -> Tuple[np.ndarray, list]:
+    """Return (correct [N] bool, per-item option scores). Correct = right option strictly above all others.
+
+    `text_only`, a list, receives the same choice made without the item's image: every option scored against the
+    mean of the items' image embeddings (normalised). Far above chance means that the subset can be solved from
+    the captions alone, as Hsieh et al. (SugarCrepe, NeurIPS 2023) found for the benchmarks before theirs."""
     if not items:
         return np.zeros(0, dtype=bool), []
     images = embedder.images([item.image for item in items], desc=f"{desc} images")
@@ -55,12 +60,20 @@ def score_items(embedder: Embedder, items: Sequence[ChoiceItem], desc: str = "")
     text_features = embedder.texts(texts, desc=f"{desc} texts")
     counts = torch.tensor([len(item.captions) for item in items])
     scores = (text_features * images.repeat_interleave(counts, dim=0)).sum(-1)
-    correct, per_item = np.zeros(len(items), dtype=bool), []
+    correct = _choices(items, scores, counts)
+    per_item = [option_scores.tolist() for option_scores in torch.split(scores, counts.tolist())]
+    if text_only is not None:
+        mean_image = torch.nn.functional.normalize(images.float().mean(0), dim=-1).to(text_features.dtype)
+        text_only.extend(_choices(items, text_features @ mean_image, counts).tolist())
+    return correct, per_item
+
+
+def _choices(items: Sequence[ChoiceItem], scores: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+    correct = np.zeros(len(items), dtype=bool)
     for index, (item, option_scores) in enumerate(zip(items, torch.split(scores, counts.tolist()))):
         others = torch.cat([option_scores[:item.label], option_scores[item.label + 1:]])
         correct[index] = bool((option_scores[item.label] > others).all())
-        per_item.append(option_scores.tolist())
-    return correct, per_item
+    return correct
 
 
 def _mean(values) -> float:
@@ -141,12 +154,15 @@ def run_sugarcrepe(embedder: Embedder, path: str, image_root=None, subsets=(), m
     if clash:
         raise EvalDataError(f"{path}: subset name(s) {sorted(clash)} collide with the averages' names")
     loaded = {subset: load_sugarcrepe_file(file, image_root, max_items, subset) for subset, file in files.items()}
-    accuracies, counts = {}, {}
+    accuracies, counts, text_only = {}, {}, {}
     for subset, items in loaded.items():
-        correct, _ = score_items(embedder, items, desc=f"sugarcrepe/{subset}")
+        blind: list = []
+        correct, _ = score_items(embedder, items, desc=f"sugarcrepe/{subset}", text_only=blind)
         accuracies[subset] = float(correct.mean()) if len(items) else float("nan")
+        text_only[subset] = float(np.mean(blind)) if blind else float("nan")
         counts[subset] = len(items)
-    return BenchmarkResult(sugarcrepe_metrics(accuracies), {"counts": counts, "files": files})
+    return BenchmarkResult(sugarcrepe_metrics(accuracies), {"counts": counts, "files": files,
+                                                            "text_only": text_only})
 
 
 # ---------------------------------------------------------------------------------------------------------------

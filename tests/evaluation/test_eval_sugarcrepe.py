@@ -5,7 +5,9 @@ import math
 import os
 
 import pytest
-from evaltest_helpers import SHARED_DATA, direct_choice_correct, make_image, tiny_model
+import torch
+from evaltest_helpers import (SHARED_DATA, direct_choice_correct, direct_image_features, direct_text_features,
+                              make_image, tiny_model)
 
 from compclip.evaluation import EvalConfig, EvalDataError, evaluate
 from compclip.evaluation.compositional import SUGARCREPE_SUBSETS, parse_sugarcrepe_file, sugarcrepe_files
@@ -74,6 +76,17 @@ def test_accuracy_matches_direct_computation(tiny, tmp_path):
     assert written == pytest.approx(metrics)  # {subset: accuracy, ...averages}, as the official script writes it
     details = json.loads((tmp_path / "out" / "sugarcrepe.details.json").read_text())["details"]
     assert details["counts"] == {"add_att": 6, "replace_rel": 6, "swap_obj": 6}
+    # text-only: each item's two captions against the mean image embedding of the subset's items
+    for subset, data in subsets.items():
+        items = list(data.values())
+        image_features = direct_image_features(model, preprocess, [str(images / i["filename"]) for i in items],
+                                               [None] * len(items))
+        mean_image = torch.nn.functional.normalize(torch.as_tensor(image_features).mean(0), dim=-1)
+        hits = []
+        for item in items:
+            scores = torch.as_tensor(direct_text_features(model, tokenizer, [item["caption"], item["negative_caption"]]))
+            hits.append(bool(scores[0] @ mean_image > scores[1] @ mean_image))
+        assert details["text_only"][subset] == pytest.approx(sum(hits) / len(hits)), subset
 
 
 def test_each_image_embedded_once_and_ties_are_wrong(tiny, tmp_path):
