@@ -191,10 +191,26 @@ def _render_job(job) -> None:
 # ----------------------------------------------------------------------------------------------- world
 
 
-def make_sample(seed: int, split: str, index: int, negative_types=TRAIN_NEGATIVE_TYPES) -> dict:
-    """Scene, caption, typed negatives with validity, and concepts of one sample; deterministic."""
+def make_sample(seed: int, split: str, index: int, negative_types=TRAIN_NEGATIVE_TYPES, max_objects: int = 3,
+                one_phrasing: bool = False) -> dict:
+    """Scene, caption, typed negatives with validity, and concepts of one sample; deterministic.
+
+    The two options make the controlled variants of docs/study.md ("What decided it: converse phrasings"):
+    `max_objects=2` keeps only 2-object scenes (scenes are drawn until one fits), and `one_phrasing` writes every
+    relation one way, "left of" or "above" (a right-of relation is stated as the left-of relation of the same
+    two objects, so "B right of A" becomes "A left of B")."""
     rng = random.Random(f"compclip-synthetic/{VERSION}/{seed}/{split}/{index}")
-    scene = make_scene(rng)
+    while True:
+        scene = make_scene(rng)
+        if len(scene["objects"]) <= max_objects:
+            break
+    if one_phrasing:
+        if len(scene["objects"]) > 2:
+            raise ValueError("one_phrasing needs max_objects=2 (the second relation of a 3-object caption is "
+                             "written from its third object)")
+        a, relation, b = scene["relations"][0]
+        if relation in ("right", "below"):
+            scene["relations"][0] = [b, OPPOSITE[relation], a]
     caption = caption_of(scene)
     negatives, valid = [], []
     for kind in negative_types:
@@ -229,7 +245,7 @@ def _write_json(path: str, value) -> None:
 
 
 def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, image_size: int = 64,
-                   workers: int | None = None) -> dict:
+                   workers: int | None = None, max_objects: int = 3, one_phrasing: bool = False) -> dict:
     """Write (or reuse) the synthetic world in `out_dir` and return its paths (see the module docstring).
 
     Deterministic: the same arguments give byte-identical manifests and images, whatever `workers` is.
@@ -237,8 +253,14 @@ def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, im
     once (a file lock lets one process write while the others wait)."""
     out_dir = os.path.abspath(out_dir)
     paths = _world_paths(out_dir)
+    if max_objects not in (2, 3):
+        raise ValueError(f"max_objects must be 2 or 3, not {max_objects!r}")
+    if one_phrasing and max_objects != 2:
+        raise ValueError("one_phrasing needs max_objects=2")
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
               "image_size": image_size, "negative_types": list(TRAIN_NEGATIVE_TYPES)}
+    if max_objects != 3 or one_phrasing:  # the variants only: the default world's world.json stays as it was
+        params.update(max_objects=max_objects, one_phrasing=one_phrasing)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -262,7 +284,8 @@ def _generate(paths: dict, params: dict, workers: int | None) -> None:
         rows, eval_sets, retrieval = [], {kind: {} for kind in NEGATIVE_TYPES}, []
         for index in range(count):
             filename = f"{index:06d}.png"
-            sample = make_sample(seed, split, index)
+            sample = make_sample(seed, split, index, max_objects=params.get("max_objects", 3),
+                                 one_phrasing=params.get("one_phrasing", False))
             jobs.append((os.path.join(folder, filename), sample["scene"], image_size))
             rows.append({"image": f"images/{split}/{filename}", "caption": sample["caption"],
                          "negatives": sample["negatives"], "valid": sample["valid"],
@@ -302,8 +325,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: up to 4)")
+    parser.add_argument("--max-objects", type=int, default=3, choices=(2, 3),
+                        help="2: only 2-object scenes (a controlled variant, docs/study.md)")
+    parser.add_argument("--one-phrasing", action="store_true",
+                        help="write every relation as 'left of' or 'above' (needs --max-objects 2)")
     args = parser.parse_args(argv)
-    paths = generate_world(args.out, args.num_train, args.num_val, args.seed, args.image_size, args.workers)
+    if args.one_phrasing and args.max_objects != 2:
+        parser.error("--one-phrasing needs --max-objects 2")
+    paths = generate_world(args.out, args.num_train, args.num_val, args.seed, args.image_size, args.workers,
+                           args.max_objects, args.one_phrasing)
     print(json.dumps(paths, indent=1))
 
 

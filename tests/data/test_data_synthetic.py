@@ -157,3 +157,34 @@ def test_unknown_negative_type_is_an_error(kind):
 
     with pytest.raises(ValueError, match="unknown negative type"):
         synthetic.negative_of(synthetic.make_sample(0, "train", 0)["scene"], kind, random.Random(0))
+
+
+def test_the_controlled_variants_two_objects_and_one_phrasing(tmp_path):
+    """--max-objects 2 keeps the scenes of the default draw that have 2 objects; --one-phrasing also writes each
+    relation as 'left of' / 'above', which stays true of the pixels; the default world.json is unchanged."""
+    paths = generate_world(str(tmp_path / "one"), 30, 40, seed=5, image_size=32, workers=1, max_objects=2,
+                           one_phrasing=True)
+    meta = json.loads(open(paths["meta"]).read())
+    assert meta["max_objects"] == 2 and meta["one_phrasing"] is True
+    converse = {"right", "below", "under", "beneath"}
+    with open(paths["val"]) as handle:
+        rows = [json.loads(line) for line in handle]
+    for index, row in enumerate(rows):
+        assert not converse & set(row["caption"].split()), row["caption"]
+        scene = synthetic.make_sample(5, "val", index, max_objects=2, one_phrasing=True)["scene"]
+        assert len(scene["objects"]) == 2 and synthetic.caption_of(scene) == row["caption"]
+        pixels = np.asarray(Image.open(os.path.join(paths["root"], row["image"])).convert("RGB"))
+        a, relation, b = scene["relations"][0]
+        (ya, xa), (yb, xb) = (_centroid(pixels, COLOURS[scene["objects"][i]["colour"]]) for i in (a, b))
+        assert {"left": xa < xb - 2, "above": ya < yb - 2}[relation]
+        swap, valid = row["negatives"][0], row["valid"][0]  # slot 0: the relation swap, one-way as well
+        assert valid and not converse & set(swap.split())
+    # without --one-phrasing, the same 2-object scenes with their relations as drawn
+    control = synthetic.make_sample(5, "val", 0, max_objects=2)["scene"]
+    assert control["objects"] == synthetic.make_sample(5, "val", 0, max_objects=2, one_phrasing=True)["scene"]["objects"]
+    default = generate_world(str(tmp_path / "default"), 3, 2, seed=5, image_size=16, workers=1)
+    assert "max_objects" not in json.loads(open(default["meta"]).read())
+    with pytest.raises(ValueError, match="one_phrasing needs max_objects=2"):
+        generate_world(str(tmp_path / "bad"), 3, 2, one_phrasing=True)
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(tmp_path / "cli"), "--one-phrasing"])
