@@ -143,7 +143,7 @@ def _manifest_files(path: str) -> List[str]:
 def _manifest_records(path: str, limit: int):
     """(where, has negatives) for the first `limit` samples of a manifest or shard pattern, through the data
     layer's own parsing (errors name file:line or shard:sample and the field)."""
-    from compclip.data.manifest import detect_format, iter_rows, make_record
+    from compclip.data.manifest import _string_list, detect_format, iter_rows, make_record
     from compclip.data.shards import decode_fields, expand_urls, iter_tar_samples
 
     seen = 0
@@ -155,9 +155,10 @@ def _manifest_records(path: str, limit: int):
                 if image is None or not caption:
                     raise ValueError(f"{where}: a sample needs an image member and a caption (json 'caption' "
                                      "or a .txt member)")
-                negatives = fields.get("negatives") or []
-                if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-                    raise ValueError(f"{where}: field 'negatives' must be a list of strings")
+                try:  # the JSONL rows' own check (make_record)
+                    negatives = _string_list(fields.get("negatives"), "negatives")
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from None
                 yield where, bool(negatives)
                 seen += 1
                 if seen >= limit:
@@ -319,6 +320,7 @@ def _fingerprint(cfg: Dict[str, Any], world: World) -> str:
     stats = [os.stat(f) for f in _manifest_files(world.train_manifest)]
     cfg = {key: value for key, value in cfg.items() if key != "threads"}
     manifest = [[stat.st_size, int(stat.st_mtime)] for stat in stats]
+    # one file keeps the key it had before shard patterns were accepted, so finished runs stay reusable
     blob = json.dumps({"cfg": cfg, "manifest": manifest[0] if len(manifest) == 1 else manifest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -201,6 +201,9 @@ def test_webdataset_shards_as_the_training_manifest(tmp_path):
     study._check_manifest("::".join(shards[:2]))
     with pytest.raises(study.StudyError, match=r"no such file .*shard-000003.tar"):
         study._check_manifest(str(tmp_path / "wds" / "shard-{000000..000003}.tar"))
+    bad = write_shards([{"image": str(tmp_path / "a.png"), "caption": "cat", "negatives": "dog"}], str(tmp_path / "bad"))
+    with pytest.raises(study.StudyError, match=r"shard-000000.tar:000000000: 'negatives' must be a list of strings"):
+        study._check_manifest(bad[0])
     plain = write_shards([{"image": str(tmp_path / "a.png"), "caption": "cat"}], str(tmp_path / "plain"))
     with pytest.raises(study.StudyError, match="no sample has a 'negatives' field"):
         study._check_manifest(plain[0])

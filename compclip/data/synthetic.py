@@ -330,10 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one-phrasing", action="store_true",
                         help="write every relation as 'left of' or 'above' (needs --max-objects 2)")
     args = parser.parse_args(argv)
-    if args.one_phrasing and args.max_objects != 2:
-        parser.error("--one-phrasing needs --max-objects 2")
-    paths = generate_world(args.out, args.num_train, args.num_val, args.seed, args.image_size, args.workers,
-                           args.max_objects, args.one_phrasing)
+    try:  # generate_world checks the options before it writes anything
+        paths = generate_world(args.out, args.num_train, args.num_val, args.seed, args.image_size, args.workers,
+                               args.max_objects, args.one_phrasing)
+    except ValueError as error:
+        parser.error(str(error))
     print(json.dumps(paths, indent=1))
 
 
