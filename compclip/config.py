@@ -463,6 +463,12 @@ def validate(cfg: TrainConfig) -> None:
         # master would drift above the bound and overwrite the clamped value at the next step.
         raise ConfigError("deepspeed.precision=fp16 needs deepspeed.zero_stage >= 1 (the logit_scale clamp cannot "
                           "reach stage 0's fp16 master weights); use bf16, or ZeRO 1-3")
+    from compclip.data.synthetic import check_variant
+
+    try:
+        check_variant(cfg.data.synthetic.max_objects, cfg.data.synthetic.one_phrasing)
+    except ValueError as error:
+        raise ConfigError(f"data.synthetic: {error}") from None
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise ConfigError(f"optim.schedule: expected cosine or constant, got {cfg.optim.schedule!r}")
     if len(cfg.optim.betas) != 2:
@@ -530,22 +536,24 @@ def resolve_data(cfg: TrainConfig) -> Optional[dict]:
     Global rank 0 writes the world (or finds it complete) before the other ranks look: on a shared folder they
     reuse its copy; where the folder is node-local, the first rank of each other node to take the world's file
     lock writes that node's copy and the rest of the node reuse it. No decision rests on LOCAL_RANK."""
+    from compclip.data.synthetic import generate_world, variant_name
+
     world = cfg.data.synthetic
     if "{" in world.root:
         world.root = world.root.format(seed=world.seed, num_train=world.num_train, num_val=world.num_val,
-                                       image_size=world.image_size)
+                                       image_size=world.image_size,
+                                       variant=variant_name(world.max_objects, world.one_phrasing))
     if cfg.data.train_manifest:
         if not os.path.exists(cfg.data.train_manifest.split("::")[0]) and "{" not in cfg.data.train_manifest:
             raise FileNotFoundError(f"data.train_manifest: no such file {cfg.data.train_manifest}")
         return None
-    from compclip.data.synthetic import generate_world
-
     from compclip.distributed import barrier, get_rank
 
     first = get_rank() == 0
     if not first:
         barrier()  # rank 0 is done with the world
-    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size)
+    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size,
+                           max_objects=world.max_objects, one_phrasing=world.one_phrasing)
     if first:
         barrier()
     if not cfg.eval.enabled() and cfg.eval_synthetic:

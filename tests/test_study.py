@@ -58,6 +58,10 @@ def test_quick_study_end_to_end(tmp_path, capsys):
             assert len(entry["runs"]) == 1 and 0.0 <= entry["runs"][0] <= 1.0
             assert entry["mean"] == entry["runs"][0] and entry["std"] == 0.0
         assert (out / "runs" / f"{method}-seed0" / "config.yaml").exists()
+    # the built-in world is the 2-object, one-phrasing variant, in a folder of its own
+    meta = json.loads((out / "world" / "synthetic-0-384-64-64-2obj-1phrase" / "world.json").read_text())
+    assert meta["max_objects"] == 2 and meta["one_phrasing"] is True
+    assert on_disk["protocol"]["builtin_world"] == study.PROFILES["quick"].world
     # every run started from the pretraining stage's export, which trained on shuffled captions
     assert on_disk["protocol"]["start_checkpoint"].startswith(str(out / "runs" / "pretrain"))
     pretrain_cfg = (out / "runs" / "pretrain" / "config.yaml").read_text()
@@ -85,6 +89,31 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert study.main(["--quick", "--out", str(out), "--methods", ALL, "--jobs", "1"])["methods"] == \
         on_disk["methods"]
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/study_done.json")} == stamps
+
+
+def test_the_embedded_default_is_the_studys_ceclip_fine_tune(tmp_path):
+    """`deepspeed compclip/train.py` with no arguments: the study's world, start, schedule and CE-CLIP, seed 0."""
+    from compclip.config import load_config, resolve_data
+    from compclip.train import EMBEDDED_DEFAULT
+
+    profile = study.PROFILES["default"]
+    cfg = load_config([], base=EMBEDDED_DEFAULT)
+    world = cfg.data.synthetic
+    assert {key: getattr(world, key) for key in profile.world} == profile.world
+    assert cfg.model.arch == profile.arch and study.parse_bow_tag(cfg.model.pretrained) == profile.pretrain["epochs"]
+    assert (cfg.loss.method, cfg.seed, cfg.data.batch_size, cfg.data.num_negatives) == \
+        ("ceclip", 0, profile.batch_size, profile.num_negatives)
+    assert {key: getattr(cfg.optim, key) for key in profile.finetune} == profile.finetune
+    # its folder names the variant, and the world written there is that variant (no converse phrasing)
+    small = load_config([f"--data.synthetic.root={tmp_path}/synthetic{{variant}}", "--data.synthetic.num_train=6",
+                         "--data.synthetic.num_val=4", "--data.synthetic.image_size=16"], base=EMBEDDED_DEFAULT)
+    paths = resolve_data(small)
+    assert paths["root"] == str(tmp_path / "synthetic-2obj-1phrase")
+    assert json.loads(open(paths["meta"]).read())["one_phrasing"] is True
+    with open(paths["train"]) as handle:
+        captions = [json.loads(line)["caption"] for line in handle]
+    converse = {"right", "below", "under", "beneath"}
+    assert len(captions) == 6 and not any(converse & set(caption.split()) for caption in captions)
 
 
 def test_aggregate_is_the_sample_mean_and_std():

@@ -16,8 +16,15 @@ class SyntheticConfig:
     """Seed of the world: the same seed and sizes give byte-identical manifests and images."""
     image_size: int = 64
     """Side of the square rendered images, in pixels."""
+    max_objects: int = 3
+    """3: scenes of 2 or 3 objects; 2: 2-object scenes only (compclip.data.synthetic.make_sample)."""
+    one_phrasing: bool = False
+    """Write each layout in one phrasing only ("left of" / "above", never the converse "right of" / "below");
+    needs `max_objects: 2`. The embedded default's world; see docs/study.md on why the converse matters."""
     root: str = "data/synthetic"
-    """Folder the world is written to (reused when it already holds a complete world with the same parameters)."""
+    """Folder the world is written to (reused when it already holds a complete world with the same parameters).
+    May name `{seed}`, `{num_train}`, `{num_val}`, `{image_size}` and `{variant}` (empty for the 3-object,
+    two-phrasing world; `-2obj` or `-2obj-1phrase` otherwise)."""
 
 
 @dataclass

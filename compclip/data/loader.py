@@ -22,7 +22,8 @@ def resolve_manifests(cfg: DataConfig) -> tuple[str, str]:
     from .synthetic import generate_world
 
     world = cfg.synthetic
-    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size)
+    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size,
+                           max_objects=world.max_objects, one_phrasing=world.one_phrasing)
     return paths["train"], cfg.val_manifest or paths["val"]
 
 

@@ -11,6 +11,12 @@ distinct, which makes every typed negative false by construction:
 - `attribute_replace` one object gets a colour absent from the scene, or the other size;
 - `shuffle`         the words of the caption in a random order (invalid if that order equals the caption).
 
+Variants (`max_objects`, `one_phrasing`; `python -m compclip.data.synthetic --max-objects 2 --one-phrasing`):
+2-object scenes only, and each layout written one way ("left of" / "above", never the converse "right of" /
+"below"). That variant is the world of the study and of the embedded default: with converse phrasings, the text
+has to learn that "A left of B" says what "B right of A" says, and its only evidence is an image embedding that
+does not yet encode layout, so no method learned relations in the study's budget (docs/study.md, third round).
+
 Layout of `out_dir`: `images/{train,val}/NNNNNN.png`; `train.jsonl`, `val.jsonl` (paths relative to out_dir,
 fields image, caption, negatives, valid, concepts, negative_types); `eval/<type>.json` in SugarCrepe's format
 `{id: {filename, caption, negative_caption}}` (valid negatives only; `filename` relative to `images/val`);
@@ -222,6 +228,20 @@ def make_sample(seed: int, split: str, index: int, negative_types=TRAIN_NEGATIVE
             "concepts": [phrase(scene["objects"][i]) for i in mentioned]}
 
 
+def check_variant(max_objects: int = 3, one_phrasing: bool = False) -> None:
+    """ValueError unless (max_objects, one_phrasing) names a world variant that exists."""
+    if max_objects not in (2, 3):
+        raise ValueError(f"max_objects must be 2 or 3, not {max_objects!r}")
+    if one_phrasing and max_objects != 2:
+        raise ValueError("one_phrasing needs max_objects=2 (turn one_phrasing off for 3-object scenes)")
+
+
+def variant_name(max_objects: int = 3, one_phrasing: bool = False) -> str:
+    """The suffix that tells a world variant's folder from the default world's: '' (2-3 objects, both phrasings),
+    '-2obj', or '-2obj-1phrase'."""
+    return ("" if max_objects == 3 else f"-{max_objects}obj") + ("-1phrase" if one_phrasing else "")
+
+
 def _world_paths(out_dir: str) -> dict:
     return {
         "root": out_dir,
@@ -253,10 +273,7 @@ def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, im
     once (a file lock lets one process write while the others wait)."""
     out_dir = os.path.abspath(out_dir)
     paths = _world_paths(out_dir)
-    if max_objects not in (2, 3):
-        raise ValueError(f"max_objects must be 2 or 3, not {max_objects!r}")
-    if one_phrasing and max_objects != 2:
-        raise ValueError("one_phrasing needs max_objects=2")
+    check_variant(max_objects, one_phrasing)
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
               "image_size": image_size, "negative_types": list(TRAIN_NEGATIVE_TYPES)}
     if max_objects != 3 or one_phrasing:  # the variants only: the default world's world.json stays as it was

@@ -34,6 +34,9 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     (["--loss.terms.igc=heavy"], "loss.terms.igc"),
     (["--deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["--deepspeed.precision=fp16", "--deepspeed.zero_stage=0"], "deepspeed.precision=fp16 needs"),
+    (["--data.synthetic.max_objects=4"], "data.synthetic: max_objects must be 2 or 3"),
+    (["--data.synthetic.max_objects=3", "--data.synthetic.one_phrasing=true"],
+     "data.synthetic: one_phrasing needs max_objects=2"),
 ])
 def test_errors_name_the_key(argv, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
