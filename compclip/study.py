@@ -114,13 +114,11 @@ class World:
 
 
 def builtin_world(profile: Profile, cache: str) -> World:
-    from compclip.data.synthetic import generate_world, variant_name
+    from compclip.data.synthetic import FOLDER, generate_world, variant_name
 
-    w = dict(profile.world)
-    variant = {"max_objects": w.pop("max_objects", 3), "one_phrasing": w.pop("one_phrasing", False)}
-    name = "synthetic-{seed}-{num_train}-{num_val}-{image_size}".format(**w) + variant_name(**variant)
-    root = os.path.join(cache, name)
-    return synthetic_world(generate_world(root, w["num_train"], w["num_val"], w["seed"], w["image_size"], **variant))
+    w = profile.world
+    root = os.path.join(cache, FOLDER.format(**w, variant=variant_name(w["max_objects"], w["one_phrasing"])))
+    return synthetic_world(generate_world(root, **w))
 
 
 def synthetic_world(paths: Dict[str, Any]) -> World:

@@ -30,6 +30,7 @@ from compclip.checkpoint import (Checkpointer, ResumePoint, epoch_batches, resol
 from compclip.config import (ConfigError, TrainConfig, dump_yaml, help_text, load_config,  # noqa: E402
                              resolve_data, to_dict)
 from compclip.data import build_dataloader, to_device  # noqa: E402
+from compclip.data.synthetic import FOLDER  # noqa: E402
 from compclip.gradcache import CachedStep, finish_step, step_data  # noqa: E402
 from compclip.metrics import (Evaluator, Metrics, NonFiniteGuard, Progress, StepOutput,  # noqa: E402
                               final_report, log_kernel_backends, setup_logging, step_values)
@@ -47,7 +48,7 @@ EMBEDDED_DEFAULT: Dict[str, Any] = {
     "data": {"batch_size": 32, "num_negatives": 4,
              "synthetic": {"num_train": 10000, "num_val": 300, "seed": 0, "image_size": 64, "max_objects": 2,
                            "one_phrasing": True,
-                           "root": ".cache/compclip/synthetic-{seed}-{num_train}-{num_val}-{image_size}{variant}"}},
+                           "root": os.path.join(".cache", "compclip", FOLDER)}},
     "loss": {"method": "ceclip"},
     "optim": {"lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 20, "epochs": 2, "max_steps": 400, "grad_clip": 1.0},
     "eval": {"progress": False, "precision": "fp32"},

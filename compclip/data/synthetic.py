@@ -236,6 +236,11 @@ def check_variant(max_objects: int = 3, one_phrasing: bool = False) -> None:
         raise ValueError("one_phrasing needs max_objects=2 (turn one_phrasing off for 3-object scenes)")
 
 
+FOLDER = "synthetic-{seed}-{num_train}-{num_val}-{image_size}{variant}"
+"""The name of a world's folder in a cache (the embedded default's `data.synthetic.root`, the study's world);
+`{variant}` is `variant_name`'s suffix."""
+
+
 def variant_name(max_objects: int = 3, one_phrasing: bool = False) -> str:
     """The suffix that tells a world variant's folder from the default world's: '' (2-3 objects, both phrasings),
     '-2obj', or '-2obj-1phrase'."""

@@ -44,8 +44,8 @@ DROP_PATH_ARCH = "compclip-tiny-map-droppath"
 # error still shows) without that amplification; every parameter then agrees to 1.2e-7.
 def _argv(tmp, name, stage, extra):
     return ["--config", str(ROOT / "configs" / "tiny.yaml"), *extra, f"--deepspeed.zero_stage={stage}",
-            "--optim.lr=1e-3", "--optim.eps=1e-4", "--optim.warmup_steps=1", f"--optim.max_steps={STEPS}", "--optim.grad_clip=1.0",
-            "--loss.ema_decay=0.8", "--loss.backend=torch", "--log.export=false", "--log.save_deepspeed=false",
+            "--optim.lr=1e-3", "--optim.eps=1e-4", "--optim.warmup_steps=1", f"--optim.max_steps={STEPS}",
+            "--optim.grad_clip=1.0", "--loss.ema_decay=0.8", "--loss.backend=torch", "--log.export=false", "--log.save_deepspeed=false",
             "--log.tensorboard=false", "--eval_synthetic=false", "--eval_before=false", "--threads=1",
             f"--log.logs={tmp}", f"--log.name={name}-{stage}",
             f"--data.synthetic.root={tmp / 'world'}"]
