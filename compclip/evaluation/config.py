@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
-from compclip.fields import field_docstrings
+from compclip.fields import Section, field_docstrings
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     # ---- SugarCrepe and any data in its format ----------------------------------------------------------------
     sugarcrepe: Optional[str] = None
     """SugarCrepe annotations: a directory of `<subset>.json` files (`{id: {filename, caption,
