@@ -4,7 +4,7 @@ In a terminal (the stream's `isatty()`, or a Jupyter output) it is a tqdm bar. A
 Kubernetes log, a pipe, `nohup`) tqdm's `\\r` frames pile up into one endless line, and a bar switched off there
 shows nothing. So there, one plain line is written every `interval` seconds, and a last one when the job ends:
 
-    prepare: 12000/50000 rows (24.0%) | 812.3 rows/s | elapsed 0:00:14 | ETA 0:00:46
+    prepare: 12000/50000 rows (24.0%) | 800.0 rows/s | elapsed 0:00:15 | ETA 0:00:48
     train: 400/400 steps (100.0%) | 2.1 steps/s | elapsed 0:03:10 | done | loss=0.4121 epoch=3
 
 The rate counts only this session's work (a resumed job's `initial` is not in it), and the ETA is the remaining
@@ -110,7 +110,7 @@ class Progress:
 
     total: the amount of work (None if unknown: no percentage, no ETA). desc: the job's name at the start of each
     line. unit: what is counted, plural (`rows`, `images`, `steps`). initial: work already done (a resumed job).
-    enabled: False shows nothing (e.g. ranks other than 0). leave: in a terminal, keep the finished bar; in a log,
+    enabled: False shows nothing (e.g. ranks other than 0; work is still counted for `stats()`). leave: in a terminal, keep the finished bar; in a log,
     write the closing line even for a job shorter than one interval (with leave=False, a short job writes nothing).
     interval: seconds between plain lines (default `default_interval()`). stream: where the bar or the lines go
     (default sys.stderr). tty: True/False forces the bar or the lines (default: ask the stream). logger: write the
@@ -145,12 +145,15 @@ class Progress:
 
     # ---- the caller's side ----------------------------------------------------------------------------------
     def update(self, n: float = 1, **postfix: Any) -> None:
-        """Count `n` more units of work; keyword arguments are shown after the numbers (`loss=0.41`)."""
-        if self.closed or self.mode == "off":
+        """Count `n` more units of work; keyword arguments are shown after the numbers (`loss=0.41`). Work is
+        counted even when nothing is shown, so `stats()` serves a caller's own log lines either way."""
+        if self.closed:
             return
         self.done += n
         if postfix:
             self.postfix.update(postfix)
+        if self.mode == "off":
+            return
         if self._bar is not None:
             if postfix:
                 self._bar.set_postfix(self.postfix, refresh=False)
@@ -162,7 +165,7 @@ class Progress:
 
     def set_postfix(self, **postfix: Any) -> None:
         """Show these values from now on (without counting work)."""
-        if self.closed or self.mode == "off":
+        if self.closed:
             return
         self.postfix.update(postfix)
         if self._bar is not None:

@@ -138,10 +138,12 @@ def test_disabled_shows_nothing_anywhere():
             progress.update(3)
         assert progress.mode == "off"
     os.close(controller)
-    out = io.StringIO()
-    with Progress(3, "rank 1", enabled=False, interval=0, stream=out) as progress:
+    out, clock = io.StringIO(), FakeClock()
+    with Progress(4, "rank 1", enabled=False, interval=0, stream=out, clock=clock) as progress:
+        clock.now += 6
         progress.update(3)
     assert out.getvalue() == ""
+    assert progress.stats()[:4] == (3, 4, 6, 0.5)  # still counted, for the caller's own log lines
 
 
 def test_track_counts_items_and_forced_modes():

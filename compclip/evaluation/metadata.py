@@ -18,6 +18,7 @@ the ImageNet names explicitly: then numbered folders may be any subset, and a CS
 from __future__ import annotations
 
 import functools
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .common import EvalDataError
@@ -26,6 +27,7 @@ from .common import EvalDataError
 IMAGENET_DATASETS = ("imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "imagenet-o")
 TEMPLATE_SETS = ("openai", "openai-simple", "simple")
 SIMPLE_TEMPLATE = "a photo of a {}."
+WORDNET_ID = re.compile(r"n\d{8}")
 IMAGENET_SOURCE = "open_clip IMAGENET_CLASSNAMES"
 
 
@@ -53,8 +55,12 @@ def imagenet_classnames() -> Tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def imagenet_wordnet_labels() -> Dict[str, int]:
     """{WordNet id: ImageNet-1k label}."""
-    from timm.data import ImageNetInfo
-
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError as error:
+        raise RuntimeError(f"ImageNet class folders are named through timm's WordNet id table (timm >= 0.9, a "
+                           f"requirement of open_clip): {error}; upgrade timm or pass a class-names file "
+                           "(zeroshot_classnames)") from None
     synsets = ImageNetInfo("imagenet-1k").label_names()
     if len(synsets) != len(imagenet_classnames()):  # the two packages' tables must describe the same labels
         raise RuntimeError(f"timm lists {len(synsets)} ImageNet-1k synsets, open_clip {len(imagenet_classnames())} "
@@ -66,8 +72,8 @@ def is_imagenet_layout(folders: Sequence[str]) -> bool:
     """Whether class folders are ImageNet's: every one an ImageNet-1k WordNet id, or exactly `0` ... `999`."""
     if not folders:
         return False
-    if all(folder in imagenet_wordnet_labels() for folder in folders):
-        return True
+    if all(WORDNET_ID.fullmatch(folder) for folder in folders):  # only then is timm's table worth loading
+        return all(folder in imagenet_wordnet_labels() for folder in folders)
     return sorted(folders) == sorted(str(label) for label in range(len(imagenet_classnames())))
 
 
