@@ -20,6 +20,8 @@ import os
 import random
 import sys
 
+from compclip.progress import Progress, track
+
 from .concepts import doc_concepts, load_spacy
 from .importers import IMPORTERS, import_rows
 from .manifest import INVALID_NEGATIVE, detect_format, iter_rows, make_record, write_jsonl
@@ -73,13 +75,11 @@ def build_vocabulary(nlp, captions: list[str], batch_size: int, path: str) -> Vo
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             return Vocabulary.from_json(json.load(handle))
-    from tqdm import tqdm
-
     vocabulary = Vocabulary()
     keep = [name for name in nlp.pipe_names if name in ("tok2vec", "tagger", "attribute_ruler")]
     with nlp.select_pipes(enable=keep):
-        for doc in tqdm(nlp.pipe(captions, batch_size=batch_size), total=len(captions), desc="vocabulary",
-                        disable=None):
+        for doc in track(nlp.pipe(captions, batch_size=batch_size), total=len(captions), desc="vocabulary",
+                         unit="captions", logger=log):
             vocabulary.add(doc)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(vocabulary.to_json(), handle)
@@ -111,8 +111,6 @@ def prepare_rows(rows: list[dict], docs, generator: NegativeGenerator, types: li
 
 
 def run(args: argparse.Namespace) -> str:
-    from tqdm import tqdm
-
     rows = read_input(args.input, args.input_format, args.image_root)
     types = [t for t in args.types.split(",") if t] if args.types else []
     unknown = [t for t in types if t not in ALL_TYPES]
@@ -140,7 +138,8 @@ def run(args: argparse.Namespace) -> str:
     generator = NegativeGenerator(vocabulary)
     llm = read_llm_negatives(args.llm_negatives) if args.llm_negatives else {}
     chunks = range(0, len(rows), args.chunk_size)
-    bar = tqdm(total=len(rows), initial=progress["done"] * args.chunk_size, desc="prepare", disable=None)
+    bar = Progress(len(rows), "prepare", unit="rows", initial=min(len(rows), progress["done"] * args.chunk_size),
+                   logger=log)
     for number, start in enumerate(chunks):
         if number < progress["done"]:
             continue
