@@ -137,7 +137,8 @@ def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: boo
         tail = (result.stdout or "")[-3000:]
         raise RuntimeError(f"run {name} failed (exit {result.returncode}); config {config_file}, log "
                            f"{os.path.join(run_dir, 'out.log')}\n{tail}")
-    evals = [os.path.join(run_dir, "eval", f) for f in os.listdir(os.path.join(run_dir, "eval")) if f != "before"]
+    evals = [os.path.join(run_dir, "eval", f) for f in os.listdir(os.path.join(run_dir, "eval"))
+             if f not in ("before", "curve")]  # curve: the periodic evaluations of eval.every_n_steps
     if not evals:
         raise RuntimeError(f"run {name} finished without a final evaluation ({run_dir}/eval)")
     with open(os.path.join(run_dir, DONE), "w", encoding="utf-8") as handle:  # the last evaluation

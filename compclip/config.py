@@ -661,10 +661,10 @@ def validate(cfg: TrainConfig) -> None:
         # master would drift above the bound and overwrite the clamped value at the next step.
         raise ConfigError("deepspeed.precision=fp16 needs deepspeed.zero_stage >= 1 (the logit_scale clamp cannot "
                           "reach stage 0's fp16 master weights); use bf16, or ZeRO 1-3")
-    from compclip.data.synthetic import check_variant
+    from compclip.data.synthetic import check_variant, variant_of
 
     try:
-        check_variant(cfg.data.synthetic.max_objects, cfg.data.synthetic.one_phrasing)
+        check_variant(**variant_of(cfg.data.synthetic))
     except ValueError as error:
         raise ConfigError(f"data.synthetic: {error}") from None
     if cfg.optim.schedule not in ("cosine", "constant"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from compclip.fields import Section
 
@@ -23,10 +24,18 @@ class SyntheticConfig(Section):
     one_phrasing: bool = False
     """Write each layout in one phrasing only ("left of" / "above", never the converse "right of" / "below");
     needs `max_objects: 2`. The embedded default's world; see docs/study.md on why the converse matters."""
+    converse_fraction: Optional[float] = None
+    """Converse phrasings as a dose: the share in [0, 1] of 2-object captions written with the converse relation
+    ("B right of A" for "A left of B"); needs `max_objects: 2`; 0 is `one_phrasing`; None = the relations as
+    drawn (about half converse). docs/study.md, "Converse phrasings as a dose"."""
+    num_test: int = 0
+    """Scenes of a test split apart from validation (0: the evaluation sets are the val split's). Test and val
+    scenes are drawn until none has a training scene's object-cell layout; the split world also holds 3 colour-
+    shape pairs out of training for a held-out test set, and adds the relation-free `binding` set."""
     root: str = "data/synthetic"
     """Folder the world is written to (reused when it already holds a complete world with the same parameters).
     May name `{seed}`, `{num_train}`, `{num_val}`, `{image_size}` and `{variant}` (empty for the 3-object,
-    two-phrasing world; `-2obj` or `-2obj-1phrase` otherwise)."""
+    two-phrasing world; `-2obj`, `-2obj-1phrase` or `-2obj-conv0.25`, and `-test1000` with a test split)."""
 
 
 @dataclass

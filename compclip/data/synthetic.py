@@ -201,25 +201,31 @@ def _render_job(job) -> None:
 
 
 def make_sample(seed: int, split: str, index: int, negative_types=TRAIN_NEGATIVE_TYPES, max_objects: int = 3,
-                one_phrasing: bool = False) -> dict:
+                one_phrasing: bool = False, converse_fraction: float | None = None, accept=None) -> dict:
     """Scene, caption, typed negatives with validity, and concepts of one sample; deterministic.
 
-    The two options make the controlled variants of docs/study.md ("What decided it: converse phrasings"):
-    `max_objects=2` keeps only 2-object scenes (scenes are drawn until one fits), and `one_phrasing` writes every
-    relation one way, "left of" or "above" (a right-of relation is stated as the left-of relation of the same
-    two objects, so "B right of A" becomes "A left of B")."""
+    The options make the controlled variants of docs/study.md: `max_objects=2` keeps only 2-object scenes (scenes
+    are drawn until one fits); `converse_fraction` f writes a 2-object relation as "A left of B" / "A above B" and,
+    for a share f of the scenes (drawn from the sample's seed), as its converse "B right of A" / "B below A";
+    `one_phrasing` is f = 0 (the same captions). `accept(scene)`, when given, also has to hold (the split world's
+    de-duplication and held-out combinations); without it the draw is the one of earlier versions."""
     rng = random.Random(f"compclip-synthetic/{VERSION}/{seed}/{split}/{index}")
     while True:
         scene = make_scene(rng)
-        if len(scene["objects"]) <= max_objects:
+        if len(scene["objects"]) <= max_objects and (accept is None or accept(scene)):
             break
-    if one_phrasing:
+    if one_phrasing and converse_fraction is None:
+        converse_fraction = 0.0
+    if converse_fraction is not None:
         if len(scene["objects"]) > 2:
-            raise ValueError("one_phrasing needs max_objects=2 (the second relation of a 3-object caption is "
-                             "written from its third object)")
+            raise ValueError("one_phrasing / converse_fraction need max_objects=2 (the second relation of a "
+                             "3-object caption is written from its third object)")
         a, relation, b = scene["relations"][0]
         if relation in ("right", "below"):
-            scene["relations"][0] = [b, OPPOSITE[relation], a]
+            a, relation, b = b, OPPOSITE[relation], a
+        if converse_fraction > 0 and rng.random() < converse_fraction:
+            a, relation, b = b, OPPOSITE[relation], a
+        scene["relations"][0] = [a, relation, b]
     caption = caption_of(scene)
     negatives, valid = [], []
     for kind in negative_types:
@@ -231,23 +237,77 @@ def make_sample(seed: int, split: str, index: int, negative_types=TRAIN_NEGATIVE
             "concepts": [phrase(scene["objects"][i]) for i in mentioned]}
 
 
-def check_variant(max_objects: int = 3, one_phrasing: bool = False) -> None:
-    """ValueError unless (max_objects, one_phrasing) names a world variant that exists."""
+def layout_key(scene: dict) -> tuple:
+    """What makes two scenes the same picture up to jitter: each object's shape, colour, size and cell."""
+    return tuple(sorted((o["shape"], o["colour"], o["size"], tuple(o["cell"])) for o in scene["objects"]))
+
+
+def heldout_combinations(seed: int) -> tuple:
+    """The colour-shape pairs a split world never shows in training (nor in validation or the main test): 3
+    pairs of distinct colours and distinct shapes, drawn from the world's seed, so that every colour and every
+    shape still occurs in training."""
+    rng = random.Random(f"compclip-synthetic/heldout/{seed}")
+    return tuple(zip(rng.sample(sorted(COLOURS), 3), rng.sample(SHAPES, 3)))
+
+
+def has_heldout(scene: dict, heldout) -> bool:
+    return any((o["colour"], o["shape"]) in heldout for o in scene["objects"])
+
+
+def binding_pair(scene: dict, rng: random.Random) -> tuple[str, str, bool]:
+    """The relation-free binding item of a scene: "a red circle and a blue square" against the same objects
+    with their colours exchanged. The two objects are named in a random order, so that "the first-named object
+    is left / on top" does not solve it; the negative is valid only when it names other objects than the caption
+    (two circles that exchange colours describe the same picture)."""
+    a, _, b = scene["relations"][0]
+    objects = [dict(scene["objects"][a]), dict(scene["objects"][b])]
+    if rng.random() < 0.5:
+        objects.reverse()
+    swapped = [dict(objects[0], colour=objects[1]["colour"]), dict(objects[1], colour=objects[0]["colour"])]
+    text = lambda objs: f"a {phrase(objs[0])} and a {phrase(objs[1])}"  # noqa: E731
+    valid = sorted(map(phrase, swapped)) != sorted(map(phrase, objects))
+    return text(objects), text(swapped), valid
+
+
+def check_variant(max_objects: int = 3, one_phrasing: bool = False, converse_fraction: float | None = None,
+                  num_test: int = 0) -> None:
+    """ValueError unless the options name a world variant that exists."""
     if max_objects not in (2, 3):
         raise ValueError(f"max_objects must be 2 or 3, not {max_objects!r}")
     if one_phrasing and max_objects != 2:
         raise ValueError("one_phrasing needs max_objects=2 (turn one_phrasing off for 3-object scenes)")
+    if converse_fraction is not None:
+        if isinstance(converse_fraction, bool) or not isinstance(converse_fraction, (int, float)) \
+                or not 0.0 <= converse_fraction <= 1.0:
+            raise ValueError(f"converse_fraction must be a number in [0, 1], not {converse_fraction!r}")
+        if max_objects != 2:
+            raise ValueError("converse_fraction needs max_objects=2 (a 3-object caption's second relation is "
+                             "written from its third object)")
+        if one_phrasing:
+            raise ValueError("one_phrasing is converse_fraction=0: give one of them")
+    if isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 0:
+        raise ValueError(f"num_test must be an integer >= 0, not {num_test!r}")
 
 
 FOLDER = "synthetic-{seed}-{num_train}-{num_val}-{image_size}{variant}"
 """The name of a world's folder in a cache (the embedded default's `data.synthetic.root`, the study's world);
 `{variant}` is `variant_name`'s suffix."""
 
+SPLIT_SUBSETS = NEGATIVE_TYPES + ("binding", "heldout_relation_swap", "heldout_attribute_swap")
+"""The evaluation sets of a split world's test split: the typed negatives, the relation-free binding set and the
+relation and attribute swaps of the held-out colour-shape combinations."""
+VAL_SUBSETS = NEGATIVE_TYPES + ("binding",)
+"""The evaluation sets of a split world's validation split (what schedules and learning rates are chosen on)."""
 
-def variant_name(max_objects: int = 3, one_phrasing: bool = False) -> str:
+
+def variant_name(max_objects: int = 3, one_phrasing: bool = False, converse_fraction: float | None = None,
+                 num_test: int = 0) -> str:
     """The suffix that tells a world variant's folder from the default world's: '' (2-3 objects, both phrasings),
-    '-2obj', or '-2obj-1phrase'."""
-    return ("" if max_objects == 3 else f"-{max_objects}obj") + ("-1phrase" if one_phrasing else "")
+    '-2obj', '-2obj-1phrase', '-2obj-conv0.25', and '-test1000' for a split world."""
+    suffix = ("" if max_objects == 3 else f"-{max_objects}obj") + ("-1phrase" if one_phrasing else "")
+    if converse_fraction is not None:
+        suffix += f"-conv{float(converse_fraction):g}"
+    return suffix + (f"-test{num_test}" if num_test else "")
 
 
 @dataclass(frozen=True)
@@ -260,59 +320,83 @@ class WorldPaths:
     images_train: str
     images_val: str
     eval: Dict[str, str]
-    """{negative type: its SugarCrepe-format evaluation file}"""
+    """{evaluation set: its SugarCrepe-format file}; in a split world, those of the test split"""
     eval_image_root: str
     retrieval: str
     meta: str
+    val_eval: Dict[str, str] = dataclasses.field(default_factory=dict)
+    """A split world's validation sets {name: file} (empty otherwise: there the evaluation sets are the val
+    split's)"""
+    val_retrieval: str = ""
 
     @property
     def eval_dir(self) -> str:
         return os.path.join(self.root, "eval")
 
+    @property
+    def val_eval_dir(self) -> str:
+        return os.path.join(self.root, "eval-val")
+
+    @property
+    def split(self) -> bool:
+        """Whether the world has a test split apart from validation."""
+        return bool(self.val_eval)
+
     def images(self, split: str) -> str:
-        return self.images_train if split == "train" else self.images_val
+        return os.path.join(self.root, "images", split)
 
     def manifest(self, split: str) -> str:
-        return self.train if split == "train" else self.val
+        return os.path.join(self.root, f"{split}.jsonl")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def world_paths(out_dir: str) -> WorldPaths:
+def world_paths(out_dir: str, split: bool = False) -> WorldPaths:
+    """The paths of the world in `out_dir`; `split`: a world with a test split (`num_test > 0`), whose evaluation
+    sets are the test split's (`eval/`, images under `images/`) and whose validation sets are in `eval-val/`."""
     out_dir = os.path.abspath(out_dir)
+    folder = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    subsets = SPLIT_SUBSETS if split else NEGATIVE_TYPES
     return WorldPaths(
-        root=out_dir,
-        train=os.path.join(out_dir, "train.jsonl"),
-        val=os.path.join(out_dir, "val.jsonl"),
-        images_train=os.path.join(out_dir, "images", "train"),
-        images_val=os.path.join(out_dir, "images", "val"),
-        eval={kind: os.path.join(out_dir, "eval", f"{kind}.json") for kind in NEGATIVE_TYPES},
-        eval_image_root=os.path.join(out_dir, "images", "val"),
+        root=out_dir, train=folder("train.jsonl"), val=folder("val.jsonl"),
+        images_train=os.path.join(out_dir, "images", "train"), images_val=os.path.join(out_dir, "images", "val"),
+        eval={kind: os.path.join(out_dir, "eval", f"{kind}.json") for kind in subsets},
+        eval_image_root=folder("images") if split else os.path.join(out_dir, "images", "val"),
         retrieval=os.path.join(out_dir, "eval", "retrieval.json"),
-        meta=os.path.join(out_dir, "world.json"),
+        meta=folder("world.json"),
+        val_eval={kind: os.path.join(out_dir, "eval-val", f"{kind}.json") for kind in VAL_SUBSETS} if split else {},
+        val_retrieval=os.path.join(out_dir, "eval-val", "retrieval.json") if split else "",
     )
 
 
 def world_folder(root: str, seed: int, num_train: int, num_val: int, image_size: int, max_objects: int = 3,
-                 one_phrasing: bool = False) -> str:
+                 one_phrasing: bool = False, converse_fraction: float | None = None, num_test: int = 0) -> str:
     """`root` with the FOLDER placeholders (`{seed}`, `{num_train}`, `{num_val}`, `{image_size}`, `{variant}`)
     filled in."""
     return root.format(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size,
-                       variant=variant_name(max_objects, one_phrasing)) if "{" in root else root
+                       variant=variant_name(max_objects, one_phrasing, converse_fraction, num_test)) \
+        if "{" in root else root
+
+
+VARIANT_KEYS = ("max_objects", "one_phrasing", "converse_fraction", "num_test")
+"""The `data.synthetic` fields that choose a variant (keyword arguments of generate_world)."""
+
+
+def variant_of(synthetic) -> dict:
+    return {key: getattr(synthetic, key) for key in VARIANT_KEYS}
 
 
 def paths_of(synthetic) -> WorldPaths:
     """The WorldPaths of a `data.synthetic` config section (nothing is written)."""
     return world_paths(world_folder(synthetic.root, synthetic.seed, synthetic.num_train, synthetic.num_val,
-                                    synthetic.image_size, synthetic.max_objects, synthetic.one_phrasing))
+                                    synthetic.image_size, **variant_of(synthetic)), split=synthetic.num_test > 0)
 
 
 def generate(synthetic) -> WorldPaths:
     """`generate_world` for a `data.synthetic` config section."""
     return generate_world(paths_of(synthetic).root, synthetic.num_train, synthetic.num_val, synthetic.seed,
-                          synthetic.image_size, max_objects=synthetic.max_objects,
-                          one_phrasing=synthetic.one_phrasing)
+                          synthetic.image_size, **variant_of(synthetic))
 
 
 def _write_json(path: str, value) -> None:
@@ -324,19 +408,24 @@ def _write_json(path: str, value) -> None:
 
 
 def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, image_size: int = 64,
-                   workers: int | None = None, max_objects: int = 3, one_phrasing: bool = False) -> WorldPaths:
+                   workers: int | None = None, max_objects: int = 3, one_phrasing: bool = False,
+                   converse_fraction: float | None = None, num_test: int = 0) -> WorldPaths:
     """Write (or reuse) the synthetic world in `out_dir` and return its paths (see the module docstring).
 
     Deterministic: the same arguments give byte-identical manifests and images, whatever `workers` is.
     Idempotent: a complete world with the same parameters is reused as it is. Safe to call from every rank at
     once (a file lock lets one process write while the others wait)."""
-    paths = world_paths(out_dir)
+    check_variant(max_objects, one_phrasing, converse_fraction, num_test)
+    paths = world_paths(out_dir, split=num_test > 0)
     out_dir = paths.root
-    check_variant(max_objects, one_phrasing)
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
               "image_size": image_size, "negative_types": list(TRAIN_NEGATIVE_TYPES)}
     if max_objects != 3 or one_phrasing:  # the variants only: the default world's world.json stays as it was
         params.update(max_objects=max_objects, one_phrasing=one_phrasing)
+    if converse_fraction is not None:
+        params["converse_fraction"] = float(converse_fraction)
+    if num_test:
+        params.update(num_test=num_test, heldout=[list(pair) for pair in heldout_combinations(seed)])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -350,38 +439,85 @@ def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, im
     return paths
 
 
+def _draw_splits(params: dict) -> Dict[str, list]:
+    """{split: [sample, ...]} of the world. A split world (num_test > 0) leaves the held-out colour-shape pairs out
+    of train, val and test, draws val and test scenes until none has the object-cell layout of a training (or
+    earlier validation) scene, and draws a `heldout` split whose scenes each show a held-out pair."""
+    seed = params["seed"]
+    variant = {"max_objects": params.get("max_objects", 3), "one_phrasing": params.get("one_phrasing", False),
+               "converse_fraction": params.get("converse_fraction")}
+    draw = lambda split, count, accept=None: [make_sample(seed, split, index, accept=accept, **variant)  # noqa: E731
+                                              for index in range(count)]
+    if not params.get("num_test"):
+        return {"train": draw("train", params["num_train"]), "val": draw("val", params["num_val"])}
+    heldout = {tuple(pair) for pair in params["heldout"]}
+    splits = {"train": draw("train", params["num_train"], lambda scene: not has_heldout(scene, heldout))}
+    seen = {layout_key(sample["scene"]) for sample in splits["train"]}
+    unseen = lambda scene: not has_heldout(scene, heldout) and layout_key(scene) not in seen  # noqa: E731
+    splits["val"] = draw("val", params["num_val"], unseen)
+    seen |= {layout_key(sample["scene"]) for sample in splits["val"]}
+    splits["test"] = draw("test", params["num_test"], unseen)
+    splits["heldout"] = draw("heldout", params["num_test"], lambda scene: has_heldout(scene, heldout))
+    return splits
+
+
+def _eval_items(seed: int, split: str, samples: list, kinds, prefix: str) -> Dict[str, dict]:
+    """{set name: SugarCrepe-format entries} of a split: each typed negative (valid ones only) and, for `binding`,
+    the relation-free binding item; `filename` = prefix + the image's file name."""
+    sets: Dict[str, dict] = {kind: {} for kind in kinds}
+    for index, sample in enumerate(samples):
+        for kind in kinds:
+            rng = random.Random(f"{seed}/{split}/{index}/{kind}")
+            if kind == "binding":
+                caption, text, ok = binding_pair(sample["scene"], rng)
+            else:
+                caption, (text, ok) = sample["caption"], negative_of(sample["scene"], kind, rng)
+            if ok:
+                sets[kind][str(index)] = {"filename": f"{prefix}{index:06d}.png", "caption": caption,
+                                          "negative_caption": text}
+    return sets
+
+
+def _retrieval(samples: list, filepath: str) -> dict:
+    return {"dataset": "compclip-synthetic", "images": [
+        {"filename": f"{index:06d}.png", "filepath": filepath, "split": "test", "imgid": index,
+         "sentences": [{"raw": sample["caption"]}]} for index, sample in enumerate(samples)]}
+
+
+def _write_manifest(paths: WorldPaths, split: str, samples: list) -> None:
+    with open(paths.manifest(split) + ".tmp", "w", encoding="utf-8") as handle:
+        for index, sample in enumerate(samples):
+            row = {"image": f"images/{split}/{index:06d}.png", "caption": sample["caption"],
+                   "negatives": sample["negatives"], "valid": sample["valid"], "concepts": sample["concepts"],
+                   "negative_types": list(TRAIN_NEGATIVE_TYPES)}
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+    os.replace(paths.manifest(split) + ".tmp", paths.manifest(split))
+
+
 def _generate(paths: WorldPaths, params: dict, workers: int | None) -> None:
     seed, image_size = params["seed"], params["image_size"]
-    os.makedirs(paths.eval_dir, exist_ok=True)
+    splits = _draw_splits(params)
     jobs = []
-    for split, count in (("train", params["num_train"]), ("val", params["num_val"])):
-        folder = paths.images(split)
-        os.makedirs(folder, exist_ok=True)
-        rows, eval_sets, retrieval = [], {kind: {} for kind in NEGATIVE_TYPES}, []
-        for index in range(count):
-            filename = f"{index:06d}.png"
-            sample = make_sample(seed, split, index, max_objects=params.get("max_objects", 3),
-                                 one_phrasing=params.get("one_phrasing", False))
-            jobs.append((os.path.join(folder, filename), sample["scene"], image_size))
-            rows.append({"image": f"images/{split}/{filename}", "caption": sample["caption"],
-                         "negatives": sample["negatives"], "valid": sample["valid"],
-                         "concepts": sample["concepts"], "negative_types": list(TRAIN_NEGATIVE_TYPES)})
-            if split == "val":
-                for kind in NEGATIVE_TYPES:
-                    text, ok = negative_of(sample["scene"], kind, random.Random(f"{seed}/{split}/{index}/{kind}"))
-                    if ok:
-                        eval_sets[kind][str(index)] = {"filename": filename, "caption": sample["caption"],
-                                                       "negative_caption": text}
-                retrieval.append({"filename": filename, "filepath": "images/val", "split": "test",
-                                  "imgid": index, "sentences": [{"raw": sample["caption"]}]})
-        with open(paths.manifest(split) + ".tmp", "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
-        os.replace(paths.manifest(split) + ".tmp", paths.manifest(split))
-        if split == "val":
-            for kind, entries in eval_sets.items():
-                _write_json(paths.eval[kind], entries)
-            _write_json(paths.retrieval, {"dataset": "compclip-synthetic", "images": retrieval})
+    for split, samples in splits.items():
+        os.makedirs(paths.images(split), exist_ok=True)
+        jobs += [(os.path.join(paths.images(split), f"{index:06d}.png"), sample["scene"], image_size)
+                 for index, sample in enumerate(samples)]
+        _write_manifest(paths, split, samples)
+    os.makedirs(paths.eval_dir, exist_ok=True)
+    if paths.split:
+        os.makedirs(paths.val_eval_dir, exist_ok=True)
+        sets = _eval_items(seed, "test", splits["test"], SPLIT_SUBSETS[:-2], "test/")
+        held = _eval_items(seed, "heldout", splits["heldout"], ("relation_swap", "attribute_swap"), "heldout/")
+        sets.update({f"heldout_{kind}": entries for kind, entries in held.items()})
+        for kind, entries in _eval_items(seed, "val", splits["val"], VAL_SUBSETS, "val/").items():
+            _write_json(paths.val_eval[kind], entries)
+        _write_json(paths.val_retrieval, _retrieval(splits["val"], "images/val"))
+        _write_json(paths.retrieval, _retrieval(splits["test"], "images/test"))
+    else:
+        sets = _eval_items(seed, "val", splits["val"], NEGATIVE_TYPES, "")
+        _write_json(paths.retrieval, _retrieval(splits["val"], "images/val"))
+    for kind, entries in sets.items():
+        _write_json(paths.eval[kind], entries)
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(jobs) >= 2000 else 1
     if workers <= 1:
@@ -405,10 +541,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="2: only 2-object scenes (a controlled variant, docs/study.md)")
     parser.add_argument("--one-phrasing", action="store_true",
                         help="write every relation as 'left of' or 'above' (needs --max-objects 2)")
+    parser.add_argument("--converse-fraction", type=float, default=None,
+                        help="share in [0, 1] of the relations written with the converse ('B right of A' for 'A "
+                        "left of B'; needs --max-objects 2; 0 is --one-phrasing)")
+    parser.add_argument("--num-test", type=int, default=0,
+                        help="scenes of a test split apart from validation (0: the evaluation sets are the val "
+                        "split's), de-duplicated against training, with held-out colour-shape pairs and the "
+                        "relation-free binding set")
     args = parser.parse_args(argv)
     try:  # generate_world checks the options before it writes anything
         paths = generate_world(args.out, args.num_train, args.num_val, args.seed, args.image_size, args.workers,
-                               args.max_objects, args.one_phrasing)
+                               args.max_objects, args.one_phrasing, args.converse_fraction, args.num_test)
     except ValueError as error:
         parser.error(str(error))
     print(json.dumps(paths.to_dict(), indent=1))

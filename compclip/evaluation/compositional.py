@@ -154,15 +154,17 @@ def run_sugarcrepe(embedder: Embedder, path: str, image_root=None, subsets=(), m
     if clash:
         raise EvalDataError(f"{path}: subset name(s) {sorted(clash)} collide with the averages' names")
     loaded = {subset: load_sugarcrepe_file(file, image_root, max_items, subset) for subset, file in files.items()}
-    accuracies, counts, text_only = {}, {}, {}
+    accuracies, counts, text_only, outcomes = {}, {}, {}, {}
     for subset, items in loaded.items():
         blind: list = []
         correct, _ = score_items(embedder, items, desc=f"sugarcrepe/{subset}", text_only=blind)
         accuracies[subset] = float(correct.mean()) if len(items) else float("nan")
         text_only[subset] = float(np.mean(blind)) if blind else float("nan")
         counts[subset] = len(items)
+        # per item, for paired tests between models on the same items (McNemar; compclip.study.stats)
+        outcomes[subset] = {"ids": [item.id for item in items], "correct": "".join("01"[bool(c)] for c in correct)}
     return BenchmarkResult(sugarcrepe_metrics(accuracies), {"counts": counts, "files": files,
-                                                            "text_only": text_only})
+                                                            "text_only": text_only, "items": outcomes})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -109,6 +109,13 @@ class EvalConfig(Section):
     """Keep only the first N items of each benchmark file (quick periodic checks); None = all."""
     every_n_epochs: int = 1
     """Periodic evaluation during training: run after every N-th epoch; 0 = never (not a `compclip-eval` option)."""
+    every_n_steps: int = 0
+    """Periodic evaluation during training every N optimizer steps, for learning curves (`eval/curve/step_N`, the
+    metrics `eval/<benchmark>/<metric>` at that step); 0 = never. The run's last step has its whole evaluation
+    instead. Not a `compclip-eval` option."""
+    curve_subsets: List[str] = field(default_factory=list)
+    """What the periodic evaluation of `every_n_steps` scores: these SugarCrepe subsets and no other benchmark (the
+    curves stay cheap); empty = the whole evaluation."""
     progress: bool = True
     """Show progress: a bar in a terminal, a plain line every 30 s in a log (`compclip.progress`)."""
 

@@ -148,6 +148,16 @@ def npc_sum(image, concept_cols, owner_cols, logit_scale, logit_bias, offset):
     return sigmoid_sum(image, concept_cols, logit_scale, logit_bias, positive)
 
 
+def npc_phrase_sum(image, concept_cols, owner_cols, key_cols, logit_scale, logit_bias, offset):
+    """NPC with same-phrase labels: local image i and concept j are a positive pair when one of image i's own
+    concepts has concept j's key (its phrase)."""
+    own = _rows(image.shape[0], offset, image.device).unsqueeze(1) == owner_cols.to(image.device).unsqueeze(0)
+    keys = key_cols.to(image.device)
+    same = keys.unsqueeze(1) == keys.unsqueeze(0)  # [P, P]
+    positive = (own.to(torch.float32) @ same.to(torch.float32)) > 0
+    return sigmoid_sum(image, concept_cols, logit_scale, logit_bias, positive)
+
+
 def xac_sum(tokens, concept_cols, owner_cols, logit_scale, logit_bias, temperature, offset, backend):
     """XAC pairs (pooled local image × every concept), summed; owner_cols holds global image indices."""
     op = kernel_op("xac_loss_sum", backend, (tokens, concept_cols, logit_scale, logit_bias))

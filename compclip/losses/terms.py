@@ -30,8 +30,8 @@ imc      CE-CLIP intra-modal contrast                  variant ("paper" | "relea
 igc      DeGLA image-grounded contrast                 backend
 tgc      DeGLA text-grounded contrast                  variant, scale (10.0), backend
 distill  DeGLA distillation (summed)                   –
-npc      C2LIP concept contrast                        –
-xac      C2LIP cross-modal attention contrast          temperature (1.0), backend
+npc      C2LIP concept contrast                        labels ("owner" | "phrase"), use_bias (True)
+xac      C2LIP cross-modal attention contrast          temperature (1.0), use_bias (True), backend
 ======== ============================================ =================================================
 
 ``cmr_threshold`` computes CE-CLIP's threshold θ from a (global) batch; ``CMRThreshold`` keeps it between steps.
@@ -53,7 +53,7 @@ from compclip.distributed import (
 
 from . import _checks, partials
 
-__all__ = ["Features", "TERMS", "required_features", "CMRThreshold", "cmr_threshold", "Local"]
+__all__ = ["Features", "TERMS", "required_features", "CMRThreshold", "cmr_threshold", "Local", "concept_keys"]
 
 Tensor = torch.Tensor
 
@@ -78,6 +78,21 @@ class Features:
     tokens: Optional[Tensor] = None  # [b, L, D]
     concepts: Optional[Tensor] = None  # [p, D]
     owner: Optional[Tensor] = None  # [p] long, local image index
+    concept_keys: Optional[Tensor] = None  # [p] long, equal for equal concept phrases (``concept_keys``)
+
+
+def concept_keys(tokens: Tensor) -> Tensor:
+    """[p] int64 keys of tokenised concepts [p, L]: equal rows get equal keys on every rank (two polynomial
+    hashes modulo the prime 2^31 - 1, one in each half of the key; rows that differ collide with probability
+    about 2^-62). NPC's "phrase" labels compare them."""
+    prime = 2 ** 31 - 1
+    tokens = tokens.long()
+    first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    second = torch.zeros_like(first)
+    for column in tokens.unbind(1):
+        first = (first * 49411 + column + 1) % prime
+        second = (second * 65599 + column + 7) % prime
+    return first * (2 ** 31) + second
 
 
 class Local:
@@ -332,24 +347,48 @@ def siglip(features: Features, *, group=None) -> Tensor:
     return scope.sum(total / rows.total)
 
 
+NPC_LABELS = ("owner", "phrase")
+
+
 @_term("npc", "image", "concepts", "owner", "logit_scale", "logit_bias")
-def npc(features: Features, *, group=None) -> Tensor:
-    """C2LIP concept contrast on the global batch: local images against every concept of every rank."""
+def npc(features: Features, *, labels: str = "owner", use_bias: bool = True, group=None) -> Tensor:
+    """C2LIP concept contrast on the global batch: local images against every concept of every rank.
+
+    ``labels``: "owner" (the released code's: a concept is positive for its own image only, so another image's
+    concept is a negative even when it is the same phrase) or "phrase" (a concept is positive for every image
+    that has a concept of the same phrase; needs ``Features.concept_keys``). ``use_bias=False`` scores without
+    the model's logit bias (b = 0, as a model without one does). The "phrase" labels exist on this torch path
+    only: NPC has no kernel."""
     scope = _Scope("npc", features, group)
     fn = scope.name
+    if labels not in NPC_LABELS:
+        raise ValueError(f"{fn}: labels must be one of {NPC_LABELS}, got {labels!r}")
     sizes, (image, concepts) = _checks.prepare(
         fn, image=(features.image, "BD"), concepts=(features.concepts, "PD")
     )
     images = scope.rows(sizes["B"])
     concept_cols, owner_cols = _concept_columns(scope, images, features, concepts)
     logit_scale, logit_bias = _scale_and_bias(fn, features)
-    total = partials.npc_sum(image, concept_cols, owner_cols, logit_scale, logit_bias, images.offset)
+    logit_bias = logit_bias if use_bias else None
+    if labels == "phrase":
+        if features.concept_keys is None or features.concept_keys.shape != features.owner.shape:
+            raise ValueError(f"{fn}: labels='phrase' needs Features.concept_keys, one key per concept "
+                             f"({tuple(features.owner.shape)}), got "
+                             f"{None if features.concept_keys is None else tuple(features.concept_keys.shape)}")
+        key_cols = scope.rows(concepts.shape[0]).gather(features.concept_keys, grad=False)
+        total = partials.npc_phrase_sum(image, concept_cols, owner_cols, key_cols, logit_scale, logit_bias,
+                                        images.offset)
+    else:
+        total = partials.npc_sum(image, concept_cols, owner_cols, logit_scale, logit_bias, images.offset)
     return scope.sum(total / max(concept_cols.shape[0], 1))
 
 
 @_term("xac", "tokens", "concepts", "owner", "logit_scale", "logit_bias")
-def xac(features: Features, *, temperature: float = 1.0, backend: str = "auto", group=None) -> Tensor:
-    """C2LIP XAC on the global batch: each rank pools its own images' tokens against every gathered concept."""
+def xac(features: Features, *, temperature: float = 1.0, use_bias: bool = True, backend: str = "auto",
+        group=None) -> Tensor:
+    """C2LIP XAC on the global batch: each rank pools its own images' tokens against every gathered concept.
+    ``use_bias=False`` scores without the model's logit bias (b = 0). Its labels are the owners' (the kernels'
+    contract); NPC alone has same-phrase labels."""
     scope = _Scope("xac", features, group)
     fn = scope.name
     backend = _checks.backend(fn, backend)
@@ -359,6 +398,7 @@ def xac(features: Features, *, temperature: float = 1.0, backend: str = "auto", 
     images = scope.rows(sizes["B"])
     concept_cols, owner_cols = _concept_columns(scope, images, features, concepts)
     logit_scale, logit_bias = _scale_and_bias(fn, features)
+    logit_bias = logit_bias if use_bias else None
     temperature = _checks.positive(fn, "temperature", temperature)
     total = partials.xac_sum(
         tokens, concept_cols, owner_cols, logit_scale, logit_bias, temperature, images.offset, backend

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Set, Tuple, Type
 import torch
 
 from compclip.losses.modules import CompositionalLoss, published_weights
-from compclip.losses.terms import CMRThreshold, Features
+from compclip.losses.terms import CMRThreshold, Features, concept_keys
 
 REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -95,7 +95,8 @@ class Method:
                             logit_bias=out.logit_bias, negatives=out.negatives,
                             valid=batch["valid"] if self.needs_negatives else None,
                             tokens=out.tokens, concepts=out.concepts,
-                            owner=batch["owner"] if self.needs_concepts else None)
+                            owner=batch["owner"] if self.needs_concepts else None,
+                            concept_keys=concept_keys(batch["concepts"]) if self.needs_concepts else None)
         if teacher is not None:
             teacher_out = teacher(batch["images"], batch["text"], batch["negatives"], None, False)  # fp32
             features.teacher_image = teacher_out.image.to(out.image.dtype)

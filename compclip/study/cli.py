@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from compclip.losses.modules import PUBLISHED_WEIGHTS
-from compclip.plots import read_metrics
-from compclip.runfolder import RunFolder
-from compclip.study.protocol import METHODS, PROFILES
-from compclip.study.report import aggregate, markdown, plot, text_only_markdown
-from compclip.study.runs import finetune_config, per_method, pretrain, run_folder, run_queue, scores_of, text_only_of
-from compclip.study.world import StudyError, builtin_benchmark, external_benchmark
+from compclip.study.experiments import PARTS, Study, run_main
+from compclip.study.protocol import DEFAULT_METHODS, EXPERIMENTS, METHODS, PROFILES
+from compclip.study.world import StudyError, external_benchmark
 
 log = logging.getLogger("compclip.study")
 
@@ -36,10 +30,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "to --eval-image-root)")
     parser.add_argument("--retrieval-image-root", help="folder the retrieval file's image paths are relative to "
                         "(default: found next to the file or to --eval-image-root)")
-    parser.add_argument("--seeds", type=int, help="fine-tuning seeds per method (default 3; 1 with --quick)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--seeds", type=int, help="fine-tuning seeds per method (default 3; 5 with --full; 1 with "
+                        "--quick)")
+    parser.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: all; on the "
+                        "built-in world all but composite, unless --full)")
     parser.add_argument("--out", default="study", help="output folder (default: ./study)")
     parser.add_argument("--quick", action="store_true", help="a tiny world and a few steps: tests the pipeline")
+    parser.add_argument("--full", action="store_true", help="the whole study: 5 seeds, 2 world seeds, the lr sweep "
+                        "on validation, the converse dose-response, the mechanism, C2LIP as published, retention "
+                        "(hours; run it by --experiments and --methods, finished runs are reused)")
+    parser.add_argument("--experiments", help=f"parts of a built-in-world study, from {', '.join(EXPERIMENTS)} "
+                        "(default: main; all with --full); see compclip.study.experiments")
+    parser.add_argument("--converse-fraction", type=float, default=None,
+                        help="the built-in world's share of converse phrasings, in [0, 1] (default 0)")
+    parser.add_argument("--world-seed", type=int, help="draw the built-in world from this seed (default 0; --full: "
+                        "0 and 1)")
     parser.add_argument("--arch", help="open_clip architecture (default compclip-tiny-sincos)")
     parser.add_argument("--pretrained", default="", help="start every fine-tune from these weights (an open_clip "
                         "tag or a checkpoint file) instead of the bag-of-words pretraining stage")
@@ -47,11 +52,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "at most 2)")
     parser.add_argument("--verbose", action="store_true", help="show each run's own log")
     args = parser.parse_args(argv)
+    external = any((args.train_manifest, args.eval_sugarcrepe, args.eval_image_root, args.retrieval))
+    if args.methods is None:
+        args.methods = ",".join(METHODS if args.full or external else DEFAULT_METHODS)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     if args.seeds is not None and args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other")
+    wrong = [e for e in (args.experiments or "").split(",") if e and e not in EXPERIMENTS]
+    if wrong:
+        parser.error(f"--experiments: unknown {', '.join(wrong)} (choose from {', '.join(EXPERIMENTS)})")
+    if args.converse_fraction is not None and not 0.0 <= args.converse_fraction <= 1.0:
+        parser.error(f"--converse-fraction must be in [0, 1], not {args.converse_fraction}")
+    built_in_only = {"--experiments": args.experiments, "--converse-fraction": args.converse_fraction,
+                     "--world-seed": args.world_seed}
+    given = [flag for flag, value in built_in_only.items() if value is not None]
+    if external and given:
+        parser.error(f"{', '.join(given)}: only for the built-in world (an external world brings its own splits)")
     return args
 
 
@@ -59,57 +79,35 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | study | %(message)s", datefmt="%H:%M:%S")
     t0 = time.time()
-    profile = PROFILES["quick" if args.quick else "default"]
+    profile = PROFILES["quick" if args.quick else "full" if args.full else "default"]
     if args.arch:
         profile = replace(profile, arch=args.arch)
-    seeds = args.seeds or profile.seeds
-    methods = args.methods.split(",")
+    if args.world_seed is not None:
+        profile = replace(profile, world_seeds=(args.world_seed,))
     out = os.path.abspath(args.out)
-    runs = os.path.join(out, "runs")
-    os.makedirs(runs, exist_ok=True)
+    jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
+    converse = profile.world["converse_fraction"] if args.converse_fraction is None else args.converse_fraction
+    study = Study(profile, args.methods.split(","), args.seeds or profile.seeds, out, jobs,
+                  max(1, (os.cpu_count() or 1) // jobs), args.verbose, converse, args.pretrained)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     try:
         external = any((args.train_manifest, args.eval_sugarcrepe, args.eval_image_root, args.retrieval))
-        world = external_benchmark(args) if external else builtin_benchmark(profile, os.path.join(out, "world"))
+        if external:
+            benchmark = external_benchmark(args)
+            log.info("world %s; %d method(s) x %d seed(s), %d run(s) at a time", benchmark.train_manifest,
+                     len(study.methods), study.seeds, jobs)
+            results = run_main(study, benchmark)
+        else:
+            parts = args.experiments.split(",") if args.experiments else list(profile.experiments)
+            results = {}
+            for part in [name for name in EXPERIMENTS if name in parts]:
+                log.info("part %s: %d method(s) x %d seed(s), %d run(s) at a time", part, len(study.methods),
+                         study.seeds, jobs)
+                results[part] = PARTS[part](study)
+            if parts == ["main"]:
+                results = results["main"][profile.world_seeds[0]]
     except StudyError as error:
         raise SystemExit(f"python -m compclip.study: {error}")
-    jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log.info("world %s; %d method(s) x %d seed(s), %d run(s) at a time", world.train_manifest, len(methods), seeds,
-             jobs)
-
-    start, start_scores = args.pretrained, None
-    if not start:
-        log.info("pretraining the bag-of-words CLIP (shuffled captions)")
-        stage1 = pretrain(world, profile, runs, args.verbose)
-        start, start_scores = str(RunFolder(Path(stage1)).latest_export()), scores_of(stage1, world)
-        log.info("start %s: %s", start, json.dumps({k: round(v, 3) for k, v in start_scores.items()}))
-
-    configs = [finetune_config(world, profile, m, s, start, threads, runs) for m in methods for s in range(seeds)]
-    run_queue(configs, world, runs, jobs, args.verbose)
-    steps = max(step for step, _ in read_metrics(run_folder(runs, methods[0], 0))["loss"])
-    results = {
-        "protocol": {"profile": "quick" if args.quick else "default", "arch": profile.arch,
-                     "start": start_scores, "start_checkpoint": start,
-                     "pretrain": None if args.pretrained else {**profile.pretrain, "method": "clip",
-                                                                "caption_order": "shuffle"},
-                     "finetune": profile.finetune, "finetune_steps": steps, "batch_size": profile.batch_size,
-                     "num_negatives": profile.num_negatives, "seeds": seeds, "methods": methods,
-                     "composite_terms": PUBLISHED_WEIGHTS["composite"] if "composite" in methods else None,
-                     "world": world.describe(), "builtin_world": profile.world if not external else None,
-                     "retrieval_r1": "mean of image→text and text→image R@1",
-                     "seconds": round(time.time() - t0, 1)},
-        "methods": aggregate(per_method(runs, methods, seeds, world)),
-    }
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
-    text_only = aggregate(per_method(runs, methods, seeds, world, text_only_of))
-    with open(os.path.join(out, "text_only.json"), "w", encoding="utf-8") as handle:
-        json.dump(text_only, handle, indent=1)
-    table = markdown(results) + "\n" + text_only_markdown(text_only, list(world.subsets))
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
-    plot(results, os.path.join(out, "results.png"))
-    print(table)
-    print(f"study: {len(configs)} fine-tune(s) in {time.time() - t0:.0f}s; {out}/results.json, results.md, "
-          "results.png, text_only.json, runs/")
+    print(f"study: {time.time() - t0:.0f}s; {out}/results.json, results.md, results.png, text_only (in "
+          "results.md), runs/")
     return results

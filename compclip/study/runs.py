@@ -9,7 +9,9 @@ import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Sequence
+
+import numpy as np
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from compclip.bow import pretrain_config
 from compclip.child_run import Benchmark, final_eval, run_child, stage_config
@@ -19,45 +21,62 @@ from compclip.study.protocol import COST, Profile
 log = logging.getLogger("compclip.study")
 
 RETRIEVAL_KEY = "retrieval_r1"
+CURVE_SUBSETS = ("relation_swap", "val_relation_swap")
+"""What the learning curves follow (the periodic evaluation of `eval.every_n_steps`)."""
 
 
-def pretrain(benchmark: Benchmark, profile: Profile, runs: str, verbose: bool) -> str:
-    """Stage 1 (compclip.bow.pretrain_config) in `<runs>/pretrain`, on every core; returns its run folder."""
+def pretrain(benchmark: Benchmark, profile: Profile, runs: str, verbose: bool, name: str = "pretrain") -> str:
+    """Stage 1 (compclip.bow.pretrain_config) in `<runs>/<name>`, on every core; returns its run folder."""
     cfg = pretrain_config(benchmark, profile.arch, profile.batch_size, profile.num_negatives, profile.pretrain,
-                          max(1, os.cpu_count() or 1), runs)
+                          max(1, os.cpu_count() or 1), runs, name)
     return run_child(cfg, benchmark, runs, verbose)
 
 
 def finetune_config(benchmark: Benchmark, profile: Profile, method: str, seed: int, start: str, threads: int,
-                    runs: str) -> Dict[str, Any]:
-    """Stage 2 of one method and seed, from the checkpoint `start`, in `<runs>/<method>-seed<seed>`."""
-    cfg = stage_config(benchmark, profile.arch, profile.batch_size, profile.num_negatives, profile.finetune, threads)
-    loss: Dict[str, Any] = {"method": method}
-    if method == "composite":  # written out, so the run's config.yaml names its terms
-        loss["terms"] = dict(PUBLISHED_WEIGHTS["composite"])
+                    runs: str, name: Optional[str] = None, loss: Optional[Dict[str, Any]] = None,
+                    finetune: Optional[Dict[str, Any]] = None, arch: Optional[str] = None) -> Dict[str, Any]:
+    """Stage 2 of one method and seed, from the checkpoint `start`, in `<runs>/<name>` (default
+    `<method>-seed<seed>`). `loss` replaces the method's loss section (an ablation's terms and options),
+    `finetune` the profile's schedule (a learning-rate sweep), `arch` its architecture. With the profile's
+    `curve_every`, relation and attribute swap are scored every that many steps (learning curves)."""
+    cfg = stage_config(benchmark, arch or profile.arch, profile.batch_size, profile.num_negatives,
+                       finetune or profile.finetune, threads)
+    if loss is None:
+        loss = {"method": method}
+        if method == "composite":  # written out, so the run's config.yaml names its terms
+            loss["terms"] = dict(PUBLISHED_WEIGHTS["composite"])
     cfg["model"]["pretrained"] = start
     cfg.update(loss=loss, seed=seed, eval_before=False)
-    cfg["log"].update(logs=runs, name=f"{method}-seed{seed}")
+    curve = [subset for subset in CURVE_SUBSETS if subset in benchmark.subsets]
+    if profile.curve_every and curve:
+        cfg["eval"].update(every_n_steps=profile.curve_every, curve_subsets=curve)
+    cfg["log"].update(logs=runs, name=name or run_name(method, seed))
     return cfg
 
 
-def run_queue(configs: List[Dict[str, Any]], benchmark: Benchmark, runs: str, jobs: int, verbose: bool) -> None:
+def run_queue(configs: List[Dict[str, Any]], benchmark, runs: str, jobs: int, verbose: bool) -> None:
     """Every config as a child run, `jobs` at a time, the costliest methods first (so that the last runs of the
-    queue are short and no core idles at the end)."""
+    queue are short and no core idles at the end). `benchmark`: one Benchmark for all, or one per config (what
+    its reuse key reads the training manifest from)."""
     from tqdm import tqdm
 
-    configs = sorted(configs, key=lambda cfg: -COST.get(cfg["loss"]["method"], 1.0))
+    benchmarks = benchmark if isinstance(benchmark, list) else [benchmark] * len(configs)
+    order = sorted(range(len(configs)), key=lambda i: -COST.get(configs[i]["loss"]["method"], 1.0))
     bar = tqdm(total=len(configs), desc="study runs", unit="run", disable=not sys.stderr.isatty())
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_child, cfg, benchmark, runs, verbose) for cfg in configs]
+        futures = [pool.submit(run_child, configs[i], benchmarks[i], runs, verbose) for i in order]
         for future in futures:
             future.result()
             bar.update()
     bar.close()
 
 
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
 def run_folder(runs: str, method: str, seed: int) -> str:
-    return os.path.join(runs, f"{method}-seed{seed}")
+    return os.path.join(runs, run_name(method, seed))
 
 
 def scores_of(run_dir: str, benchmark: Benchmark) -> Dict[str, float]:
@@ -88,3 +107,18 @@ def per_method(runs: str, methods: Sequence[str], seeds: int, benchmark: Benchma
     return {m: [score(run_folder(runs, m, s), benchmark) for s in range(seeds)] for m in methods}
 
 
+
+
+def outcomes_of(run_dir: str, subsets: Sequence[str]) -> Dict[str, Tuple[List[str], np.ndarray]]:
+    """{subset: (item ids, 0/1 outcome per item)} of a finished run's last evaluation (for paired statistics)."""
+    with open(os.path.join(final_eval(run_dir), "sugarcrepe.details.json"), encoding="utf-8") as handle:
+        items = json.load(handle)["details"]["items"]
+    return {subset: (items[subset]["ids"], np.frombuffer(items[subset]["correct"].encode(), dtype=np.uint8) - 48)
+            for subset in subsets}
+
+
+def curve_of(run_dir: str, subset: str) -> List[Tuple[int, float]]:
+    """[(step, accuracy)] of `subset` over a finished run: the periodic evaluations and the final one."""
+    from compclip.plots import read_metrics
+
+    return sorted(read_metrics(run_dir).get(f"eval/sugarcrepe/{subset}", []))

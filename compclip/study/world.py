@@ -5,10 +5,9 @@ profile, or an external one given by the flags `--train-manifest --eval-sugarcre
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from compclip.child_run import Benchmark
-from compclip.study.protocol import Profile
 
 NEGATIVE_CHECK_SAMPLES = 1000
 
@@ -17,14 +16,39 @@ class StudyError(ValueError):
     """Bad input to the study (the message names the flag or file)."""
 
 
-def builtin_benchmark(profile: Profile, cache: str) -> Benchmark:
-    """The profile's synthetic world, written (or reused) in a folder of `cache` named after its parameters."""
-    from compclip.data.synthetic import FOLDER, generate_world, world_folder
+def builtin_benchmark(world: Dict[str, Any], cache: str) -> Benchmark:
+    """The synthetic world `world` (a profile's `world` dict, compclip.data.synthetic's parameters), written (or
+    reused) in a folder of `cache` named after its parameters. A split world is evaluated on its test sets and,
+    as `val_<set>`, its validation sets (one folder of links, `eval-study/`): a run is scored on both, the
+    schedule and learning rates are chosen on `val_*`, and only the test sets are reported."""
+    from compclip.data.synthetic import FOLDER, VARIANT_KEYS, generate_world, world_folder
 
-    w = profile.world
-    root = os.path.join(cache, world_folder(FOLDER, w["seed"], w["num_train"], w["num_val"], w["image_size"],
-                                            w["max_objects"], w["one_phrasing"]))
-    return Benchmark.synthetic(generate_world(root, **w))
+    variant = {key: world[key] for key in VARIANT_KEYS if key in world}
+    root = os.path.join(cache, world_folder(FOLDER, world["seed"], world["num_train"], world["num_val"],
+                                            world["image_size"], **variant))
+    paths = generate_world(root, world["num_train"], world["num_val"], world["seed"], world["image_size"],
+                           **variant)
+    if not paths.split:
+        return Benchmark.synthetic(paths)
+    folder = os.path.join(paths.root, "eval-study")
+    os.makedirs(folder, exist_ok=True)
+    links = {**{f"{name}.json": file for name, file in paths.eval.items()},
+             **{f"{VAL_PREFIX}{name}.json": file for name, file in paths.val_eval.items()}}
+    for name, target in links.items():
+        link = os.path.join(folder, name)
+        if not os.path.islink(link):
+            os.symlink(os.path.relpath(target, folder), link)
+    subsets = tuple(sorted(name[:-5] for name in links))
+    return Benchmark(paths.train, folder, paths.eval_image_root, subsets, paths.retrieval, paths.root, builtin=True)
+
+
+VAL_PREFIX = "val_"
+"""The validation sets' prefix in a split world's study benchmark."""
+
+
+def reported(subsets) -> list:
+    """The subsets a study reports: all but the validation sets."""
+    return [subset for subset in subsets if not subset.startswith(VAL_PREFIX)]
 
 
 def check_manifest(path: str) -> None:

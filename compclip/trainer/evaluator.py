@@ -72,9 +72,32 @@ class Evaluator:
 
         model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
         results = self.model(model, label)
+        self._write(results, step)
+        return results
+
+    def curve(self, state: Dict[str, torch.Tensor], model_cfg, step: int) -> None:
+        """The periodic evaluation of `eval.every_n_steps` (`eval/curve/step_N`) of weights `state` (rank 0)."""
+        from compclip.models import build_from_config
+
+        model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
+        self._write(evaluate_model(model, self.preprocess, self.tokenizer, curve_config(self.cfg), self.device,
+                                   self.run_dir / "eval" / "curve" / f"step_{step}", f"curve step {step}",
+                                   self.rank), step)
+
+    def _write(self, results: Optional[Dict[str, Dict[str, float]]], step: int) -> None:
         if results:
             self.metrics.write(step, {f"eval/{b}/{m}": v for b, r in results.items() for m, v in r.items()})
-        return results
+
+
+def curve_config(eval_cfg):
+    """The periodic evaluation's config: with `curve_subsets`, only those SugarCrepe subsets; else the whole one."""
+    import dataclasses
+
+    if not eval_cfg.curve_subsets:
+        return eval_cfg
+    keep = ("sugarcrepe", "sugarcrepe_image_root", "batch_size", "num_workers", "precision", "max_items")
+    return dataclasses.replace(type(eval_cfg)(), sugarcrepe_subsets=list(eval_cfg.curve_subsets), progress=False,
+                               **{key: getattr(eval_cfg, key) for key in keep})
 
 
 def load_hint(export: str, arch: str, quick_gelu: bool) -> str:

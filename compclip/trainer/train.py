@@ -17,7 +17,7 @@ import torch
 from compclip.config import to_dict
 from compclip.data import build_dataloader, to_device
 from compclip.resolve import ResolvedRun
-from compclip.rng import seed_everything
+from compclip.rng import rng_state, seed_everything, set_rng_state
 from compclip.trainer import engine, optim
 from compclip.trainer.checkpoint import Checkpointer, ResumePoint, epoch_batches
 from compclip.trainer.evaluator import Evaluator
@@ -120,6 +120,16 @@ class Trainer:
         if run_eval:
             self.after = self.evaluator.state(state, cfg.model, label, self.global_step) or self.after
 
+    def _curve(self) -> None:
+        """A point of the learning curves every `eval.every_n_steps` steps (the last step has its whole evaluation).
+        The generators are restored after it (building the model to score draws its initialisation), so a run with
+        curves trains exactly as the same run without them."""
+        every = self.cfg.eval.every_n_steps
+        if every and self.global_step % every == 0 and self.global_step < self.total_steps:
+            state = rng_state()
+            self.evaluator.curve(engine.full_state_dict(self.clip), self.cfg.model, self.global_step)
+            set_rng_state(state)
+
     def _stateful(self) -> Dict[str, Any]:
         return {"method": self.method, "teacher": self.teacher}
 
@@ -184,6 +194,7 @@ class Trainer:
                     samples, window_start = 0, time.time()
                 if schedule.due(self.global_step):  # every n steps / minutes, or SIGTERM; all ranks agree
                     self._save()
+                self._curve()
                 if self.global_step >= self.total_steps or schedule.stop:
                     break
             if self.micro_in_epoch >= self.micro_per_epoch and not schedule.stop:

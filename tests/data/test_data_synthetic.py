@@ -188,3 +188,131 @@ def test_the_controlled_variants_two_objects_and_one_phrasing(tmp_path):
         generate_world(str(tmp_path / "bad"), 3, 2, one_phrasing=True)
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path / "cli"), "--one-phrasing"])
+
+
+CONVERSE_WORDS = {"right", "below", "under", "beneath"}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
+def test_converse_fraction_is_the_share_of_converse_captions_and_stays_true_of_the_scene(fraction):
+    """`converse_fraction` f: the same scenes as the one-phrasing world, a share f of them written with the
+    converse relation (counted on 800 captions against a binomial band), and every caption still states a
+    relation that holds between the cells of its objects; f = 0 is one_phrasing, caption for caption."""
+    converse = 0
+    for index in range(800):
+        sample = synthetic.make_sample(4, "train", index, max_objects=2, converse_fraction=fraction)
+        one_way = synthetic.make_sample(4, "train", index, max_objects=2, one_phrasing=True)
+        assert sample["scene"]["objects"] == one_way["scene"]["objects"]
+        (a, relation, b), = sample["scene"]["relations"]
+        cells = [sample["scene"]["objects"][i]["cell"] for i in (a, b)]
+        assert synthetic._relation(*cells) == relation
+        is_converse = bool(CONVERSE_WORDS & set(sample["caption"].split()))
+        assert is_converse == (relation in ("right", "below"))
+        converse += is_converse
+        if fraction == 0.0:
+            assert sample["caption"] == one_way["caption"]
+    band = 3 * (fraction * (1 - fraction) / 800) ** 0.5 + 1e-9
+    assert abs(converse / 800 - fraction) <= band
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"converse_fraction": 1.5, "max_objects": 2}, "converse_fraction must be a number in"),
+    ({"converse_fraction": 0.5}, "converse_fraction needs max_objects=2"),
+    ({"converse_fraction": 0.0, "max_objects": 2, "one_phrasing": True}, "give one of them"),
+    ({"num_test": -1}, "num_test must be an integer"),
+])
+def test_bad_variant_options_are_errors_before_anything_is_written(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        generate_world(str(tmp_path / "bad"), 3, 2, **options)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_bad_converse_fraction_is_a_config_error_at_load():
+    from compclip.config import ConfigError, load_config
+
+    with pytest.raises((ConfigError, SystemExit)) as raised:
+        load_config(["--data.synthetic.converse_fraction=2", "--data.synthetic.max_objects=2"])
+    assert "converse_fraction" in str(raised.value) or raised.type is SystemExit
+
+
+def _rows(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_split_world_test_scenes_are_new_layouts_heldout_pairs_stay_out_of_training(tmp_path):
+    """A split world (num_test > 0): no val or test scene has a training scene's object-cell layout (regenerated
+    here from the seed); the held-out colour-shape pairs occur in no train, val or test scene and in every
+    held-out scene; every set's image exists and its captions are the scenes'."""
+    paths = generate_world(str(tmp_path / "w"), 300, 60, seed=2, image_size=16, workers=1, max_objects=2,
+                           converse_fraction=0.5, num_test=80)
+    meta = json.loads(open(paths.meta).read())
+    heldout = {tuple(pair) for pair in meta["heldout"]}
+    assert heldout == set(synthetic.heldout_combinations(2)) and len(heldout) == 3
+    assert len({c for c, _ in heldout}) == 3 and len({s for _, s in heldout}) == 3
+    keys = {}
+    for split in ("train", "val", "test", "heldout"):
+        rows = _rows(paths.manifest(split))
+        scenes = []
+        for index, row in enumerate(rows):  # the manifest's caption is the scene drawn for it
+            scene = _scene_of(row, meta)
+            scenes.append(scene)
+            assert os.path.exists(os.path.join(paths.root, row["image"]))
+        keys[split] = [synthetic.layout_key(scene) for scene in scenes]
+        shows = [synthetic.has_heldout(scene, heldout) for scene in scenes]
+        assert all(shows) if split == "heldout" else not any(shows), split
+    assert len(keys["train"]) == 300 and len(keys["test"]) == len(keys["heldout"]) == 80
+    assert not set(keys["test"]) & set(keys["train"]) and not set(keys["val"]) & set(keys["train"])
+    # the same draw without de-duplication repeats training layouts: the check above has something to catch
+    undeduplicated = [synthetic.layout_key(synthetic.make_sample(2, "test", i, max_objects=2,
+                                                                 converse_fraction=0.5)["scene"]) for i in range(80)]
+    assert set(undeduplicated) & set(keys["train"])
+    assert sorted(paths.eval) == sorted(synthetic.SPLIT_SUBSETS)
+    for name, file in {**paths.eval, **paths.val_eval}.items():
+        entries = json.load(open(file))
+        assert len(entries) >= (50 if name == "binding" else 60 if file in paths.val_eval.values() else 80)
+        for entry in entries.values():
+            assert os.path.exists(os.path.join(paths.eval_image_root, entry["filename"]))
+    assert len(json.load(open(paths.retrieval))["images"]) == 80
+    assert len(json.load(open(paths.val_retrieval))["images"]) == 60
+
+
+def _scene_of(row, meta):
+    """The scene of a manifest row, found by regenerating its split's draw (the world's own accept rules)."""
+    key = json.dumps(meta, sort_keys=True)
+    if key not in _DRAWS:
+        _DRAWS[key] = synthetic._draw_splits(meta)
+    split, name = row["image"].split("/")[1:]
+    sample = _DRAWS[key][split][int(name[:-4])]
+    assert sample["caption"] == row["caption"]
+    return sample["scene"]
+
+
+_DRAWS: dict = {}
+
+
+def test_binding_items_name_both_objects_in_either_order_and_swap_their_colours():
+    """The relation-free binding set: no relation word, the two objects in the caption's order or reversed (about
+    half each, so that 'first named is left' does not solve it), the negative exchanges their colours, and an
+    item whose swap names the same two objects (two same-shape objects) is not valid."""
+    import random
+
+    reversed_order, total = 0, 0
+    for index in range(400):
+        scene = synthetic.make_sample(1, "test", index, max_objects=2, converse_fraction=0.0)["scene"]
+        caption, negative, valid = synthetic.binding_pair(scene, random.Random(index))
+        a, _, b = scene["relations"][0]
+        first, second = scene["objects"][a], scene["objects"][b]
+        assert not set(caption.split()) & {"left", "right", "above", "below", "over", "under", "beneath", "of"}
+        names = [synthetic.phrase(first), synthetic.phrase(second)]
+        order = caption == f"a {names[0]} and a {names[1]}"
+        assert order or caption == f"a {names[1]} and a {names[0]}"
+        reversed_order += not order
+        total += 1
+        size_word = lambda obj: obj["size"] if obj["show_size"] else ""  # noqa: E731
+        same = first["shape"] == second["shape"] and size_word(first) == size_word(second)
+        assert valid == (not same)
+        if valid:
+            assert sorted(negative.replace(first["colour"], "#").replace(second["colour"], first["colour"])
+                          .replace("#", second["colour"]).split()) == sorted(caption.split())
+    assert 0.4 < reversed_order / total < 0.6

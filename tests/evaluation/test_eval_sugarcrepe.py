@@ -68,6 +68,8 @@ def test_accuracy_matches_direct_computation(tiny, tmp_path):
         correct = direct_choice_correct(model, preprocess, tokenizer, cases)
         expected[subset] = sum(correct) / len(correct)
         assert metrics[subset] == pytest.approx(expected[subset])
+        per_item = json.loads((tmp_path / "out" / "sugarcrepe.details.json").read_text())["details"]["items"][subset]
+        assert per_item == {"ids": list(data), "correct": "".join("01"[bool(c)] for c in correct)}
     assert metrics["add_avg"] == pytest.approx(expected["add_att"])
     assert metrics["replace_avg"] == pytest.approx(expected["replace_rel"])
     assert metrics["swap_avg"] == pytest.approx(expected["swap_obj"])

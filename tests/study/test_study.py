@@ -10,17 +10,17 @@ import torch
 
 from compclip import study
 from compclip.child_run import DONE, Benchmark, fingerprint
+from compclip.data.synthetic import SPLIT_SUBSETS, VAL_SUBSETS
 from compclip.data.dataset import SampleBuilder, shuffle_words
 from compclip.evaluation.loading import latest_checkpoint
 from compclip.study.report import aggregate, swap_mean
 from compclip.study.world import StudyError, check_manifest
 
-ALL = ",".join(study.METHODS)
 
 
-def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_root: str) -> tuple:
-    """(accuracy, text-only accuracy) of an exported checkpoint on caption vs negative, scored here without
-    compclip.evaluation; text-only scores both captions against the normalised mean image embedding."""
+def _independent_choices(arch: str, checkpoint: str, annotations: str, image_root: str) -> tuple:
+    """(right [N] bool, text-only right [N] bool) of an exported checkpoint on caption vs negative, scored here
+    without compclip.evaluation; text-only scores both captions against the normalised mean image embedding."""
     import open_clip
     from PIL import Image
 
@@ -40,30 +40,40 @@ def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_ro
         neg = torch.nn.functional.normalize(model.encode_text(tokenizer([it["negative_caption"] for it in items])),
                                             dim=-1)
     mean_image = torch.nn.functional.normalize(v.mean(0), dim=-1)
-    return (float(((v * pos).sum(-1) > (v * neg).sum(-1)).double().mean()),
-            float((pos @ mean_image > neg @ mean_image).double().mean()))
+    return ((v * pos).sum(-1) > (v * neg).sum(-1)).numpy(), (pos @ mean_image > neg @ mean_image).numpy()
+
+
+QUICK = "clip,negclip,c2lip"
+"""The quick study's methods: the baseline, a hard-negative method and one with concepts and visual tokens (every
+method's training is tested in tests/methods; here, the study's pipeline)."""
 
 
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
-    results = study.main(["--quick", "--out", str(out), "--methods", ALL, "--jobs", "1"])
+    results = study.main(["--quick", "--out", str(out), "--methods", QUICK, "--jobs", "1"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     world = on_disk["protocol"]["world"]
-    subsets = sorted(name[:-5] for name in os.listdir(world["eval_sugarcrepe"])
-                     if name.endswith(".json") and os.path.join(world["eval_sugarcrepe"], name) != world["retrieval"])
-    assert world["subsets"] == subsets and len(subsets) == 5
-    assert list(on_disk["methods"]) == list(study.METHODS)
+    subsets = sorted(name[:-5] for name in os.listdir(world["eval_sugarcrepe"]) if name.endswith(".json"))
+    assert world["subsets"] == subsets
+    reported = [s for s in subsets if not s.startswith("val_")]
+    assert sorted(reported) == sorted(SPLIT_SUBSETS) and len(subsets) == len(SPLIT_SUBSETS) + len(VAL_SUBSETS)
+    assert list(on_disk["methods"]) == QUICK.split(",")
     for method, scores in on_disk["methods"].items():
-        assert sorted(scores) == sorted(subsets + ["retrieval_r1"]), method
-        for subset, entry in scores.items():
+        assert sorted(k for k in scores if k in reported) == sorted(reported), method
+        for subset in reported + ["swap mean", "retrieval_r1"]:
+            entry = scores[subset]
             assert len(entry["runs"]) == 1 and 0.0 <= entry["runs"][0] <= 1.0
-            assert entry["mean"] == entry["runs"][0] and entry["std"] == 0.0
+            assert entry["mean"] == pytest.approx(entry["runs"][0]) and entry["std"] == 0.0
+            assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
+        # the learning curve: the periodic evaluations (every 2 steps) and the final one, on the test set
+        curve = scores["curves"]["relation_swap"][0]
+        assert [step for step, _ in curve] == [2, 4] and curve[-1][1] == pytest.approx(scores["relation_swap"]["mean"])
         assert (out / "runs" / f"{method}-seed0" / "config.yaml").exists()
-    # the built-in world is the 2-object, one-phrasing variant, in a folder of its own
-    meta = json.loads((out / "world" / "synthetic-0-384-64-64-2obj-1phrase" / "world.json").read_text())
-    assert meta["max_objects"] == 2 and meta["one_phrasing"] is True
+    # the built-in world: 2 objects, one phrasing, a test split apart from validation, in a folder of its own
+    meta = json.loads((out / "world" / "synthetic-0-384-64-64-2obj-conv0-test64" / "world.json").read_text())
+    assert meta["max_objects"] == 2 and meta["converse_fraction"] == 0.0 and meta["num_test"] == 64
     assert on_disk["protocol"]["builtin_world"] == study.PROFILES["quick"].world
     # every run started from the pretraining stage's export, which trained on shuffled captions
     assert on_disk["protocol"]["start_checkpoint"].startswith(str(out / "runs" / "pretrain"))
@@ -71,25 +81,32 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert "caption_order: shuffle" in pretrain_cfg and "method: clip" in pretrain_cfg
     negclip_cfg = (out / "runs" / "negclip-seed0" / "config.yaml").read_text()
     assert on_disk["protocol"]["start_checkpoint"] in negclip_cfg and "caption_order: keep" in negclip_cfg
-    # a number in results.json is the accuracy of that run's exported model, scored independently here
-    export = latest_checkpoint(str(out / "runs" / "negclip-seed0"))
-    assert on_disk["protocol"]["arch"] == "compclip-tiny-sincos"
-    expected, expected_text_only = _independent_accuracy(on_disk["protocol"]["arch"], export,
-                                                         os.path.join(world["eval_sugarcrepe"], "relation_swap.json"),
-                                                         world["eval_image_root"])
+    # a number in results.json is the accuracy of that run's exported model, scored independently here, and the
+    # paired test counts the items that one model gets right and the other wrong, from those same choices
+    annotations = os.path.join(world["eval_sugarcrepe"], "relation_swap.json")
+    choices = {}
+    for method in ("clip", "negclip"):
+        export = latest_checkpoint(str(out / "runs" / f"{method}-seed0"))
+        choices[method] = _independent_choices(on_disk["protocol"]["arch"], export, annotations,
+                                               world["eval_image_root"])
+    expected, expected_text_only = (float(np.mean(c)) for c in choices["negclip"])
     assert on_disk["methods"]["negclip"]["relation_swap"]["mean"] == pytest.approx(expected, abs=1e-9)
+    mcnemar = on_disk["methods"]["negclip"]["vs_clip"]["relation_swap"]["mcnemar"][0]
+    negclip_right, clip_right = choices["negclip"][0], choices["clip"][0]
+    assert (mcnemar["b"], mcnemar["c"]) == (int((negclip_right & ~clip_right).sum()),
+                                            int((~negclip_right & clip_right).sum()))
     text_only = json.loads((out / "text_only.json").read_text())
-    assert list(text_only) == list(study.METHODS) and sorted(text_only["clip"]) == subsets
+    assert list(text_only) == QUICK.split(",")
     assert text_only["negclip"]["relation_swap"]["mean"] == pytest.approx(expected_text_only, abs=1e-9)
     table = (out / "results.md").read_text()
-    assert "Text-only accuracy" in table
-    for label in ("CLIP", "NegCLIP", "CE-CLIP", "DeGLA", "C2LIP", "DeGLA+NPC/XAC", "pretrained (start)",
-                  "swap mean", "retrieval r1"):
+    for label in ("CLIP", "NegCLIP", "C2LIP", "pretrained (start)", "swap mean", "retrieval r1", "Text-only accuracy",
+                  "McNemar", "steps to 70 %", "heldout relation swap", "binding"):
         assert label in table
+    assert "val " not in table  # validation sets choose, the test sets report
     assert (out / "results.png").stat().st_size > 10_000
     # started again: every run is reused, nothing retrains, the same results come back
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob(f"*/{DONE}")}
-    assert study.main(["--quick", "--out", str(out), "--methods", ALL, "--jobs", "1"])["methods"] == \
+    assert study.main(["--quick", "--out", str(out), "--methods", QUICK, "--jobs", "1"])["methods"] == \
         on_disk["methods"]
     assert {p: p.stat().st_mtime for p in (out / "runs").glob(f"*/{DONE}")} == stamps
 
@@ -112,11 +129,15 @@ def test_the_embedded_default_is_the_studys_ceclip_fine_tune(tmp_path):
     # its folder names the variant, and the world written there is that variant (no converse phrasing)
     small = resolve(load_config([f"--data.synthetic.root={tmp_path}/synthetic{{variant}}",
                                  "--data.synthetic.num_train=6", "--data.synthetic.num_val=4",
-                                 "--data.synthetic.image_size=16", "--model.pretrained="]))
+                                 "--data.synthetic.num_test=3", "--data.synthetic.image_size=16",
+                                 "--model.pretrained="]))
     prepare_inputs(small)
     paths = small.synthetic
-    assert paths.root == str(tmp_path / "synthetic-2obj-1phrase")
-    assert json.loads(open(paths.meta).read())["one_phrasing"] is True
+    assert paths.root == str(tmp_path / "synthetic-2obj-conv0-test3")
+    assert json.loads(open(paths.meta).read())["converse_fraction"] == 0.0
+    # it reports the test split, not the validation sets the schedule was chosen on
+    assert small.config.eval.sugarcrepe == paths.eval_dir and not any(
+        subset.startswith("val") for subset in small.config.eval.sugarcrepe_subsets)
     with open(paths.train) as handle:
         captions = [json.loads(line)["caption"] for line in handle]
     converse = {"right", "below", "under", "beneath"}
@@ -194,6 +215,15 @@ def test_external_world_errors_name_the_flag_or_file(tmp_path):
         study.main(args + ["--retrieval", str(tmp_path / "ret.json")])
     with pytest.raises(SystemExit):
         study.parse_args(["--methods", "clip,blip"])
+    for flags in (["--experiments", "dose"], ["--converse-fraction", "0.5"], ["--world-seed", "1"]):
+        with pytest.raises(SystemExit):  # an external world brings its own splits
+            study.parse_args(args + flags)
+    assert study.parse_args(args).methods == ",".join(study.METHODS)  # every method, as before
+    assert "composite" not in study.parse_args([]).methods.split(",")
+    assert study.parse_args(["--full"]).methods == ",".join(study.METHODS)
+    for wrong in (["--experiments", "nope"], ["--converse-fraction", "1.5"], ["--quick", "--full"]):
+        with pytest.raises(SystemExit):
+            study.parse_args(wrong)
 
 
 @pytest.mark.slow
@@ -212,11 +242,13 @@ def test_external_world_through_the_flags(tmp_path):
     assert results["protocol"]["world"]["subsets"] == sorted(paths.eval)
     for method in ("clip", "negclip"):
         scores = results["methods"][method]
-        assert sorted(scores) == sorted(list(paths.eval) + ["retrieval_r1"])
-        for entry in scores.values():
+        for subset in list(paths.eval) + ["retrieval_r1", "swap mean"]:
+            entry = scores[subset]
             assert len(entry["runs"]) == 2
             assert entry["mean"] == pytest.approx(np.mean(entry["runs"]))
             assert entry["std"] == pytest.approx(np.std(entry["runs"], ddof=1))
+            assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
+    assert len(results["methods"]["negclip"]["vs_clip"]["relation_swap"]["mcnemar"]) == 2
     assert (out / "runs" / "negclip-seed1" / DONE).exists()
     assert paths.train in (out / "runs" / "pretrain" / "config.yaml").read_text()
 

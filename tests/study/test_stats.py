@@ -1,0 +1,71 @@
+"""The study's statistics against closed forms: the exact McNemar p from integer binomial sums, the bootstrap
+interval against the normal approximation of a binomial (items alone) and against the exact distribution of a
+resampled mean (seeds alone), the paired difference, and the take-off of a curve."""
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from compclip.study import stats
+
+
+def _exact_two_sided(k: int, n: int) -> float:
+    return float(min(Fraction(1), 2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)))
+
+
+@pytest.mark.parametrize("b, c", [(10, 2), (0, 0), (7, 7), (3, 40), (400, 350)])
+def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_items(b, c):
+    method = np.array([1] * b + [0] * c + [1] * 5 + [0] * 9, dtype=bool)
+    baseline = np.array([0] * b + [1] * c + [1] * 5 + [0] * 9, dtype=bool)
+    got = stats.mcnemar(method, baseline)
+    assert (got["b"], got["c"]) == (b, c)
+    assert got["p"] == pytest.approx(_exact_two_sided(min(b, c), b + c), rel=1e-9)
+    if (b, c) == (10, 2):
+        assert got["p"] == pytest.approx(158 / 4096)
+
+
+def test_bootstrap_over_items_matches_the_binomial_normal_interval():
+    rng = np.random.default_rng(1)
+    outcomes = (rng.random((1, 2000)) < 0.7).astype(np.uint8)
+    p = outcomes.mean()
+    estimate, low, high = stats.bootstrap_ci([outcomes], replicates=3000)
+    half = 1.96 * math.sqrt(p * (1 - p) / outcomes.shape[1])
+    assert estimate == pytest.approx(p)
+    assert low == pytest.approx(p - half, abs=0.004) and high == pytest.approx(p + half, abs=0.004)
+
+
+def test_bootstrap_over_seeds_matches_the_exact_resampling_distribution():
+    """Items that every seed gets right or wrong in blocks (no item noise): the interval is that of the mean of 5
+    seeds drawn with replacement, whose distribution is enumerated exactly here (5^5 draws)."""
+    rates = [0.5, 0.6, 0.7, 0.8, 0.95]
+    items = 200
+    matrix = np.stack([np.arange(items) < r * items for r in rates]).astype(np.uint8)
+    # resampling items changes each seed's rate only through which items are drawn; with every seed's right
+    # items first, a draw's rates move together, so compare with the seed-only distribution at a tolerance
+    means = sorted(np.mean(draw) for draw in itertools.product(rates, repeat=5))
+    exact_low, exact_high = means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1]
+    estimate, low, high = stats.bootstrap_ci([matrix], replicates=4000)
+    assert estimate == pytest.approx(np.mean(rates))
+    assert low == pytest.approx(exact_low, abs=0.03) and high == pytest.approx(exact_high, abs=0.03)
+    mean, seed_low, seed_high = stats.seed_ci(rates, replicates=20000)
+    assert seed_low == pytest.approx(exact_low, abs=0.01) and seed_high == pytest.approx(exact_high, abs=0.01)
+
+
+def test_paired_difference_of_identical_methods_is_zero_and_of_a_shift_excludes_zero():
+    rng = np.random.default_rng(2)
+    base = (rng.random((3, 1000)) < 0.6).astype(np.uint8)
+    assert stats.bootstrap_ci([base], [base]) == (0.0, 0.0, 0.0)
+    better = base.copy()
+    better[:, :150] = 1
+    diff, low, high = stats.bootstrap_ci([better], [base])
+    assert diff == pytest.approx(better.mean() - base.mean()) and 0 < low < diff < high
+    with pytest.raises(ValueError, match="same seeds and items"):
+        stats.bootstrap_ci([better[:2]], [base])
+
+
+def test_steps_to_and_takeoff_share():
+    curve = [(100, 0.55), (50, 0.5), (200, 0.72), (150, 0.69)]
+    assert stats.steps_to(curve) == 200 and stats.steps_to(curve, 0.5) == 50 and stats.steps_to(curve, 0.9) is None
+    assert stats.takeoff_share([200, None, 100, 300], [100, 200, 300]) == [0.25, 0.5, 0.75]
