@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, Dict, Optional, Sequence
 
 from compclip.study.experiments import PARTS, Study, run_main
-from compclip.study.protocol import DEFAULT_METHODS, EXPERIMENTS, METHODS, PROFILES
+from compclip.study.protocol import DEFAULT_METHODS, DOSES, EXPERIMENTS, METHODS, PROFILES
 from compclip.study.world import StudyError, external_benchmark
 
 log = logging.getLogger("compclip.study")
@@ -43,6 +43,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(default: main; all with --full); see compclip.study.experiments")
     parser.add_argument("--converse-fraction", type=float, default=None,
                         help="the built-in world's share of converse phrasings, in [0, 1] (default 0)")
+    parser.add_argument("--doses", help="the converse fractions of the dose part, comma-separated (default "
+                        f"{','.join(f'{d:g}' for d in DOSES)})")
     parser.add_argument("--world-seed", type=int, help="draw the built-in world from this seed (default 0; --full: "
                         "0 and 1)")
     parser.add_argument("--arch", help="open_clip architecture (default compclip-tiny-sincos)")
@@ -68,7 +70,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.converse_fraction is not None and not 0.0 <= args.converse_fraction <= 1.0:
         parser.error(f"--converse-fraction must be in [0, 1], not {args.converse_fraction}")
     built_in_only = {"--experiments": args.experiments, "--converse-fraction": args.converse_fraction,
-                     "--world-seed": args.world_seed}
+                     "--world-seed": args.world_seed, "--doses": args.doses}
+    try:
+        args.doses = tuple(float(d) for d in args.doses.split(",")) if args.doses else None
+    except ValueError:
+        parser.error(f"--doses: expected numbers, got {args.doses!r}")
+    if args.doses and not all(0.0 <= d <= 1.0 for d in args.doses):
+        parser.error("--doses must be in [0, 1]")
     given = [flag for flag, value in built_in_only.items() if value is not None]
     if external and given:
         parser.error(f"{', '.join(given)}: only for the built-in world (an external world brings its own splits)")
@@ -88,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     converse = profile.world["converse_fraction"] if args.converse_fraction is None else args.converse_fraction
     study = Study(profile, args.methods.split(","), args.seeds or profile.seeds, out, jobs,
-                  max(1, (os.cpu_count() or 1) // jobs), args.verbose, converse, args.pretrained)
+                  max(1, (os.cpu_count() or 1) // jobs), args.verbose, converse, args.pretrained,
+                  args.doses or DOSES)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     try:
         external = any((args.train_manifest, args.eval_sugarcrepe, args.eval_image_root, args.retrieval))

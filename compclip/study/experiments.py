@@ -6,10 +6,10 @@
   `results.{json,md,png}` (the first world seed) and `world<seed>/results.*` (the others).
 - `dose`: the same world at each converse fraction of DOSES (converse phrasings as a dose), every method x seed;
   `dose/results.{json,md}` and `dose/dose.png` (relation swap and steps to 70 % against the dose).
-- `mechanism`: in the world with the most converse phrasings, CLIP and CE-CLIP from a start whose text tower
-  first learned a supervised relation probe (compclip.study.mechanism) against the same methods from the plain
-  bag-of-words start; `mechanism/results.md`.
-- `c2lip`: C2LIP as published (the SigLIP-style tower `compclip-tiny-sincos-siglip`, learned logit bias, SigLIP
+- `mechanism`: in the world with the most converse phrasings, the first hard-negative method (CE-CLIP in the
+  registry's order) from a start whose text tower first learned a supervised relation probe
+  (compclip.study.mechanism), against it and CLIP from the plain bag-of-words start; `mechanism/results.md`.
+- `c2lip`: C2LIP as published (the SigLIP-style tower `compclip-tiny-sincos-bias`, learned logit bias, SigLIP
   as its contrastive term) in the 2 x 2 of NPC's labels {owner, same phrase} x {with, without the logit bias in
   NPC and XAC}, an NPC weight sweep, CLIP on the same tower, and the hard-negative methods trained without
   relation-swap negatives (leave one negative type out); `c2lip/results.md`.
@@ -53,9 +53,10 @@ class Study:
     verbose: bool
     converse_fraction: float
     pretrained: str = ""
+    doses: Tuple[float, ...] = DOSES
 
     def world(self, seed: int = 0, **changes) -> Dict[str, Any]:
-        return dict(self.profile.world, seed=seed, converse_fraction=self.converse_fraction, **changes)
+        return {**self.profile.world, "seed": seed, "converse_fraction": self.converse_fraction, **changes}
 
     def benchmark(self, world: Dict[str, Any]) -> Benchmark:
         return builtin_benchmark(world, os.path.join(self.out, "world"))
@@ -236,7 +237,7 @@ def run_dose(study: Study) -> Dict[str, Any]:
     from compclip.study.report import dose_markdown, dose_plot
 
     by_dose = {}
-    for dose in DOSES:
+    for dose in study.doses:
         benchmark = study.benchmark(study.world(converse_fraction=dose))
         folder = study.out if dose == study.converse_fraction else os.path.join(study.out, "dose", f"conv{dose:g}")
         runs = os.path.join(folder, "runs")
@@ -249,39 +250,47 @@ def run_dose(study: Study) -> Dict[str, Any]:
     return by_dose
 
 
+BASELINE = "clip"
+
+
+def hard_negative_methods(methods: Sequence[str]) -> List[str]:
+    """The methods of `methods` whose published terms read the hard negatives (the registry decides, not a list
+    of names), in the order given; the composite aside (DeGLA's terms and C2LIP's)."""
+    from compclip.losses.modules import PUBLISHED_WEIGHTS
+    from compclip.losses.terms import required_features
+
+    return [m for m in methods if m != "composite" and m in PUBLISHED_WEIGHTS
+            and any("negatives" in required_features(term) for term in PUBLISHED_WEIGHTS[m])]
+
+
 def run_mechanism(study: Study) -> Dict[str, Any]:
-    """CLIP and CE-CLIP in the world of the largest dose, from the bag-of-words start and from the same start
-    with its text tower first trained on the supervised relation probe (compclip.study.mechanism)."""
+    """In the world of the largest dose: CLIP and the first hard-negative method from the bag-of-words start, and
+    that method from the same start with its text tower first trained on the supervised relation probe
+    (compclip.study.mechanism)."""
     from compclip.study.mechanism import probe_start
 
-    dose = max(DOSES)
+    dose = max(DOSES)  # the world as drawn: about half of its relations converse
     benchmark = study.benchmark(study.world(converse_fraction=dose))
     runs = os.path.join(study.out, "dose", f"conv{dose:g}", "runs")
     start, start_scores = start_of(study, benchmark, runs)
-    methods = [m for m in ("clip", "ceclip") if m in study.methods] or study.methods[:1]
-    specs = grid(methods, study.seeds)
+    learner = hard_negative_methods(study.methods)[:1]
+    specs = grid([m for m in study.methods if m == BASELINE] + learner, study.seeds)
     plain = _by_method(fine_tune(study, benchmark, runs, start, specs), specs)
     folder = os.path.join(study.out, "mechanism")
     probe = probe_start(start, benchmark, os.path.join(folder, "probe"), study.profile.arch)
-    probe_scores = _start_scores(study, benchmark, probe["checkpoint"], os.path.join(folder, "runs"))
-    probed = _by_method(fine_tune(study, benchmark, os.path.join(folder, "runs"), probe["checkpoint"], specs),
-                        specs, key=lambda s: f"{s.method}+probe")
-    results = {"protocol": {"world": benchmark.describe(), "dose": dose, "start": start_scores,
-                            "probe": probe, "probe_start": probe_scores},
+    probe_specs = grid(learner, study.seeds)
+    probed = _by_method(fine_tune(study, benchmark, os.path.join(folder, "runs"), probe["checkpoint"],
+                                  probe_specs), probe_specs, key=lambda s: f"{s.method}+probe")
+    results = {"protocol": {"world": benchmark.describe(), "dose": dose, "start": start_scores, "probe": probe},
                "methods": analyse({**plain, **probed}, benchmark)}
     from compclip.study.report import mechanism_markdown
 
     return write_part(folder, results, mechanism_markdown)
 
 
-def _start_scores(study: Study, benchmark: Benchmark, checkpoint: str, runs: str) -> Dict[str, float]:
-    """The scores of a checkpoint: a 0-step run's evaluation (one step at lr 0 is the checkpoint itself)."""
-    spec = Spec("start-eval", "clip", 0, finetune={"epochs": 1, "lr": 0.0, "warmup_steps": 0, "max_steps": 1})
-    folders = fine_tune(study, benchmark, runs, checkpoint, [spec])
-    return scores_of(folders["start-eval"], benchmark)
-
-
-SIGLIP_ARCH = "compclip-tiny-sincos-siglip"
+SIGLIP_ARCH = "compclip-tiny-sincos-bias"
+"""compclip-tiny-sincos with SigLIP's logit scale (10) and a learned logit bias (-10) at the start. Its name avoids
+"siglip": open_clip picks a Hugging Face tokenizer (a download) for architecture names that contain it."""
 C2LIP_TERMS = {"siglip": 1.0, "npc": 1.0, "xac": 0.01}
 
 
@@ -315,8 +324,9 @@ def run_c2lip(study: Study) -> Dict[str, Any]:
     results = {"siglip": {"start": start_scores, "methods": analyse(folders, benchmark, baseline="siglip")}}
     without = without_relation_swap(benchmark)
     main_start, _ = start_of(study, benchmark, os.path.join(study.out, "runs"))
-    methods = [m for m in ("clip", "negclip", "ceclip", "degla") if m in study.methods]
-    loo = [replace(spec, name=spec.name + "-norel", benchmark=without) for spec in grid(methods[1:], study.seeds)]
+    methods = [m for m in study.methods if m == BASELINE] + hard_negative_methods(study.methods)
+    loo = [replace(spec, name=spec.name + "-norel", benchmark=without)
+           for spec in grid(hard_negative_methods(study.methods), study.seeds)]
     loo_folders = _by_method(fine_tune(study, benchmark, runs, main_start, loo), loo,
                              key=lambda s: f"{s.method}-norel")
     main_runs = {m: [os.path.join(study.out, "runs", f"{m}-seed{s}") for s in range(study.seeds)] for m in methods}
@@ -340,6 +350,23 @@ def without_relation_swap(benchmark: Benchmark) -> Benchmark:
     return replace(benchmark, train_manifest=target)
 
 
+def union_manifest(sources: Sequence[str], target: str) -> str:
+    """One JSONL manifest of every row of `sources` (JSONL manifests), image paths made absolute; rewritten only
+    when a source is newer."""
+    if os.path.exists(target) and all(os.path.getmtime(target) >= os.path.getmtime(s) for s in sources):
+        return target
+    with open(target + ".tmp", "w", encoding="utf-8") as out:
+        for source in sources:
+            root = os.path.dirname(os.path.abspath(source))
+            with open(source, encoding="utf-8") as handle:
+                for line in handle:
+                    row = json.loads(line)
+                    row["image"] = os.path.join(root, row["image"])
+                    out.write(json.dumps(row, sort_keys=True) + "\n")
+    os.replace(target + ".tmp", target)
+    return target
+
+
 def run_retention(study: Study) -> Dict[str, Any]:
     """Start on A ∪ B, fine-tune on A, score on B (its own evaluation sets and retrieval) before and after."""
     from compclip.data.synthetic import generate_world
@@ -351,7 +378,8 @@ def run_retention(study: Study) -> Dict[str, Any]:
                              size["num_train"], size.get("num_test", size["num_val"]), seed=1,
                              image_size=size["image_size"])
     b = Benchmark.synthetic(b_paths)
-    union = replace(b, train_manifest=f"{a.train_manifest}::{b.train_manifest}")
+    union = replace(b, train_manifest=union_manifest([a.train_manifest, b.train_manifest],
+                                                     os.path.join(study.out, "world", "retention-union.jsonl")))
     folder = os.path.join(study.out, "retention")
     runs = os.path.join(folder, "runs")
     start, start_scores = start_of(study, union, runs)

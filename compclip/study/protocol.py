@@ -56,7 +56,7 @@ FINETUNE = {"epochs": 2, "lr": 2e-3, "warmup_steps": 20, "max_steps": 500}
 
 PROFILES: Dict[str, Profile] = {
     "default": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=3,
-                       curve_every=50),
+                       curve_every=100),
     "full": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=5,
                     curve_every=50, world_seeds=(0, 1), lrs=(1e-3, 2e-3, 4e-3),
                     experiments=("lr", "main", "dose", "mechanism", "c2lip", "retention")),

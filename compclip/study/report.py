@@ -77,8 +77,12 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
         out[method] = entry
     if baseline in folders:
         for method in folders:
-            if method != baseline and len(folders[method]) == len(folders[baseline]):
-                out[method]["vs_" + baseline] = _paired(matrices[method], matrices[baseline], groups)
+            common = min(len(folders[method]), len(folders[baseline]))  # paired on the seeds both have
+            if method != baseline:
+                out[method]["vs_" + baseline] = _paired({s: m[:common] for s, m in matrices[method].items()},
+                                                        {s: m[:common] for s, m in matrices[baseline].items()},
+                                                        groups)
+                out[method]["vs_" + baseline]["seeds"] = common
     return out
 
 
@@ -124,8 +128,9 @@ def markdown(results: Dict[str, Any], title: str = "") -> str:
         lines.append(f"| {LABELS['pretrained']} | " + " | ".join(_pct(start[c]) if c in start else "" for c in columns)
                      + " |")
     for method, scores in methods.items():
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(_cell(scores[c]) if c in scores else ""
-                                                                       for c in columns) + " |")
+        seeds = len(scores[subsets[0]]["runs"])
+        label = LABELS.get(method, method) + (f" ({seeds} seeds)" if seeds != protocol["seeds"] else "")
+        lines.append(f"| {label} | " + " | ".join(_cell(scores[c]) if c in scores else "" for c in columns) + " |")
     return "\n".join(lines + ["", paired_markdown(methods), curves_markdown(methods)]) + "\n"
 
 
@@ -203,6 +208,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
     keys = reported(results["protocol"]["world"]["subsets"]) + (
         [RETRIEVAL_KEY] if results["protocol"]["world"]["retrieval"] else [])
     width = 0.8 / max(1, len(methods))
+    start = results["protocol"].get("start") or {}
     fig, (ax, curves) = plt.subplots(1, 2, figsize=(max(7, 1.2 * len(keys) + 2) + 5, 4.2),
                                      gridspec_kw={"width_ratios": [max(7, 1.2 * len(keys) + 2), 5]})
     for i, (method, scores) in enumerate(methods.items()):
@@ -211,11 +217,11 @@ def plot(results: Dict[str, Any], path: str) -> None:
         errors = [[100 * (scores[k]["mean"] - scores[k].get("ci", [scores[k]["mean"]] * 2)[0]) for k in keys],
                   [100 * (scores[k].get("ci", [0, scores[k]["mean"]])[1] - scores[k]["mean"]) for k in keys]]
         bars = ax.bar(xs, means, width, yerr=errors, label=LABELS.get(method, method), capsize=2)
+        origin = [(0, start["relation_swap"])] if "relation_swap" in start else []
         for curve in scores.get("curves", {}).get("relation_swap", []):
             if curve:
-                curves.plot(*zip(*[(s, 100 * v) for s, v in curve]), color=bars.patches[0].get_facecolor(),
+                curves.plot(*zip(*[(s, 100 * v) for s, v in origin + curve]), color=bars.patches[0].get_facecolor(),
                             linewidth=1, alpha=0.8)
-    start = results["protocol"].get("start") or {}
     for k, key in enumerate(keys):
         if key in start:
             ax.hlines(100 * start[key], k - 0.42, k + 0.42, colors="black", linestyles="dashed", linewidth=1)
@@ -352,8 +358,7 @@ def mechanism_markdown(results: Dict[str, Any]) -> str:
              f"captions, all three targets right: {100 * probe['probe_accuracy_before']['all']:.1f} % from the "
              f"start's frozen text features, {100 * probe['probe_accuracy_after']['all']:.1f} % after the probe "
              "training.", "",
-             _scores_line("Start", protocol["start"], columns),
-             _scores_line("Probe start", protocol["probe_start"], columns), "",
+             _scores_line("Start", protocol["start"], columns), "",
              *_header(columns, ["steps to 70 %"]), *_method_rows(results["methods"], columns)]
     return "\n".join(lines) + "\n"
 
@@ -362,7 +367,7 @@ def c2lip_markdown(results: Dict[str, Any]) -> str:
     columns = ["relation_swap", "attribute_swap", "binding", "object_replace", "attribute_replace", RETRIEVAL_KEY]
     siglip = results["siglip"]
     lines = ["## C2LIP as published: SigLIP tower with a learned logit bias", "",
-             "`compclip-tiny-sincos-siglip` (logit scale 10, bias −10 at the start), its own bag-of-words start "
+             "`compclip-tiny-sincos-bias` (logit scale 10, bias −10 at the start), its own bag-of-words start "
              "(SigLIP loss on shuffled captions), then C2LIP = SigLIP + 1.0 NPC + 0.01 XAC. `owner`: NPC's "
              "positives are each image's own concepts (the released code); `phrase`: every concept with the "
              "phrase of one of the image's own concepts is a positive. `bias` / `nobias`: NPC and XAC score with "

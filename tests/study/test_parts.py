@@ -1,0 +1,64 @@
+"""The study's parts, piece by piece without training: the relation probe's targets read from captions (against
+the scenes they were written from), the manifest without relation-swap negatives, C2LIP's 2 x 2 configs and the
+relation curves' reading of a run's metrics."""
+import json
+import os
+
+import pytest
+
+from compclip.child_run import Benchmark
+from compclip.data import synthetic
+from compclip.study.experiments import C2LIP_TERMS, SIGLIP_ARCH, c2lip_specs, without_relation_swap
+from compclip.study.mechanism import relation_target
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_probe_targets_are_the_scene_s_left_or_top_colour_whatever_the_phrasing(fraction):
+    colours = sorted(synthetic.COLOURS)
+    for index in range(300):
+        sample = synthetic.make_sample(0, "train", index, max_objects=2, converse_fraction=fraction)
+        (a, relation, b), = sample["scene"]["relations"]
+        objects = sample["scene"]["objects"]
+        first, second = (a, b) if relation in ("left", "above") else (b, a)  # the left / top object first
+        assert objects[first]["cell"][1 if relation in ("left", "right") else 0] < \
+            objects[second]["cell"][1 if relation in ("left", "right") else 0]
+        expected = (colours.index(objects[first]["colour"]), colours.index(objects[second]["colour"]),
+                    0 if relation in ("left", "right") else 1)
+        assert relation_target(sample["caption"], colours) == expected, sample["caption"]
+
+
+def test_manifest_without_relation_swap_marks_exactly_those_negatives_invalid(tmp_path):
+    paths = synthetic.generate_world(str(tmp_path / "w"), 12, 4, seed=1, image_size=16, workers=1, max_objects=2,
+                                     converse_fraction=0.0)
+    world = Benchmark.synthetic(paths)
+    without = without_relation_swap(world)
+    assert without.train_manifest != world.train_manifest and without.sugarcrepe == world.sugarcrepe
+    with open(world.train_manifest) as a, open(without.train_manifest) as b:
+        for before, after in zip(map(json.loads, a), map(json.loads, b)):
+            assert after["negatives"] == before["negatives"] and after["image"] == before["image"]
+            for kind, old, new in zip(before["negative_types"], before["valid"], after["valid"]):
+                assert new == (old and kind != "relation_swap")
+    assert os.path.dirname(without.train_manifest) == os.path.dirname(world.train_manifest)  # images resolve alike
+
+
+def test_c2lip_two_by_two_configs():
+    specs = {spec.name: spec for spec in c2lip_specs(seeds=1)}
+    assert sorted(specs) == sorted(["c2lip-owner-bias-seed0", "c2lip-owner-nobias-seed0", "c2lip-phrase-bias-seed0",
+                                    "c2lip-phrase-nobias-seed0", "c2lip-npc0.1-seed0", "c2lip-npc0.3-seed0",
+                                    "siglip-seed0"])
+    assert all(spec.arch == SIGLIP_ARCH for spec in specs.values())
+    cell = specs["c2lip-phrase-nobias-seed0"].loss
+    assert cell["terms"] == C2LIP_TERMS and cell["terms"]["siglip"] == 1.0
+    assert cell["options"] == {"npc": {"labels": "phrase", "use_bias": False}, "xac": {"use_bias": False}}
+    assert specs["c2lip-npc0.1-seed0"].loss["terms"]["npc"] == 0.1
+    assert specs["siglip-seed0"].loss == {"method": "clip"}  # CLIP's method: SigLIP on a tower with a bias
+
+
+def test_the_siglip_tower_has_a_learned_bias_and_siglip_s_start():
+    import math
+
+    from compclip.models import build_model
+
+    model = build_model(SIGLIP_ARCH)[0]
+    assert model.logit_bias.item() == -10.0 and model.logit_bias.requires_grad
+    assert math.exp(model.logit_scale.item()) == pytest.approx(10.0)
