@@ -117,6 +117,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 results = results["main"][profile.world_seeds[0]]
     except StudyError as error:
         raise SystemExit(f"python -m compclip.study: {error}")
-    print(f"study: {time.time() - t0:.0f}s; {out}/results.json, results.md, results.png, text_only (in "
-          "results.md), runs/")
+    print(f"study: {time.time() - t0:.0f}s; results in {out} (results.md, and each part's folder)")
     return results

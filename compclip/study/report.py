@@ -291,7 +291,7 @@ def dose_plot(by_dose: Dict[str, Any], path: str) -> None:
     methods = list(next(iter(by_dose.values()))["methods"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
     styles = ["-", "--", "-.", ":"]
-    for index, method in enumerate(methods):
+    for method in methods:
         entries = [by_dose[d]["methods"].get(method) for d in by_dose]
         points = [(x, e["relation_swap"]) for x, e in zip(doses, entries) if e and "relation_swap" in e]
         if not points:
@@ -308,12 +308,13 @@ def dose_plot(by_dose: Dict[str, Any], path: str) -> None:
             means = [statistics.fmean(dict(c)[s] for c in curves if s in dict(c)) for s in steps]
             if steps:
                 right.plot(steps, [100 * m for m in means], styles[d % len(styles)], color=colour, linewidth=1,
-                           label=f"{LABELS.get(method, method)}, {dose}" if index == 0 or d == 0 else None)
+                           label=f"{LABELS.get(method, method)}, {dose}")
     for axis in (left, right):
         axis.axhline(50, color="grey", linewidth=0.6)
         axis.axhline(100 * THRESHOLD, color="grey", linewidth=0.6, linestyle=":")
         axis.set_ylim(30, 100)
         axis.set_ylabel("relation swap (%)")
+    left.set_xlim(-0.03, max(0.53, max(doses) + 0.03))
     left.set_xlabel("share of captions with the converse phrasing")
     left.set_title("dose-response (95 % interval over seeds and items)")
     left.legend(fontsize=7)
