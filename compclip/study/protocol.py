@@ -45,6 +45,9 @@ class Profile:
     lrs: Tuple[float, ...] = ()
     """The learning rates of the per-method sweep on validation (`--full`); empty = the schedule's lr for all."""
     experiments: Tuple[str, ...] = ("main",)
+    ablations: bool = False
+    """The c2lip part's NPC weight sweep and leave-one-negative-type-out runs (`--full`); without, its 2 x 2 and
+    baseline only."""
 
 
 SPLIT = {"num_train": 10000, "num_val": 500, "num_test": 1100}
@@ -58,7 +61,7 @@ PROFILES: Dict[str, Profile] = {
     "default": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=3,
                        curve_every=100),
     "full": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=5,
-                    curve_every=50, world_seeds=(0, 1), lrs=(1e-3, 2e-3, 4e-3),
+                    curve_every=50, world_seeds=(0, 1), lrs=(1e-3, 2e-3, 4e-3), ablations=True,
                     experiments=("lr", "main", "dose", "mechanism", "c2lip", "retention")),
     "quick": Profile(
         world=dict(BUILTIN_WORLD, num_train=384, num_val=64, num_test=64),

@@ -376,13 +376,15 @@ def c2lip_markdown(results: Dict[str, Any]) -> str:
              "the swap mean from SigLIP fine-tuning (CLIP's method on this tower) [95 % CI].", "",
              _scores_line("Start", siglip["start"], columns), "",
              *_header(columns, ["steps to 70 %", "Δ swap mean vs SigLIP"]),
-             *_method_rows(siglip["methods"], columns, baseline="siglip"), "",
-             "### Leave one negative type out", "",
-             "NegCLIP, CE-CLIP and DeGLA trained with their relation-swap negatives marked invalid (`-norel`; the "
-             "other three types kept), on the main world and start, against the same methods with all four. C2LIP "
-             "uses no hard negatives at all. Δ: paired difference of the swap mean from CLIP [95 % CI].", "",
-             *_header(columns, ["steps to 70 %", "Δ swap mean vs CLIP"]),
-             *_method_rows(results["leave_one_out"]["methods"], columns, baseline="clip")]
+             *_method_rows(siglip["methods"], columns, baseline="siglip")]
+    if not results.get("leave_one_out"):
+        return "\n".join(lines + ["", "(The NPC weight sweep and leave-one-negative-type-out run with `--full`.)"]) + "\n"
+    lines += ["", "### Leave one negative type out", "",
+              "NegCLIP, CE-CLIP and DeGLA trained with their relation-swap negatives marked invalid (`-norel`; the "
+              "other three types kept), on the main world and start, against the same methods with all four. "
+              "C2LIP uses no hard negatives at all. Δ: paired difference of the swap mean from CLIP [95 % CI].", "",
+              *_header(columns, ["steps to 70 %", "Δ swap mean vs CLIP"]),
+              *_method_rows(results["leave_one_out"]["methods"], columns, baseline="clip")]
     return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,9 @@ def test_manifest_without_relation_swap_marks_exactly_those_negatives_invalid(tm
 
 
 def test_c2lip_two_by_two_configs():
+    assert sorted(spec.name for spec in c2lip_specs(seeds=1, ablations=False)) == sorted([
+        "c2lip-owner-bias-seed0", "c2lip-owner-nobias-seed0", "c2lip-phrase-bias-seed0", "c2lip-phrase-nobias-seed0",
+        "siglip-seed0"])
     specs = {spec.name: spec for spec in c2lip_specs(seeds=1)}
     assert sorted(specs) == sorted(["c2lip-owner-bias-seed0", "c2lip-owner-nobias-seed0", "c2lip-phrase-bias-seed0",
                                     "c2lip-phrase-nobias-seed0", "c2lip-npc0.1-seed0", "c2lip-npc0.3-seed0",
