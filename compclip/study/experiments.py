@@ -102,7 +102,7 @@ def protocol(study: Study, benchmark: Benchmark, start: str, start_scores: Dict[
     from compclip.plots import read_metrics
 
     first = next(iter(folders.values()))[0]
-    return {"profile": study.profile, "arch": extra.pop("arch", study.profile.arch), "start": start_scores,
+    return {"profile": _plain(study.profile), "arch": extra.pop("arch", study.profile.arch), "start": start_scores,
             "start_checkpoint": start, "finetune": study.profile.finetune,
             "finetune_steps": max(step for step, _ in read_metrics(first)["loss"]),
             "batch_size": study.profile.batch_size, "num_negatives": study.profile.num_negatives,
