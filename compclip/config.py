@@ -154,8 +154,13 @@ class LogConfig(Section):
     """Also write a DeepSpeed checkpoint when N minutes of wall clock have passed since the last such save, at
     the same optimizer step on every rank (0 = off). For preemptible jobs; SIGTERM always saves."""
     keep_checkpoints: int = 0
-    """Keep the newest N complete DeepSpeed checkpoints; older ones are deleted once a newer one is complete
-    (0 = keep all)."""
+    """Keep the newest N complete DeepSpeed checkpoints of the current line (README, 'Long runs'); older ones are
+    deleted once a newer one is complete (0 = keep all)."""
+    keep_abandoned: bool = True
+    """When a run resumes a tag other than the newest of its line (or falls back from a damaged one, or starts
+    afresh in a folder with checkpoints), the tags it leaves behind are moved to
+    `checkpoints/deepspeed/abandoned/line<L>/` (true) or deleted (false). True by default: they may be hours of
+    work, and a resume of the wrong tag should cost disk space, not the work."""
     keep_exports: int = 0
     """Keep the newest N exports epoch_N.pt (0 = keep all)."""
     save_deepspeed: bool = True

@@ -69,6 +69,9 @@ class ResolvedRun:
     """The bag-of-words start (compclip.bow.BowStart) to train before the model is built."""
     resume: Optional[Tuple[Path, str]] = None
     """(DeepSpeed checkpoint folder, tag) to continue from."""
+    resume_fallbacks: Tuple[Tuple[Path, str], ...] = ()
+    """The tags to try in order when `resume` fails verification (its ancestors on the current line; none for an
+    explicit tag). The trainer verifies them with every rank (compclip.trainer.checkpoint.Checkpointer.verified)."""
     init_from: Optional[Tuple[Path, str]] = None
     """(DeepSpeed checkpoint folder, tag) whose weights start the run."""
     layers: Tuple[str, ...] = ()
@@ -111,16 +114,17 @@ def resolve(cfg: TrainConfig, world_size: int = 1, *, run_name: Optional[str] = 
     derived = merge_dicts(derived, {"data": {"batch_size": micro}})
     _model(cfg, derived, start)
     _evaluation(cfg, derived, synthetic)
-    run, resume = _run_folder(cfg, derived, run_name)
+    run, located = _run_folder(cfg, derived, run_name)
+    resume, fallbacks = (located[0], tuple(located[1:])) if located else (None, ())
     config = from_dict(merge_dicts(to_dict(cfg), derived))
     ds_config, overrides = deepspeed_config(config, world_size, accumulation)
     if resume is not None:
         _check_resume_world(resume, world_size)
-    init = _locate("init_from", config.init_from) if config.init_from else None
+    init = _locate("init_from", config.init_from)[0] if config.init_from else None
     seal(config)
     seal(requested)
     return ResolvedRun(config, requested, world_size, run, accumulation, contrastive, loader_batch, ds_config,
-                       tuple(overrides), synthetic, start, resume, init, tuple(layers))
+                       tuple(overrides), synthetic, start, resume, fallbacks, init, tuple(layers))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,15 +400,16 @@ def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "")
 # The run folder and the checkpoints it continues from
 
 
-def _locate(key: str, spec: str, run: Optional[runfolder.RunFolder] = None) -> Tuple[Path, str]:
+def _locate(key: str, spec: str, run: Optional[runfolder.RunFolder] = None) -> List[Tuple[Path, str]]:
+    """The tags a resume (init_from) of `spec` tries, in order (compclip.runfolder.candidates)."""
     try:
-        return runfolder.locate(spec, run, warn=False)
+        return runfolder.candidates(spec, run, warn=False)
     except runfolder.CheckpointNotFound as error:
         raise ConfigError(f"{key}: {error}") from None
 
 
 def _run_folder(cfg: TrainConfig, derived: Dict[str, Any],
-                run_name: Optional[str]) -> Tuple[runfolder.RunFolder, Optional[Tuple[Path, str]]]:
+                run_name: Optional[str]) -> Tuple[runfolder.RunFolder, List[Tuple[Path, str]]]:
     log, resume = cfg.log, cfg.resume
     logs, name = log.logs, log.name
     if resume and resume != "latest" and not name:
@@ -418,11 +423,14 @@ def _run_folder(cfg: TrainConfig, derived: Dict[str, Any],
     name = name or run_name or default_run_name(cfg)
     derived.setdefault("log", {}).update(logs=logs, name=name)
     run = runfolder.RunFolder(Path(logs) / name)
-    return run, (_locate("resume", resume, run) if resume else None)
+    return run, (_locate("resume", resume, run) if resume else [])
 
 
 def _check_resume_world(resume: Tuple[Path, str], world_size: int) -> None:
-    saved = runfolder.marker(resume[0] / resume[1]).get("world_size")
+    try:
+        saved = runfolder.marker(resume[0] / resume[1]).get("world_size")
+    except runfolder.CheckpointNotFound as error:
+        raise ConfigError(f"resume: {error}") from None
     if saved is not None and saved != world_size:
         raise ConfigError(f"resume: {resume[0] / resume[1]} was written by {saved} ranks, this run has {world_size}; "
                           "use init_from to continue on a different number of ranks")

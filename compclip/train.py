@@ -9,7 +9,8 @@
 
 The entry point: parse the command line (compclip.config.request), resolve the run (compclip.resolve), then train
 it (compclip.trainer.Trainer). A configuration mistake is one message that names the key and exit status 2, before
-any process group starts, printed once under the launcher (by rank 0; the other ranks exit 2 silently).
+any process group starts (a checkpoint to resume that fails verification: once the ranks have checked it
+together), printed once under the launcher (by rank 0; the other ranks exit 2 silently).
 """
 from __future__ import annotations
 
@@ -96,7 +97,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     engine.single_process_environment()
     engine.init_process_group()
-    trainer = Trainer(_agreed(run))
+    try:
+        trainer = Trainer(_agreed(run))
+    except ConfigError as error:  # found once ranks could look together (a checkpoint that fails verification)
+        fail(error)
     result = trainer.train()
     if trainer.rank == 0 and not result["preempted"]:
         final_report(trainer.run, f"{trainer.method.describe()} — {result['steps']} steps in {time.time() - t0:.0f}s "

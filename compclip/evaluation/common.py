@@ -10,6 +10,10 @@ class EvalDataError(ValueError):
     """An annotation file or one of its items cannot be used; the message names the file and the item."""
 
 
+class EvaluationStopped(Exception):
+    """The caller's `should_stop` asked to stop between two batches (a preemption); there is no result."""
+
+
 def data_error(source, item, message: str) -> EvalDataError:
     return EvalDataError(f"{source}: item {item}: {message}")
 

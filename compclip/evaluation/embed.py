@@ -18,7 +18,7 @@ from PIL import Image
 
 from compclip.progress import Progress
 
-from .common import data_error
+from .common import EvaluationStopped, data_error
 
 log = logging.getLogger("compclip.evaluation")
 
@@ -82,7 +82,7 @@ class Embedder:
     """Encodes images and texts with an open_clip model, in batches, caching by image key and by text."""
 
     def __init__(self, model, preprocess, tokenizer, device, *, batch_size: int = 64, num_workers: int = 0,
-                 precision: str = "amp", progress: bool = True):
+                 precision: str = "amp", progress: bool = True, should_stop: Optional[Callable[[], bool]] = None):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -95,6 +95,11 @@ class Embedder:
         self._texts: Dict[str, torch.Tensor] = {}
         self.images_encoded = 0  # counts forward passes' rows: tests check that the cache works
         self.texts_encoded = 0
+        self.should_stop = should_stop  # asked before every batch: a preempted run stops within one batch
+
+    def _check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise EvaluationStopped(f"stopped after {self.images_encoded} images and {self.texts_encoded} texts")
 
     def _autocast(self):
         if self.precision == "amp" and self.device.type == "cuda":
@@ -126,6 +131,7 @@ class Embedder:
             position = 0
             with self._progress(len(todo), f"embed {desc}", "images") as progress:
                 for batch in loader:
+                    self._check_stop()
                     with self._autocast():
                         features = self.model.encode_image(batch.to(self.device, dtype=dtype))
                     features = F.normalize(features.float(), dim=-1).cpu()
@@ -144,6 +150,7 @@ class Embedder:
         todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
         with self._progress(len(todo), f"embed {desc}", "texts") as progress:
             for start in range(0, len(todo), self.batch_size):
+                self._check_stop()
                 chunk = todo[start:start + self.batch_size]
                 tokens = self.tokenizer(chunk).to(self.device)
                 with self._autocast():

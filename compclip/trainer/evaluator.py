@@ -1,6 +1,7 @@
 """The run's evaluations and its final report: the `before` evaluation of the initial model, each due evaluation of
-an epoch's full weights (rank 0 evaluates, the others wait), and the before -> after table with the export and how
-to load it, printed at the end.
+an epoch's full weights (rank 0 evaluates, the others wait; a SIGTERM stops it between two batches:
+compclip.trainer.preemption.SaveSchedule.on_rank0), and the before -> after table with the export and how to load
+it, printed at the end.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -39,31 +40,52 @@ def summary_table(before: Optional[Dict], after: Optional[Dict]) -> str:
     return format_table(runs) if runs else ""
 
 
-def evaluate_model(clip, preprocess, tokenizer, eval_cfg, device: torch.device, out_dir: Path, label: str,
-                   rank: int) -> Optional[Dict[str, Dict[str, float]]]:
-    """Evaluate an unwrapped open_clip model on rank 0 (the others wait) and log its headline numbers."""
-    results = None
-    if rank == 0:
-        from compclip.evaluation import evaluate
+OnRank0 = Callable[[Callable[[Callable[[], bool]], Any]], Any]
+"""Runs `work(should_stop)` on rank 0 while the other ranks wait; rank 0's result (SaveSchedule.on_rank0)."""
 
+
+def at_barrier(rank: int) -> OnRank0:
+    """The plain `OnRank0`: rank 0 works, the others wait at a barrier, and nothing stops the work."""
+    def run(work):
+        result = work(lambda: False) if rank == 0 else None
+        torch.distributed.barrier()
+        return result
+    return run
+
+
+def evaluate_model(clip, preprocess, tokenizer, eval_cfg, device: torch.device, out_dir: Path, label: str,
+                   rank: int, on_rank0: Optional[OnRank0] = None) -> Optional[Dict[str, Dict[str, float]]]:
+    """Evaluate an unwrapped open_clip model on rank 0 while the others wait (`on_rank0`, default `at_barrier`)
+    and log its headline numbers. None on the other ranks, and when `should_stop` stopped it (nothing written)."""
+    from compclip.evaluation import EvaluationStopped, evaluate
+
+    def work(should_stop):
         t0 = time.time()
-        results = evaluate(clip.to(device), preprocess, tokenizer, eval_cfg, device, out_dir=str(out_dir),
-                           label=label)
+        try:
+            results = evaluate(clip.to(device), preprocess, tokenizer, eval_cfg, device, out_dir=str(out_dir),
+                               label=label, should_stop=should_stop)
+        except EvaluationStopped as stopped:
+            logger.warning("evaluation %s: SIGTERM, %s (%.1fs); it runs again on --resume", label, stopped,
+                           time.time() - t0)
+            return None
         logger.info("evaluation %s (%.1fs): %s", label, time.time() - t0, json.dumps(headline(results)))
-    torch.distributed.barrier()
-    return results
+        return results
+
+    return (on_rank0 or at_barrier(rank))(work)
 
 
 class Evaluator:
-    """The run's evaluations: `before` on the initial model, and each due one on the full weights of an epoch."""
+    """The run's evaluations: `before` on the initial model, and each due one on the full weights of an epoch.
+    `on_rank0`: how rank 0 evaluates while the others wait (the run's SaveSchedule.on_rank0)."""
 
-    def __init__(self, preprocess, tokenizer, eval_cfg, device: torch.device, run_dir: Path, rank: int, metrics):
+    def __init__(self, preprocess, tokenizer, eval_cfg, device: torch.device, run_dir: Path, rank: int, metrics,
+                 on_rank0: Optional[OnRank0] = None):
         self.preprocess, self.tokenizer, self.cfg, self.device = preprocess, tokenizer, eval_cfg, device
-        self.run_dir, self.rank, self.metrics = run_dir, rank, metrics
+        self.run_dir, self.rank, self.metrics, self.on_rank0 = run_dir, rank, metrics, on_rank0
 
     def model(self, clip, label: str) -> Optional[Dict[str, Dict[str, float]]]:
         return evaluate_model(clip, self.preprocess, self.tokenizer, self.cfg, self.device,
-                              self.run_dir / "eval" / label, label, self.rank)
+                              self.run_dir / "eval" / label, label, self.rank, self.on_rank0)
 
     def state(self, state: Dict[str, torch.Tensor], model_cfg, label: str,
               step: int) -> Optional[Dict[str, Dict[str, float]]]:

@@ -3,8 +3,10 @@ once, run one after the other from a JSON plan. A world costs its training, not 
 
     python tests/trainer/fork_world.py PLAN.json RESULTS.json LOG_DIR
 
-PLAN: a list of {"argv": [...], "ranks": N, "env": {...}}; RESULTS: per world {"codes": [...], "seconds": s},
-the exit status of each rank (negative: killed by that signal). Like a launcher, when a rank is killed by a
+PLAN: a list of {"argv": [...], "ranks": N, "env": {...}, "damage": [[how, glob], ...]}; RESULTS: per world
+{"codes": [...], "seconds": s}, the exit status of each rank (negative: killed by that signal). `damage` is done to
+the files matching each glob before the world starts, as a power loss or a failing disk would leave them:
+`truncate` (to half their size) or `flip` (one byte in the middle inverted). Like a launcher, when a rank is killed by a
 signal the supervisor SIGKILLs the others (a node that dies takes its job with it); when one exits with an error
 the others get a grace period, then SIGKILL. Each rank's output goes to LOG_DIR/world<i>_rank<r>.log.
 """
@@ -75,10 +77,28 @@ def _supervise(pids):
     return [codes[pid] for pid in pids]
 
 
+def damage(how, pattern):
+    """Truncate or flip the files matching `pattern`; at least one must match (a test that damages nothing proves
+    nothing)."""
+    import glob
+
+    paths = sorted(glob.glob(pattern))
+    assert paths, f"nothing to damage matches {pattern}"
+    for path in paths:
+        data = bytearray(Path(path).read_bytes())
+        if how == "truncate":
+            data = data[:len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        Path(path).write_bytes(bytes(data))
+
+
 def main(plan_path, results_path, log_dir):
     plan = json.loads(Path(plan_path).read_text())
     results = []
     for index, world in enumerate(plan):
+        for how, pattern in world.get("damage", ()):
+            damage(how, pattern)
         start, port, ranks = time.time(), free_port(), world["ranks"]
         pids = []
         for rank in range(ranks):
