@@ -106,8 +106,8 @@ class OptimConfig(Section):
     contrastive_batch: int = 0
     """Samples one loss sees, over all ranks (0 = data.batch_size x world size). Larger than what fits: one step
     caches the features of every chunk of data.batch_size per rank without autograd, takes the global-batch loss's
-    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.gradcache; ~1.3-1.5x
-    the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
+    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.trainer.gradcache;
+    ~1.3-1.5x the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
     Cached per rank: B/world x (2 + K + concepts/sample) x D features and, for C2LIP's XAC, the visual tokens
     B/world x L x D in the compute dtype (e.g. ViT-B/32 at 224 px, B/world = 4096: 4096 x 49 x 512 x 2 bytes = 206
     MB in bf16), each twice (values and gradients)."""

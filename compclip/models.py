@@ -98,7 +98,7 @@ def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
     tests/test_packaging.py), and even the pinned version's non-ZeRO gradient clipping multiplies their gradient
     by a [1]-shaped coefficient in place, which raises. open_clip itself offers [1]-shaped scales
     (`nonscalar_logit_scale`) and its loader reshapes them, but our export restores the stock 0-dim shape
-    anyway (`compclip.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
+    anyway (`compclip.trainer.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
     """
     promoted = []
     for name, param in list(model.named_parameters()):
@@ -240,7 +240,7 @@ class Encoder(nn.Module):
 
 # --------------------------------------------------------------------------------------------------------------
 # Parameter groups and the export (the logit-scale clamp and the full fp32 gather are DeepSpeed's side:
-# compclip.engine)
+# compclip.trainer.engine)
 
 
 def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:

@@ -409,7 +409,8 @@ def render(plan: Plan, layers: Tuple[str, ...] = ()) -> str:
                                             in plan.lr.items()),
               f"batch: global {run.global_batch:,} images per optimizer step = {run.micro_batch} per rank x "
               f"{run.accumulation} x {run.world_size} rank(s); contrastive batch {run.contrastive_batch:,} (one "
-              f"loss over all ranks){f', in {run.chunks} chunks of {run.micro_batch} per rank' if run.chunks > 1 else ''}",
+              f"loss over all ranks)" + (f", in {run.chunks} chunks of {run.micro_batch} per rank" if run.chunks > 1
+                                          else ""),
               f"distribution: ZeRO stage {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}"
               + (", optimizer offloaded" if cfg.deepspeed.offload_optimizer else "")
               + (", parameters offloaded" if cfg.deepspeed.offload_param else ""), ""]
