@@ -18,6 +18,7 @@ import re
 import sys
 from typing import List, Optional
 
+from .common import exit_on_bad_input
 from .config import EvalConfig, field_docs
 from .loading import ModelSpec, load_model, spec_from_run
 
@@ -121,6 +122,7 @@ def model_specs(args) -> List[ModelSpec]:
     return specs
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
