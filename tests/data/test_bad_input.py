@@ -125,6 +125,10 @@ def test_broken_pickles_name_the_file(tmp_path):
         load_npy(short)
     with pytest.raises(CorruptPickleError, match="r.npy: not a .npy file"):
         load_npy(_write(tmp_path / "r.npy", os.urandom(64)))
+    # a frame that declares 100 bytes and holds 3: the pure-Python unpickler alone would return []
+    short_frame = _write(tmp_path / "f.pkl", b"\x80\x04\x95" + (100).to_bytes(8, "little") + b"]\x94.")
+    with pytest.raises(CorruptPickleError, match=r"f.pkl: not a readable pickle .*truncated \(3 of 100 bytes\)"):
+        load_pickle(short_frame)
 
 
 class _Allocate:
@@ -142,6 +146,20 @@ def test_a_pickle_cannot_allocate_by_a_size_alone(tmp_path, kind, refused):
     path = _write(tmp_path / "bomb.pkl", pickle.dumps([_Allocate(kind)]))
     with pytest.raises(UnsafePickleError, match=f"bomb.pkl: .*{refused}"):
         load_pickle(path)
+
+
+def test_a_huge_memo_index_costs_one_entry_not_a_table_of_that_size(tmp_path):
+    """`LONG_BINPUT 3000000000` made the C unpickler zero-fill a 24-48 GB memo table for a 12-byte file (the
+    fuzz run was killed for memory); the restricted unpickler's memo is a dict."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    path = _write(tmp_path / "memo.pkl", b"\x80\x02]r" + (3_000_000_000).to_bytes(4, "little") + b".")
+    assert load_pickle(path) == []
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB
+    bomb = _write(tmp_path / "bytes.pkl", b"\x80\x05\x96" + (30 * 10**9).to_bytes(8, "little") + b"ab.")
+    with pytest.raises(UnsafePickleError, match=r"bytes.pkl: refusing BYTEARRAY8 of 30000000000 bytes"):
+        load_pickle(bomb)
 
 
 # ---- shards ----------------------------------------------------------------------------------------------------------
