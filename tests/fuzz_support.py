@@ -407,8 +407,9 @@ def struct_mutation(draw, document: JsonDocument, kinds=STRUCT_KINDS) -> str:
     if kind == "extra_field":
         if containers:
             obj = _get(document.value, draw(st.sampled_from(containers)))
-            obj[draw(st.sampled_from(["extra", "notes", "image ", "__proto__"]))] = draw(
-                st.sampled_from([1, "x", [1, 2], {"a": None}, None]))
+            value = draw(st.sampled_from([1, "x", [1, 2], {"a": None}, None, "surrogate"]))
+            obj[draw(st.sampled_from(["extra", "notes", "image ", "__proto__"]))] = (
+                document.placeholder('"\\udcff"') if value == "surrogate" else value)
         return kind
     if kind == "duplicate_key":
         dicts = [p for p in containers if _get(document.value, p)]

@@ -61,7 +61,7 @@ def read_karpathy(path: str, splits: Collection[str], error: ErrorType = InputEr
         raise error(f"{path}: expected a Karpathy-split JSON {{\"images\": [...]}}")
     out, seen_splits = [], set()
     for index, image in enumerate(data["images"]):
-        item = image.get("imgid", image.get("cocoid", index)) if isinstance(image, dict) else index
+        item = str(image.get("imgid", image.get("cocoid", index)))[:80] if isinstance(image, dict) else index
         if not isinstance(image, dict):
             raise _item_error(error, path, index, f"expected an object, got {type(image).__name__}")
         filename = _text(image.get("filename"), "filename", path, item, error)

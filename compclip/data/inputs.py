@@ -165,8 +165,8 @@ def whole_number(value: Any, field: str) -> int:
     ValueError naming `field` otherwise (NaN, infinities, negatives, fractions, booleans, other types)."""
     if isinstance(value, bool):
         raise ValueError(f"field {field!r} must be a non-negative integer, got {value!r}")
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) < 4300:
+        return int(value.strip())  # (Python's int() refuses longer digit strings)
     if isinstance(value, numbers.Integral):
         number = int(value)
     elif isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer():

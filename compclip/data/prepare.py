@@ -61,6 +61,12 @@ def read_input(path: str, input_format: str, image_root: str = "", *, image_temp
     for line, row in iter_rows(path, fmt):
         record = make_record(row, f"{path}:{line}", base)
         extra = {k: v for k, v in row.items() if k not in ("image", "caption", "negatives", "valid", "concepts")}
+        for key, value in extra.items():  # kept in the output, so they must be writable back as UTF-8 JSON
+            try:
+                json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ManifestError(f"{record.source}: field {key[:80]!r} holds text that is not valid Unicode "
+                                    f"({error.reason})") from None
         rows.append({**extra, **record.to_json()})
         sources.append(record.source)
     if not rows:

@@ -52,6 +52,18 @@ def test_malformed_manifests_name_file_line_and_field(tmp_path, suffix, data, me
         read_manifest(path, image_root=str(tmp_path))
 
 
+def test_prepare_refuses_an_extra_field_it_could_not_write_back(tmp_path, capsys):
+    """compclip-prepare keeps fields it does not use; one holding a lone surrogate crashed its JSONL writer."""
+    from compclip.data import prepare
+
+    path = _write(tmp_path / "m.jsonl", b'{"image": "a.png", "caption": "x", "note": "\\udcff"}\n')
+    with pytest.raises(SystemExit) as stopped:
+        prepare.main(["--input", path, "--output", str(tmp_path / "o.jsonl"), "--types", "", "--no-concepts"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"compclip-prepare: error: {path}:1: field 'note' holds text that is not " \
+                                      "valid Unicode (surrogates not allowed)\n"
+
+
 def test_a_long_csv_cell_is_read_not_refused_by_the_csv_module(tmp_path):
     """csv's default field limit (131,072 characters) used to end in a bare csv.Error."""
     negatives = json.dumps(["a long negative " * 10] * 1000)
