@@ -61,7 +61,7 @@ def trainers(tmp_path_factory):
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step(benchmark, rounds, trainers, method):
     trainer, batch = trainers(method)
-    images = batch["images"].shape[0] * trainer.world
+    images = batch["images"].shape[0] * trainer.world_size
     benchmark.group = f"train step {SETTINGS['arch']} batch={images} K=4 {SETTINGS['precision']}"
     benchmark.name = method
     run_case(benchmark, Case(setup=lambda: (batch,), run=trainer.train_step), max(rounds, 3))
@@ -109,14 +109,15 @@ def test_contrastive_batch_ladder(benchmark, rounds, tmp_path_factory, contrasti
     # The loss pass alone (b) on this batch's features: without CUDA the terms run the PyTorch reference, which
     # materialises the B x B(1 + K) logits (O(B^2)); the fused kernels keep it O(B). Peak minus it is what caching
     # itself costs on top of one chunk.
-    from compclip import engine as ds
-    from compclip.gradcache import CachedStep, concat_features, feature_gradients, split_batch
+    from compclip.trainer import engine
+    from compclip.trainer.gradcache import CachedStep, concat_features, feature_gradients, split_batch
 
     chunks = split_batch(batch, CHUNK if mode == "cached" else contrastive)
     cfg = trainer.cfg
     passes = trainer.cached or CachedStep(trainer.engine, trainer.method, trainer.teacher, chunk=contrastive,
-                                          world=1, device=trainer.device, logit_scale_max=cfg.optim.logit_scale_max,
-                                          dtype=ds.COMPUTE_DTYPES[cfg.deepspeed.precision])
+                                          world_size=1, device=trainer.device,
+                                          logit_scale_max=cfg.optim.logit_scale_max,
+                                          dtype=engine.COMPUTE_DTYPES[cfg.deepspeed.precision])
     _, cached = passes.cache(chunks)  # pass (a)
     features = concat_features(cached, [chunk["images"].shape[0] for chunk in chunks])
     workspace = peak_memory(lambda: feature_gradients(trainer.method, features)) / 2**20

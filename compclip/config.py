@@ -1,9 +1,18 @@
-"""The training configuration: nested dataclasses, YAML files, command-line overrides (the DeepSpeed config
-generated from it is `compclip.engine.deepspeed_config`).
+"""The training configuration: the schema (nested dataclasses), YAML files, command-line overrides, and the one rule
+that decides which layers a run starts from (`request`). Deriving values from it (batch arithmetic, the synthetic
+world's paths, the run folder, the DeepSpeed config) is `compclip.resolve`'s job, and nothing else's.
 
-Precedence: command line > YAML (``--config``, may be given several times; later files overlay earlier ones) >
-dataclass defaults. Every key is checked: an unknown key or a value of the wrong type is a ``ConfigError`` that
-names the dotted key, raised before any process group, worker or data file is touched.
+Layers, lowest first:
+1. the dataclass defaults below (what `--help` shows);
+2. the embedded default, `configs/default.yaml` (the synthetic-world demo), only when the command line names no
+   `--config` and no data (`data.train_manifest` / `data.val_manifest`), or names it as `--config default`;
+3. the YAML files of `--config`, in order (a later file overlays an earlier one; `loss.terms` is replaced whole);
+4. the command line (`--section.field=value`).
+With `--resume`, the run's own saved request (`config.requested.yaml` of the checkpoint) replaces layers 1-3, and a
+key given again must keep its value unless it is one of `RESUME_MAY_CHANGE`.
+
+Every key is checked: an unknown key or a value of the wrong type is a ``ConfigError`` that names the dotted key,
+raised before any process group, worker or data file is touched.
 
 Command line: ``--section.field=value`` or ``--section.field value``; values are parsed as YAML
 (``--loss.terms={negclip: 1.0, igc: 0.1}``, ``--optim.betas=[0.9,0.98]``), string fields keep the raw text.
@@ -22,7 +31,7 @@ import yaml
 
 from compclip.data import DataConfig
 from compclip.evaluation import EvalConfig
-from compclip.fields import field_docstrings
+from compclip.fields import Section, field_docstrings
 from compclip.kernels.dispatch import BACKENDS
 
 
@@ -31,28 +40,28 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Which open_clip model to train and where its starting weights come from."""
 
-    arch: str = "compclip-tiny"
+    arch: str = "ViT-B-32"
     """open_clip architecture name (`ViT-B-32`, `ViT-B-16-SigLIP`, ...) or one of compclip/model_configs
     (`compclip-tiny`; `compclip-tiny-sincos`, the same with a fixed 2-D sin-cos position embedding in the image
     tower, the embedded default's and the study's; `compclip-tiny-map`, SigLIP-style)."""
-    pretrained: str = ""
-    """A pretrained tag known to open_clip (`openai`, needs the hub), a local checkpoint path (an open_clip
-    state dict, our `epoch_N.pt` export, or a consolidated fp32 state dict), empty for random init, or
+    pretrained: str = "openai"
+    """A pretrained tag known to open_clip (`openai`, needs the hub or open_clip's cache), a local checkpoint path
+    (an open_clip state dict, our `epoch_N.pt` export, or a consolidated fp32 state dict), empty for random init, or
     `synthetic-bow[:EPOCHS]`: the bag-of-words CLIP of the synthetic world the run trains on (the study's stage 1,
     EPOCHS long if given, trained once by a child run in `<data.synthetic.root>/pretrained/` and reused after;
     the embedded default's is `synthetic-bow:1`)."""
     force_quick_gelu: bool = False
-    """Use QuickGELU activations. Forced on when `pretrained` is `openai`: the OpenAI weights were trained with
-    it, and evaluating them with GELU silently costs accuracy."""
+    """Use QuickGELU activations. Resolved to true when `pretrained` is `openai` (the OpenAI weights were trained
+    with it, and running them with GELU silently costs accuracy), so the run's config.yaml and its exports say so."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass (open_clip's set_grad_checkpointing)."""
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     """The training objective: a method from compclip/methods and its loss-term weights."""
 
     method: str = "negclip"
@@ -72,7 +81,7 @@ class LossConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW, the learning-rate schedule and the length of the run."""
 
     lr: float = 1e-5
@@ -109,7 +118,7 @@ class OptimConfig:
 
 
 @dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(Section):
     """How the model is distributed; turned into a DeepSpeed config by `deepspeed_config()`."""
 
     zero_stage: int = 0
@@ -126,7 +135,7 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Section):
     """Run folder, logging and checkpoints."""
 
     logs: str = "logs"
@@ -156,7 +165,7 @@ class LogConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """A training run. Sections: model, data, loss, optim, deepspeed, eval, log."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -293,13 +302,36 @@ def to_dict(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: Dict[str, Any], overlay: Dict[str, Any], replace_keys: Tuple[str, ...] = ()) -> Dict[str, Any]:
+def from_dict(values: Dict[str, Any]) -> TrainConfig:
+    """A checked TrainConfig from a nested mapping over the dataclass defaults (a saved config.yaml, a study's
+    child config)."""
+    cfg = _build(TrainConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def merge_dicts(base: Dict[str, Any], overlay: Dict[str, Any]) -> Dict[str, Any]:
+    """`overlay` over `base`, section by section; a value that is not a mapping replaces (lists included)."""
     out = dict(base)
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in replace_keys:
-            out[key] = _merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
+    return out
+
+
+def flatten(values: Dict[str, Any], cls=TrainConfig, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: value} of a nested config mapping; a mapping-typed field (loss.terms) is one value."""
+    hints = _hints(cls)
+    out: Dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        tp = hints.get(key)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out.update(flatten(value, tp, dotted + "."))
+        else:
+            out[dotted] = value
     return out
 
 
@@ -348,14 +380,43 @@ def _nest(parts: List[str], value: Any) -> Dict[str, Any]:
 
 # Flags the DeepSpeed launcher and users pass that are not `--section.field`.
 ALIASES = {"deepspeed_config": "deepspeed.config_file"}
-TOP_LEVEL_FLAGS = {"config", "local_rank"}
 
 
-def parse_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]], Optional[int]]:
-    """(YAML files, [(dotted key, raw value)], local_rank) from argv."""
+@dataclass(frozen=True)
+class Args:
+    """The command line, split: YAML files, `(dotted key, raw value)` overrides, and the flags that are not config
+    keys (the launcher's `--local_rank`; `--plan` and its options, see compclip.plan)."""
+
+    configs: Tuple[str, ...] = ()
+    overrides: Tuple[Tuple[str, str], ...] = ()
+    local_rank: Optional[int] = None
+    plan: bool = False
+    plan_gpu_memory: str = ""
+    plan_world_size: int = 0
+
+
+def _flag_value(key: str, raw: str):
+    if key == "local_rank":
+        return int(raw)
+    if key == "plan_world_size":
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"--plan-world-size: expected a positive number of ranks, got {raw!r}")
+        return int(raw)
+    if key == "plan":
+        if raw.lower() not in ("true", "1", "yes"):
+            raise ConfigError(f"--plan takes no value (got {raw!r})")
+        return True
+    return raw
+
+
+FLAGS = {"local_rank", "plan", "plan_gpu_memory", "plan_world_size"}
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """`Args` from argv (`--key=value` or `--key value`; a bare `--key` is `true`)."""
     configs: List[str] = []
     overrides: List[Tuple[str, str]] = []
-    local_rank = None
+    flags: Dict[str, Any] = {}
     args = list(argv)
     i = 0
     while i < len(args):
@@ -368,35 +429,47 @@ def parse_args(argv: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]], O
         else:
             key = arg[2:]
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                # A bare flag is `true` (booleans), e.g. --log.progress
-                raw = "true"
+                raw = "true"  # a bare flag is `true` (booleans), e.g. --log.progress
                 i += 1
             else:
                 raw = args[i + 1]
                 i += 2
-        key = key.replace("-", "_") if key in ("local-rank", "deepspeed-config") else key
+        key = key.replace("-", "_") if "." not in key else key
         key = ALIASES.get(key, key)
         if key == "config":
             configs.append(raw)
-        elif key in ("local_rank",):
-            local_rank = int(raw)
+        elif key in FLAGS:
+            flags[key] = _flag_value(key, raw)
         else:
             overrides.append((key, raw))
-    return configs, overrides, local_rank
+    return Args(tuple(configs), tuple(overrides), **flags)
 
 
 # The method YAMLs ship with the package as `compclip/configs/` (setup.py maps it to the repository's top-level
 # `configs/`); in a source checkout (editable install, or `python compclip/train.py` before installing) they are
 # that top-level folder.
 BUNDLED_CONFIG_DIRS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs")
+EMBEDDED_DEFAULT = "default"
+"""The bundled config (`configs/default.yaml`) layered under a run that names no config and no data."""
+RECIPE_TABLE = "recipes"
+"""`configs/recipes.yaml`: the published-recipe table the bundled configs are tested against; not a run config."""
+DATA_KEYS = ("data.train_manifest", "data.val_manifest")
+"""Naming one of these on the command line means "my data": the embedded default then stays out."""
 
 
 def bundled_configs() -> List[str]:
     """Names `--config` accepts besides paths: `degla`, `tiny`, `tiny/c2lip`, ..."""
     for root in BUNDLED_CONFIG_DIRS:
         if root.is_dir():
-            return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+            names = (str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+            return sorted(name for name in names if name != RECIPE_TABLE)
     return []
+
+
+def recipe_table() -> Dict[str, Dict[str, Any]]:
+    """{bundled config name: its published recipe} (configs/recipes.yaml)."""
+    with open(config_path(RECIPE_TABLE), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
 
 
 def config_path(name: str) -> str:
@@ -412,40 +485,165 @@ def config_path(name: str) -> str:
     return name
 
 
-def load_config(argv: Sequence[str] = (), base: Optional[Dict[str, Any]] = None) -> TrainConfig:
-    """TrainConfig from defaults < `base` < YAML files < command-line overrides."""
-    configs, overrides, _ = parse_args(argv)
-    merged: Dict[str, Any] = dict(base or {})
-    for name in configs:
-        path = config_path(name)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"--config {name}: no such file, nor a bundled config "
-                              f"({', '.join(bundled_configs())})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
-        # `loss.terms` replaces rather than merges: a YAML that names terms means exactly those terms.
-        merged = _merge(merged, loaded)
-        if isinstance(loaded.get("loss"), dict) and "terms" in loaded["loss"]:
-            merged["loss"]["terms"] = loaded["loss"]["terms"]
-    for dotted, raw in overrides:
-        tp, parts = _field_type(dotted)
-        value = _parse_value(raw, tp)
-        if len(parts) >= 2 and parts[-2] == "terms" and parts[0] == "loss" and len(parts) == 3:
-            # --loss.terms.igc=0.1 adds / reweights one term
-            merged = _merge(merged, _nest(parts, value))
-        elif dotted == "loss.terms":
-            merged.setdefault("loss", {})
-            merged["loss"] = dict(merged["loss"], terms=value)
-        else:
-            merged = _merge(merged, _nest(parts, value))
+def read_yaml(name: str) -> Dict[str, Any]:
+    """The mapping of a `--config` file (a path or a bundled name); errors name the file."""
+    path = config_path(name)
+    if Path(path).resolve() == Path(config_path(RECIPE_TABLE)).resolve():
+        raise ConfigError(f"--config {name}: {path} is the published-recipe table, not a run config; use one of "
+                          f"{', '.join(bundled_configs())}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {name}: no such file, nor a bundled config "
+                          f"({', '.join(bundled_configs())})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def _overlay_yaml(merged: Dict[str, Any], loaded: Dict[str, Any]) -> Dict[str, Any]:
+    merged = merge_dicts(merged, loaded)
+    # `loss.terms` replaces rather than merges: a YAML that names terms means exactly those terms.
+    if isinstance(loaded.get("loss"), dict) and "terms" in loaded["loss"]:
+        merged["loss"] = dict(merged["loss"], terms=loaded["loss"]["terms"])
+    return merged
+
+
+def _overlay_override(merged: Dict[str, Any], dotted: str, raw: str) -> Dict[str, Any]:
+    tp, parts = _field_type(dotted)
+    value = _parse_value(raw, tp)
+    if dotted == "loss.terms":  # the whole mapping replaces the terms of lower layers
+        return dict(merged, loss=dict(merged.get("loss", {}), terms=value))
+    # --loss.terms.igc=0.1 adds / reweights one term; every other key replaces its value
+    return merge_dicts(merged, _nest(parts, value))
+
+
+def named_values(args: Args) -> Dict[str, Any]:
+    """The nested mapping the YAML files and command-line overrides give, without any lower layer."""
+    merged: Dict[str, Any] = {}
+    for name in args.configs:
+        merged = _overlay_yaml(merged, read_yaml(name))
+    for dotted, raw in args.overrides:
+        merged = _overlay_override(merged, dotted, raw)
+    return merged
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a command line asks for: the config after layering, the layers it came from, and the keys it named."""
+
+    config: TrainConfig
+    layers: Tuple[str, ...]
+    """e.g. ("defaults", "configs/default.yaml (embedded default)", "command line")."""
+    named: Dict[str, Any]
+    """{dotted key: value} given by a YAML or the command line (not by a lower layer)."""
+    args: Args
+    resumed_from: str = ""
+    """The checkpoint tag whose saved request replaced the lower layers (resume), else empty."""
+    embedded_default: bool = False
+    """Whether configs/default.yaml is one of the layers."""
+
+
+def uses_embedded_default(args: Args) -> bool:
+    """The rule of layer 2: no `--config` and no data key on the command line (and not resuming)."""
+    keys = {dotted for dotted, _ in args.overrides}
+    return not args.configs and not keys & set(DATA_KEYS) and "resume" not in keys
+
+
+def request(argv: Sequence[str]) -> Request:
+    """The configuration `compclip/train.py` runs with for `argv`: the layers of the module docstring, checked."""
+    args = argv if isinstance(argv, Args) else parse_args(argv)
+    named = named_values(args)
+    layers = ["defaults"]
+    resumed_from = ""
+    if named.get("resume"):
+        saved, resumed_from = saved_request(named)
+        check_resume_changes(saved, named)
+        merged = merge_dicts(saved, named)
+        layers = [f"{resumed_from}/config.requested (resume)"]
+    elif uses_embedded_default(args):
+        merged = merge_dicts(read_yaml(EMBEDDED_DEFAULT), named)
+        layers.append(f"configs/{EMBEDDED_DEFAULT}.yaml (embedded default: no --config and no data named)")
+    else:
+        merged = named
+    layers += [f"--config {name}" for name in args.configs]
+    if args.overrides:
+        layers.append("command line")
     cfg = _build(TrainConfig, merged)
     validate(cfg)
-    return cfg
+    return Request(cfg, tuple(layers), flatten(named), args, resumed_from,
+                   embedded_default=any(layer.startswith(f"configs/{EMBEDDED_DEFAULT}.yaml") for layer in layers))
+
+
+def load_config(argv: Sequence[str] = ()) -> TrainConfig:
+    """The TrainConfig `compclip/train.py` would run with for `argv` (`request(argv).config`)."""
+    return request(argv).config
+
+
+RESUME_MAY_CHANGE = ("log.", "eval.", "eval_before", "eval_synthetic", "threads", "max_nonfinite",
+                     "data.num_workers", "data.pin_memory", "resume", "optim.max_steps", "optim.epochs")
+"""Keys a resumed run may be given with a new value: what is logged, saved and evaluated, how fast data loads,
+and a longer run (`optim.max_steps` / `optim.epochs` may only grow). Every other key is the run's."""
+
+
+def _longer(key: str, saved: Any, given: Any) -> bool:
+    if key == "optim.max_steps":
+        return given == 0 or (saved != 0 and given >= saved)
+    return given >= saved  # optim.epochs
+
+
+def saved_request(named: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    """(the request a run was started with, its checkpoint tag) for `resume` in `named`: the request recorded in
+    the tag's completion marker, or for a checkpoint written before that the run folder's config.yaml."""
+    from compclip import runfolder
+
+    spec = str(named["resume"])
+    log = named.get("log") or {}
+    if spec == "latest":
+        if not log.get("name"):
+            raise ConfigError("resume=latest needs log.name (the run folder to continue)")
+        run = runfolder.RunFolder(Path(str(log.get("logs", LogConfig.logs))) / str(log["name"]))
+    else:
+        run = runfolder.run_folder_of(spec)
+    try:
+        root, tag = runfolder.locate(spec, run, warn=False)
+    except runfolder.CheckpointNotFound as error:
+        raise ConfigError(str(error)) from None
+    saved = runfolder.marker(root / tag).get("request")
+    if saved is None:  # a checkpoint from before requests were recorded: the resolved config is what there is
+        folder = runfolder.run_folder_of(str(root / tag))
+        path = folder.config if folder is not None else None
+        if path is None or not path.is_file():
+            raise ConfigError(f"resume: {root / tag} records no configuration and {path} is missing")
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return saved, str(root / tag)
+
+
+def _typed(values: Dict[str, Any]) -> Dict[str, Any]:
+    return flatten(to_dict(_build(TrainConfig, values)))
+
+
+def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> None:
+    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one."""
+    saved_flat, given = _typed(saved), _typed(named)  # typed alike: 1e-5 == 0.00001
+    differing = []
+    for key in flatten(named):
+        before, after = saved_flat.get(key), given.get(key)
+        if before == after:
+            continue
+        if key in ("optim.max_steps", "optim.epochs"):
+            if _longer(key, before, after):
+                continue
+            differing.append(f"{key}: {before!r} -> {after!r} (a resumed run may only get longer)")
+        elif not key.startswith(RESUME_MAY_CHANGE):
+            differing.append(f"{key}: saved {before!r}, given {after!r}")
+    if differing:
+        raise ConfigError("resume: the run was started with other values for these keys; drop them from the "
+                          "command line (the run's saved config is restored) or start a new run with init_from:\n  "
+                          + "\n  ".join(differing))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -473,31 +671,48 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.schedule: expected cosine or constant, got {cfg.optim.schedule!r}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
-    for key in ("optim.grad_accumulation", "optim.epochs", "data.batch_size"):
+    for key in ("optim.grad_accumulation", "optim.epochs", "data.batch_size", "data.num_negatives"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}: must be >= 1")
-    if cfg.optim.contrastive_batch < 0:
-        raise ConfigError(f"optim.contrastive_batch: must be >= 0, got {cfg.optim.contrastive_batch}")
+    for key in ("optim.max_steps", "optim.warmup_steps", "optim.contrastive_batch", "global_batch_size",
+                "data.num_workers", "data.max_concepts", "threads"):
+        section, _, name = key.rpartition(".")
+        if getattr(getattr(cfg, section) if section else cfg, name) < 0:
+            raise ConfigError(f"{key}: must be >= 0")
     if cfg.optim.contrastive_batch and cfg.optim.grad_accumulation > 1:
         raise ConfigError("optim.contrastive_batch and optim.grad_accumulation > 1 do not combine: the contrastive "
                           "batch already accumulates its chunks; make it larger instead")
     if cfg.optim.logit_scale_max <= 1.0:
         raise ConfigError("optim.logit_scale_max: must be > 1 (it bounds exp(logit_scale))")
+    if not cfg.optim.lr >= 0:
+        raise ConfigError(f"optim.lr: must be >= 0, got {cfg.optim.lr}")
     if cfg.loss.backend not in BACKENDS:
         raise ConfigError(f"loss.backend: expected one of {', '.join(BACKENDS)}, got {cfg.loss.backend!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"device: expected auto, cuda or cpu, got {cfg.device!r}")
     for name, weight in cfg.loss.terms.items():
-        if weight < 0:
+        if not weight >= 0:
             raise ConfigError(f"loss.terms.{name}: weight must be >= 0, got {weight}")
     if not 0.0 <= cfg.loss.ema_decay < 1.0:
         raise ConfigError(f"loss.ema_decay: must be in [0, 1), got {cfg.loss.ema_decay}")
+    if cfg.data.concept_extractor not in ("none", "spacy"):
+        raise ConfigError(f"data.concept_extractor: expected none or spacy, got {cfg.data.concept_extractor!r}")
+    if cfg.data.caption_order not in ("keep", "shuffle"):
+        raise ConfigError(f"data.caption_order: expected keep or shuffle, got {cfg.data.caption_order!r}")
+    if cfg.data.format not in ("auto", "jsonl", "csv", "tsv", "wds"):
+        raise ConfigError(f"data.format: expected auto, jsonl, csv, tsv or wds, got {cfg.data.format!r}")
     for key in ("save_every_n_steps", "save_every_n_minutes", "keep_checkpoints", "keep_exports"):
         if getattr(cfg.log, key) < 0:
             raise ConfigError(f"log.{key}: must be >= 0 (0 = off), got {getattr(cfg.log, key)}")
+    if cfg.log.every_n_steps < 1:
+        raise ConfigError(f"log.every_n_steps: must be >= 1, got {cfg.log.every_n_steps}")
     if cfg.resume and cfg.init_from:
         raise ConfigError("resume and init_from are exclusive")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Help and dumps
 
 
 def field_docs(cls=TrainConfig, prefix: str = "", values=None) -> List[Tuple[str, str, Any, str]]:
@@ -516,56 +731,28 @@ def field_docs(cls=TrainConfig, prefix: str = "", values=None) -> List[Tuple[str
     return rows
 
 
-def help_text(defaults: Optional[TrainConfig] = None) -> str:
-    lines = [__doc__.strip(), "", "Keys (--key=value), with defaults:"]
-    for dotted, type_name, default, doc in field_docs(values=defaults):
+def changes(cfg: TrainConfig, base: Optional[TrainConfig] = None) -> List[Tuple[str, Any, Any]]:
+    """[(dotted key, value in `base`, value in `cfg`)] where they differ (`base`: the dataclass defaults)."""
+    before = flatten(to_dict(base if base is not None else TrainConfig()))
+    after = flatten(to_dict(cfg))
+    return [(key, before.get(key), value) for key, value in after.items() if before.get(key) != value]
+
+
+def help_text() -> str:
+    """`--help`: every key with its dataclass default and docstring, then what the embedded default changes."""
+    lines = [__doc__.strip(), "", "Flags: --config NAME|FILE (repeatable), --resume latest|PATH, --plan "
+             "[--plan-gpu-memory 80GiB] [--plan-world-size N] (print the resolved, sized run and exit).", "",
+             "Keys (--key=value), with their defaults:"]
+    for dotted, type_name, default, doc in field_docs():
         lines.append(f"  --{dotted}={default!r}  [{type_name}]")
         if doc:
             lines.append(f"      {doc}")
+    default = from_dict(read_yaml(EMBEDDED_DEFAULT))
+    lines += ["", f"The embedded default (configs/{EMBEDDED_DEFAULT}.yaml, used when the command line names no "
+              "--config and no data) changes:"]
+    lines += [f"  {key}: {before!r} -> {after!r}" for key, before, after in changes(default)]
     return "\n".join(lines)
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def resolve_data(cfg: TrainConfig) -> Optional[dict]:
-    """Format the synthetic world's folder; generate it; return its paths. With `eval_synthetic` and no benchmark
-    configured, the world's held-out sets become the evaluation.
-
-    Global rank 0 writes the world (or finds it complete) before the other ranks look: on a shared folder they
-    reuse its copy; where the folder is node-local, the first rank of each other node to take the world's file
-    lock writes that node's copy and the rest of the node reuse it. No decision rests on LOCAL_RANK."""
-    from compclip.data.synthetic import generate_world, variant_name
-
-    world = cfg.data.synthetic
-    if "{" in world.root:
-        world.root = world.root.format(seed=world.seed, num_train=world.num_train, num_val=world.num_val,
-                                       image_size=world.image_size,
-                                       variant=variant_name(world.max_objects, world.one_phrasing))
-    if cfg.data.train_manifest:
-        if not os.path.exists(cfg.data.train_manifest.split("::")[0]) and "{" not in cfg.data.train_manifest:
-            raise FileNotFoundError(f"data.train_manifest: no such file {cfg.data.train_manifest}")
-        return None
-    from compclip.distributed import barrier, get_rank
-
-    first = get_rank() == 0
-    if not first:
-        barrier()  # rank 0 is done with the world
-    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size,
-                           max_objects=world.max_objects, one_phrasing=world.one_phrasing)
-    if first:
-        barrier()
-    if not cfg.eval.enabled() and cfg.eval_synthetic:
-        cfg.eval.sugarcrepe = os.path.dirname(next(iter(paths["eval"].values())))
-        cfg.eval.sugarcrepe_subsets = list(paths["eval"])
-        cfg.eval.sugarcrepe_image_root, cfg.eval.retrieval = paths["eval_image_root"], paths["retrieval"]
-        cfg.eval.retrieval_image_root = paths["root"]
-    return paths
-
-
-def default_run_name(cfg: TrainConfig) -> str:
-    import time
-
-    return f"{cfg.loss.method}-{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_")
-

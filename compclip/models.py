@@ -10,9 +10,11 @@ under ZeRO-3: DeepSpeed gathers a module's parameters in that module's forward h
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
-import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -36,6 +38,19 @@ def register_model_configs() -> None:
         _registered = True
 
 
+def known_architecture(arch: str) -> Optional[str]:
+    """None when open_clip can build `arch` (its own configs, compclip/model_configs, `hf-hub:` / `local-dir:`
+    sources), else what is wrong with it."""
+    register_model_configs()
+    if arch.startswith(("hf-hub:", "local-dir:")) or arch in open_clip.list_models():
+        if arch.startswith("local-dir:") and not os.path.isdir(arch[len("local-dir:"):]):
+            return f"{arch}: no such folder"
+        return None
+    close = [name for name in open_clip.list_models() if name.lower().startswith(arch.lower()[:6])][:8]
+    return (f"unknown open_clip architecture {arch!r}" + (f" (close: {', '.join(close)})" if close else "")
+            + f"; compclip's own: {', '.join(sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json')))}")
+
+
 def uses_quick_gelu(arch: str, pretrained: str, force_quick_gelu: bool) -> bool:
     """OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain `ViT-B-32` config uses GELU, so a run
     from `openai` weights must force it (the `-quickgelu` architectures already have it)."""
@@ -50,10 +65,9 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
     our `epoch_N.pt`), or "" for random init. `load_weights=False` builds the architecture only (EMA teacher,
     whose weights are copied from the student).
     """
-    register_model_configs()
-    if arch not in open_clip.list_models() and not arch.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"model.arch: unknown open_clip architecture {arch!r} (compclip configs: "
-                         f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))})")
+    problem = known_architecture(arch)
+    if problem:
+        raise ValueError(f"model.arch: {problem}")
     quick = uses_quick_gelu(arch, pretrained, force_quick_gelu)
     source = pretrained if (pretrained and load_weights) else None
     if source and os.path.sep in source and not os.path.exists(source):
@@ -244,14 +258,61 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def model_config_of(arch: str) -> Optional[Dict]:
+    """open_clip's model config (a copy) of an architecture name or `local-dir:` folder; None where it is not
+    known locally (`hf-hub:`)."""
+    register_model_configs()
+    if arch.startswith("local-dir:"):
+        path = Path(arch[len("local-dir:"):]) / "open_clip_config.json"
+        return json.loads(path.read_text(encoding="utf-8"))["model_cfg"] if path.is_file() else None
+    config = open_clip.get_model_config(arch)
+    return copy.deepcopy(config) if config is not None else None
+
+
+def local_dir_of(export: str) -> str:
+    """The open_clip local folder written next to an export `.../epoch_N.pt`: `.../epoch_N/`."""
+    return str(Path(export).with_suffix(""))
+
+
 def export_checkpoint(state_dict: Dict[str, torch.Tensor], path: str, epoch: int, name: str,
-                      config: Optional[dict] = None) -> None:
-    """`{"epoch", "name", "state_dict"}` (+ the resolved config): loads with
-    open_clip.create_model_and_transforms(arch, pretrained=path)."""
+                      config: Optional[dict] = None, *, quick_gelu: bool = False,
+                      preprocess_cfg: Optional[Dict] = None, tokenizer=None) -> Optional[str]:
+    """Write the open_clip export in both forms stock open_clip loads:
+
+    * `path` (`epoch_N.pt`): `{"epoch", "name", "state_dict"}` (+ the resolved config), for
+      `open_clip.create_model_and_transforms(arch, pretrained=path, force_quick_gelu=...)`;
+    * the folder `epoch_N/` (`local_dir_of(path)`): `open_clip_config.json` (the model config with `quick_gelu` as
+      trained, and the preprocess config) and `open_clip_model.safetensors`, plus the tokenizer's files for a Hugging
+      Face tokenizer, for `open_clip.create_model_and_transforms("local-dir:epoch_N")` with no other argument.
+
+    Returns the folder, or None when the architecture's config is not known locally (an `hf-hub:` model)."""
+    from safetensors.torch import save_file
+
+    from compclip import durable
+
     payload = {"epoch": epoch, "name": name, "state_dict": state_dict}
     if config is not None:
         payload["compclip_config"] = config
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    durable.torch_save(payload, path)
+    model_cfg = model_config_of(name)
+    if model_cfg is None:
+        logger.warning("%s: no local open_clip config for %s; only the .pt export is written", path, name)
+        return None
+    if quick_gelu:
+        model_cfg["quick_gelu"] = True
+    folder = Path(local_dir_of(path))
+    building = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    (building / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg or {})}, indent=1), encoding="utf-8")
+    save_file({key: value.detach().contiguous() for key, value in state_dict.items()},
+              str(building / "open_clip_model.safetensors"))
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None and hasattr(inner, "save_pretrained"):  # open_clip's HFTokenizer: local-dir reads it here
+        inner.save_pretrained(str(building))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(building, folder)
+    durable.fsync_dir(folder.parent)
+    return str(folder)

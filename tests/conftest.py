@@ -18,7 +18,7 @@ def one_process(monkeypatch):
     """A world of one for in-process DeepSpeed runs, created once per test process and kept: DeepSpeed caches
     groups derived from the default group, so it must outlive every engine built on it."""
     from compclip.distributed import free_port
-    from compclip.engine import init_process_group
+    from compclip.trainer.engine import init_process_group
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():

@@ -1,27 +1,50 @@
-"""The package's layering rules, checked on the ``ast`` of every module (function-local imports included).
+"""The package's layering and size rules, checked on the ``ast`` of every module (function-local imports included).
 
-Rules (docs/architecture.md):
-* kernels/ imports nothing of compclip outside compclip.kernels, and neither open_clip nor deepspeed;
-* compclip/losses imports neither deepspeed nor open_clip;
-* compclip/methods does not import the trainer (compclip.train);
-* compclip/train.py holds no loss math: it imports neither compclip.losses.functional / .partials / .terms nor
-  torch.nn.functional, and has no ``if`` that compares against a method-name string literal;
-* only the modules in DEEPSPEED_ALLOWED import deepspeed. This rule targets the layout where the trainer is split
-  into engine.py / checkpoint.py; it fails until that split lands (train.py, models.py, distributed.py, config.py
-  import deepspeed today).
+Each broken rule is reported as ``(rule, where)``; the tests compare rule ids, never message text. Rules
+(docs/architecture.md):
+
+* ``kernels-self-contained``: kernels/ imports nothing of compclip outside compclip.kernels, nor open_clip/deepspeed;
+* ``losses-no-model-library``: compclip/losses imports neither open_clip nor deepspeed;
+* ``losses-below-methods``: compclip/losses imports nothing from compclip.methods, compclip.trainer, compclip.train;
+* ``methods-below-trainer``: compclip/methods does not import the trainer (compclip.trainer, compclip.train);
+* ``trainer-no-loss-math``: compclip/trainer and compclip/train.py import neither compclip.losses.functional /
+  .partials / .terms (the ``Features`` record aside) nor torch.nn.functional;
+* ``trainer-no-method-branch``: no ``if`` there compares against a registered method name;
+* ``study-imported-outside``: nothing outside compclip/study imports compclip.study (it runs the trainer as child
+  processes; the trainer and everything else stay below it);
+* ``deepspeed-outside-engine``: only compclip/trainer/engine.py and compclip/trainer/checkpoint.py import deepspeed;
+* ``method-names-copied``: outside compclip/methods, no tuple/list/set literal of two or more method names (the
+  registry, compclip.methods.REGISTRY, is the one list);
+* ``loop-too-long``: the loop module (compclip/trainer/train.py) is at most 250 lines and its ``train`` at most 60;
+* ``function-too-long``: no function of compclip/ or kernels/ is longer than 80 lines.
 """
 import ast
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+import pytest
+
+from compclip.methods import REGISTRY
+
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED_ALLOWED = {"compclip/engine.py", "compclip/checkpoint.py"}
-METHOD_NAMES = {"clip", "negclip", "ceclip", "degla", "c2lip"}
+DEEPSPEED_ALLOWED = {"compclip/trainer/engine.py", "compclip/trainer/checkpoint.py"}
+LOOP_MODULE = "compclip/trainer/train.py"
+LOOP_LINES, LOOP_FUNCTION_LINES, FUNCTION_LINES = 250, 60, 80
+METHOD_NAMES = set(REGISTRY)
 LOSS_MATH_MODULES = ("compclip.losses.functional", "compclip.losses.partials", "compclip.losses.terms",
                      "torch.nn.functional")
-# Data carriers of those modules that hold no math (a batch's features), importable by the trainer.
-LOSS_MATH_ALLOWED = {"compclip.losses.terms.Features"}
+LOSS_MATH_ALLOWED = {"compclip.losses.terms.Features"}  # a data carrier, no math
+
+
+@dataclass(frozen=True)
+class Problem:
+    rule: str
+    where: str
+
+    def __str__(self):
+        return f"{self.where} [{self.rule}]"
 
 
 def imported_modules(tree: ast.AST, package: str) -> Iterator[Tuple[int, str]]:
@@ -45,11 +68,44 @@ def _within(name: str, prefix: str) -> bool:
 
 
 def _from_only_allowed(tree: ast.AST, line: int) -> bool:
-    """The ``from X import ...`` at ``line`` imports only allowed names (so its module itself is not a violation)."""
+    """The ``from X import ...`` at ``line`` imports only allowed names (so its module is not a violation)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.lineno == line:
             return all(f"{node.module}.{alias.name}" in LOSS_MATH_ALLOWED for alias in node.names)
     return False
+
+
+def _is_trainer(rel: str) -> bool:
+    return rel.startswith("compclip/trainer/") or rel == "compclip/train.py"
+
+
+def _package(rel: str) -> str:
+    if rel.startswith("kernels/"):
+        return "compclip.kernels"
+    parts = Path(rel).with_suffix("").parts
+    return ".".join(parts if rel.endswith("__init__.py") else parts[:-1]).removesuffix(".__init__")
+
+
+def import_problems(rel: str, tree: ast.AST) -> List[Problem]:
+    problems = []
+    for line, name in imported_modules(tree, _package(rel)):
+        where = f"{rel}:{line}: imports {name}"
+        rules = {
+            "deepspeed-outside-engine": _within(name, "deepspeed") and rel not in DEEPSPEED_ALLOWED,
+            "kernels-self-contained": rel.startswith("kernels/") and (
+                (_within(name, "compclip") and not _within(name, "compclip.kernels"))
+                or _within(name, "open_clip") or _within(name, "deepspeed")),
+            "losses-no-model-library": rel.startswith("compclip/losses/") and _within(name, "open_clip"),
+            "losses-below-methods": rel.startswith("compclip/losses/") and any(
+                _within(name, m) for m in ("compclip.methods", "compclip.trainer", "compclip.train")),
+            "methods-below-trainer": rel.startswith("compclip/methods/") and any(
+                _within(name, m) for m in ("compclip.trainer", "compclip.train")),
+            "trainer-no-loss-math": _is_trainer(rel) and any(_within(name, m) for m in LOSS_MATH_MODULES) and not (
+                name in LOSS_MATH_ALLOWED or (name + ".Features" in LOSS_MATH_ALLOWED and _from_only_allowed(tree, line))),
+            "study-imported-outside": _within(name, "compclip.study") and not rel.startswith("compclip/study/"),
+        }
+        problems += [Problem(rule, where) for rule, broken in rules.items() if broken]
+    return problems
 
 
 def method_name_branches(tree: ast.AST) -> Iterator[int]:
@@ -63,32 +119,36 @@ def method_name_branches(tree: ast.AST) -> Iterator[int]:
                             yield node.lineno
 
 
-def check_module(rel: str, source: str) -> List[str]:
-    """Every broken rule of the module at repository path ``rel`` with this source."""
-    if rel.startswith("kernels/"):
-        package = "compclip.kernels"
-    else:
-        package = ".".join(Path(rel).with_suffix("").parts[:-1])
-    if rel.endswith("__init__.py") and not rel.startswith("kernels/"):
-        package = ".".join(Path(rel).parts[:-1])
-    tree = ast.parse(source, filename=rel)
+def method_name_lists(tree: ast.AST) -> Iterator[int]:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            names = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if len([n for n in names if n in METHOD_NAMES]) >= 2:
+                yield node.lineno
+
+
+def size_problems(rel: str, source: str, tree: ast.AST) -> List[Problem]:
     problems = []
-    for line, name in imported_modules(tree, package):
-        where = f"{rel}:{line}: imports {name}"
-        if _within(name, "deepspeed") and rel not in DEEPSPEED_ALLOWED:
-            problems.append(f"{where} (only {sorted(DEEPSPEED_ALLOWED)} may import deepspeed)")
-        if rel.startswith("kernels/") and (
-                (_within(name, "compclip") and not _within(name, "compclip.kernels")) or _within(name, "open_clip")):
-            problems.append(f"{where} (kernels/ is self-contained)")
-        if rel.startswith("compclip/losses/") and _within(name, "open_clip"):
-            problems.append(f"{where} (losses know no model library)")
-        if rel.startswith("compclip/methods/") and _within(name, "compclip.train"):
-            problems.append(f"{where} (methods must not import the trainer)")
-        if rel == "compclip/train.py" and any(_within(name, m) for m in LOSS_MATH_MODULES) and not (
-                name in LOSS_MATH_ALLOWED or (name + ".Features") in LOSS_MATH_ALLOWED and _from_only_allowed(tree, line)):
-            problems.append(f"{where} (the trainer holds no loss math)")
-    if rel == "compclip/train.py":
-        problems += [f"{rel}:{line}: branches on a method name" for line in method_name_branches(tree)]
+    if rel == LOOP_MODULE and len(source.splitlines()) > LOOP_LINES:
+        problems.append(Problem("loop-too-long", f"{rel}: {len(source.splitlines())} lines > {LOOP_LINES}"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > FUNCTION_LINES:
+                problems.append(Problem("function-too-long", f"{rel}:{node.lineno}: {node.name} has {length} lines"))
+            if rel == LOOP_MODULE and node.name == "train" and length > LOOP_FUNCTION_LINES:
+                problems.append(Problem("loop-too-long", f"{rel}:{node.lineno}: train has {length} lines"))
+    return problems
+
+
+def check_module(rel: str, source: str) -> List[Problem]:
+    """Every broken rule of the module at repository path ``rel`` with this source."""
+    tree = ast.parse(source, filename=rel)
+    problems = import_problems(rel, tree) + size_problems(rel, source, tree)
+    if _is_trainer(rel):
+        problems += [Problem("trainer-no-method-branch", f"{rel}:{line}") for line in method_name_branches(tree)]
+    if not rel.startswith("compclip/methods/"):
+        problems += [Problem("method-names-copied", f"{rel}:{line}") for line in method_name_lists(tree)]
     return problems
 
 
@@ -97,7 +157,7 @@ def repository_modules() -> Iterator[Path]:
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
-def check_repository() -> List[str]:
+def check_repository() -> List[Problem]:
     problems = []
     for path in repository_modules():
         rel = path.relative_to(ROOT).as_posix()
@@ -105,36 +165,42 @@ def check_repository() -> List[str]:
     return problems
 
 
-def test_layering_rules_hold():
-    problems = [p for p in check_repository() if "may import deepspeed" not in p]
-    assert not problems, "layering rules broken:\n" + "\n".join(problems)
+def test_the_repository_keeps_every_rule():
+    problems = check_repository()
+    assert not problems, "rules broken:\n" + "\n".join(map(str, problems))
 
 
-def test_only_engine_and_checkpoint_import_deepspeed():
-    # Passes once the trainer split (engine.py / checkpoint.py) has landed; kept strict on purpose.
-    problems = [p for p in check_repository() if "may import deepspeed" in p]
-    assert not problems, "deepspeed imported outside " + str(sorted(DEEPSPEED_ALLOWED)) + ":\n" + "\n".join(problems)
+# One probe per rule: a module that breaks it (each import hidden inside a function, where a grep would miss it).
+PROBES = {
+    "kernels-self-contained": ("kernels/bad.py", "def f():\n    from compclip.losses import functional\n"),
+    "losses-no-model-library": ("compclip/losses/bad.py", "def f():\n    import open_clip\n"),
+    "losses-below-methods": ("compclip/losses/bad.py", "def f():\n    from ..methods import REGISTRY\n"),
+    "methods-below-trainer": ("compclip/methods/bad.py", "def f():\n    from ..trainer import Trainer\n"),
+    "trainer-no-loss-math": ("compclip/trainer/bad.py", "import torch.nn.functional as F\n"),
+    "trainer-no-method-branch": ("compclip/train.py", "if cfg.loss.method == 'degla':\n    pass\n"),
+    "study-imported-outside": ("compclip/trainer/inputs.py", "def f():\n    from compclip.study import runs\n"),
+    "deepspeed-outside-engine": ("compclip/models.py", "def f():\n    import deepspeed.comm as dist\n"),
+    "method-names-copied": ("compclip/evaluation/bad.py", "NAMES = ('clip', 'negclip', 'degla')\n"),
+    "loop-too-long": (LOOP_MODULE, "def train(self):\n" + "    x = 1\n" * LOOP_FUNCTION_LINES),
+    "function-too-long": ("kernels/long.py", "def f():\n" + "    x = 1\n" * FUNCTION_LINES),
+}
 
 
-def test_checker_flags_synthetic_forbidden_imports(tmp_path):
-    # Synthetic modules written to disk and read back, one per rule, each import hidden inside a function.
-    cases = {
-        "kernels/bad.py": "def f():\n    from compclip.losses import functional\n",
-        "compclip/losses/bad.py": "def f():\n    import open_clip\n",
-        "compclip/methods/bad.py": "def f():\n    from ..train import main\n",
-        "compclip/models_bad.py": "def f():\n    import deepspeed.comm as dist\n",
-        "compclip/train.py": "import torch.nn.functional as F\nif cfg.method == 'degla':\n    pass\n",
-    }
-    for rel, source in cases.items():
-        path = tmp_path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(source))
-        problems = check_module(rel, path.read_text())
-        assert problems, f"{rel} not flagged"
-    assert len(check_module("compclip/train.py", cases["compclip/train.py"])) == 2
-    # And what is allowed stays allowed.
-    assert check_module("compclip/engine.py", "import deepspeed\n") == []
+@pytest.mark.parametrize("rule", sorted(PROBES))
+def test_each_rule_fails_on_its_probe(rule, tmp_path):
+    rel, source = PROBES[rule]
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    assert rule in {problem.rule for problem in check_module(rel, path.read_text())}
+
+
+def test_the_probes_cover_every_rule_and_what_is_allowed_stays_allowed():
+    assert set(PROBES) == {line.split("``")[1] for line in __doc__.splitlines() if line.startswith("* ``")}
+    assert check_module("compclip/trainer/engine.py", "import deepspeed\n") == []
     assert check_module("compclip/train.py", "from compclip.losses.terms import Features\n") == []
     assert check_module("compclip/train.py", "from compclip.losses.terms import Features, global_terms\n")
     assert check_module("kernels/ok.py", "from . import dispatch\nfrom compclip.kernels import reference\n") == []
     assert check_module("compclip/methods/ok.py", "from compclip.losses.modules import PUBLISHED_WEIGHTS\n") == []
+    assert check_module("compclip/study/runs.py", "from compclip.study.protocol import METHODS\n") == []
+    assert check_module(LOOP_MODULE, "def train(self):\n" + "    x = 1\n" * (LOOP_FUNCTION_LINES - 1)) == []

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from compclip.fields import Section
+
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(Section):
     """The built-in synthetic compositional world, used when no `train_manifest` is given."""
 
     num_train: int = 2000
@@ -28,7 +30,7 @@ class SyntheticConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where samples come from and how they are batched. One sample = image + caption + K hard negatives +
     validity mask + concepts; see docs/internals.md for the batch contract."""
 

@@ -29,6 +29,7 @@ restricted unpickler: builtins containers/scalars and numpy arrays only; any oth
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Collection
 
@@ -218,8 +219,8 @@ def karpathy_records(path: str, image_root: str = "", splits: Collection[str] = 
 IMPORTERS = {"negclip": negclip_records, "ceclip": ceclip_records, "degla": degla_records, "c2lip": c2lip_records,
              "coco": coco_records, "karpathy": karpathy_records}
 """kind -> function(path, image_root, **options) returning checked records (`source` = file and line or item)."""
-TEMPLATED = ("ceclip", "degla")
-"""The kinds whose images are named by id (`image_template` applies)."""
+TEMPLATED = sorted(kind for kind, read in IMPORTERS.items() if "image_template" in inspect.signature(read).parameters)
+"""The kinds whose images are named by id (their readers take an `image_template`)."""
 
 
 def import_records(path: str, kind: str, image_root: str = "", *, image_template: str = DEFAULT_IMAGE_TEMPLATE,

@@ -19,12 +19,10 @@ def resolve_manifests(cfg: DataConfig) -> tuple[str, str]:
     """(train, val) data paths; an empty `train_manifest` means the synthetic world (generated if needed)."""
     if cfg.train_manifest:
         return cfg.train_manifest, cfg.val_manifest
-    from .synthetic import generate_world
+    from .synthetic import generate
 
-    world = cfg.synthetic
-    paths = generate_world(world.root, world.num_train, world.num_val, world.seed, world.image_size,
-                           max_objects=world.max_objects, one_phrasing=world.one_phrasing)
-    return paths["train"], cfg.val_manifest or paths["val"]
+    paths = generate(cfg.synthetic)
+    return paths.train, cfg.val_manifest or paths.val
 
 
 def build_dataloader(cfg: DataConfig, tokenizer: Tokenizer, preprocess: Callable | None, *, rank: int,

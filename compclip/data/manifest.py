@@ -94,7 +94,7 @@ def _parse_list_cell(cell: str, single_caption: bool = False):
             raise ValueError(f"not a JSON array or Python list literal: {cell[:80]!r}") from error
 
 
-def _string_list(value, name: str) -> list[str] | None:
+def string_list(value, name: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, tuple):
@@ -125,9 +125,9 @@ def check_fields(row: dict, caption_key: str = "caption") -> tuple[str, list | N
     if not isinstance(caption, str):
         raise ValueError(f"{caption_key!r} must be a string")
     check_text(caption, caption_key)
-    negatives = _string_list(row.get("negatives"), "negatives")
+    negatives = string_list(row.get("negatives"), "negatives")
     valid = _bool_list(row.get("valid"))
-    concepts = _string_list(row.get("concepts"), "concepts")
+    concepts = string_list(row.get("concepts"), "concepts")
     if valid is not None and negatives is None:
         raise ValueError("'valid' given without 'negatives'")
     if valid is not None and len(valid) != len(negatives):

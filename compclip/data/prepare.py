@@ -24,6 +24,8 @@ import pickle
 import random
 import sys
 
+from compclip.progress import Progress, track
+
 from .concepts import doc_concepts, load_spacy
 from .importers import (DEFAULT_IMAGE_TEMPLATE, IMPORTERS, KARPATHY_TRAIN_SPLITS, TEMPLATED, check_image_template,
                         import_records)
@@ -144,13 +146,11 @@ def build_vocabulary(nlp, captions: list[str], batch_size: int, path: str) -> Vo
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             return Vocabulary.from_json(json.load(handle))
-    from tqdm import tqdm
-
     vocabulary = Vocabulary()
     keep = [name for name in nlp.pipe_names if name in ("tok2vec", "tagger", "attribute_ruler")]
     with nlp.select_pipes(enable=keep):
-        for doc in tqdm(nlp.pipe(captions, batch_size=batch_size), total=len(captions), desc="vocabulary",
-                        disable=None):
+        for doc in track(nlp.pipe(captions, batch_size=batch_size), total=len(captions), desc="vocabulary",
+                         unit="captions", logger=log):
             vocabulary.add(doc)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(vocabulary.to_json(), handle)
@@ -202,8 +202,6 @@ def _relative_to(path: str, base: str) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
-    from tqdm import tqdm
-
     types = parse_types(args.types)
     rows, sources = read_input(args.input, args.input_format, args.image_root,
                                image_template=args.image_template, splits=args.split.split(","))
@@ -235,8 +233,8 @@ def run(args: argparse.Namespace) -> str:
                   if needs_vocabulary else Vocabulary())
     generator = NegativeGenerator(vocabulary)
     chunks = range(0, len(rows), args.chunk_size)
-    bar = tqdm(total=len(rows), initial=min(progress["done"] * args.chunk_size, len(rows)), desc="prepare",
-               disable=None)
+    bar = Progress(len(rows), "prepare", unit="rows", initial=min(len(rows), progress["done"] * args.chunk_size),
+                   logger=log)
     for number, start in enumerate(chunks):
         if number < progress["done"]:
             continue

@@ -26,11 +26,14 @@ fields image, caption, negatives, valid, concepts, negative_types); `eval/<type>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
 import random
+from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Dict
 
 from PIL import Image, ImageDraw
 
@@ -247,18 +250,69 @@ def variant_name(max_objects: int = 3, one_phrasing: bool = False) -> str:
     return ("" if max_objects == 3 else f"-{max_objects}obj") + ("-1phrase" if one_phrasing else "")
 
 
-def _world_paths(out_dir: str) -> dict:
-    return {
-        "root": out_dir,
-        "train": os.path.join(out_dir, "train.jsonl"),
-        "val": os.path.join(out_dir, "val.jsonl"),
-        "images_train": os.path.join(out_dir, "images", "train"),
-        "images_val": os.path.join(out_dir, "images", "val"),
-        "eval": {kind: os.path.join(out_dir, "eval", f"{kind}.json") for kind in NEGATIVE_TYPES},
-        "eval_image_root": os.path.join(out_dir, "images", "val"),
-        "retrieval": os.path.join(out_dir, "eval", "retrieval.json"),
-        "meta": os.path.join(out_dir, "world.json"),
-    }
+@dataclass(frozen=True)
+class WorldPaths:
+    """Where a synthetic world's files are (the module docstring's layout); `world.json` marks it complete."""
+
+    root: str
+    train: str
+    val: str
+    images_train: str
+    images_val: str
+    eval: Dict[str, str]
+    """{negative type: its SugarCrepe-format evaluation file}"""
+    eval_image_root: str
+    retrieval: str
+    meta: str
+
+    @property
+    def eval_dir(self) -> str:
+        return os.path.join(self.root, "eval")
+
+    def images(self, split: str) -> str:
+        return self.images_train if split == "train" else self.images_val
+
+    def manifest(self, split: str) -> str:
+        return self.train if split == "train" else self.val
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def world_paths(out_dir: str) -> WorldPaths:
+    out_dir = os.path.abspath(out_dir)
+    return WorldPaths(
+        root=out_dir,
+        train=os.path.join(out_dir, "train.jsonl"),
+        val=os.path.join(out_dir, "val.jsonl"),
+        images_train=os.path.join(out_dir, "images", "train"),
+        images_val=os.path.join(out_dir, "images", "val"),
+        eval={kind: os.path.join(out_dir, "eval", f"{kind}.json") for kind in NEGATIVE_TYPES},
+        eval_image_root=os.path.join(out_dir, "images", "val"),
+        retrieval=os.path.join(out_dir, "eval", "retrieval.json"),
+        meta=os.path.join(out_dir, "world.json"),
+    )
+
+
+def world_folder(root: str, seed: int, num_train: int, num_val: int, image_size: int, max_objects: int = 3,
+                 one_phrasing: bool = False) -> str:
+    """`root` with the FOLDER placeholders (`{seed}`, `{num_train}`, `{num_val}`, `{image_size}`, `{variant}`)
+    filled in."""
+    return root.format(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size,
+                       variant=variant_name(max_objects, one_phrasing)) if "{" in root else root
+
+
+def paths_of(synthetic) -> WorldPaths:
+    """The WorldPaths of a `data.synthetic` config section (nothing is written)."""
+    return world_paths(world_folder(synthetic.root, synthetic.seed, synthetic.num_train, synthetic.num_val,
+                                    synthetic.image_size, synthetic.max_objects, synthetic.one_phrasing))
+
+
+def generate(synthetic) -> WorldPaths:
+    """`generate_world` for a `data.synthetic` config section."""
+    return generate_world(paths_of(synthetic).root, synthetic.num_train, synthetic.num_val, synthetic.seed,
+                          synthetic.image_size, max_objects=synthetic.max_objects,
+                          one_phrasing=synthetic.one_phrasing)
 
 
 def _write_json(path: str, value) -> None:
@@ -270,14 +324,14 @@ def _write_json(path: str, value) -> None:
 
 
 def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, image_size: int = 64,
-                   workers: int | None = None, max_objects: int = 3, one_phrasing: bool = False) -> dict:
+                   workers: int | None = None, max_objects: int = 3, one_phrasing: bool = False) -> WorldPaths:
     """Write (or reuse) the synthetic world in `out_dir` and return its paths (see the module docstring).
 
     Deterministic: the same arguments give byte-identical manifests and images, whatever `workers` is.
     Idempotent: a complete world with the same parameters is reused as it is. Safe to call from every rank at
     once (a file lock lets one process write while the others wait)."""
-    out_dir = os.path.abspath(out_dir)
-    paths = _world_paths(out_dir)
+    paths = world_paths(out_dir)
+    out_dir = paths.root
     check_variant(max_objects, one_phrasing)
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
               "image_size": image_size, "negative_types": list(TRAIN_NEGATIVE_TYPES)}
@@ -286,22 +340,22 @@ def generate_world(out_dir: str, num_train: int, num_val: int, seed: int = 0, im
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(paths["meta"]):
-            with open(paths["meta"], encoding="utf-8") as handle:
+        if os.path.exists(paths.meta):
+            with open(paths.meta, encoding="utf-8") as handle:
                 if json.load(handle) == params:
                     return paths
-            os.remove(paths["meta"])
+            os.remove(paths.meta)
         _generate(paths, params, workers)
-        _write_json(paths["meta"], params)
+        _write_json(paths.meta, params)
     return paths
 
 
-def _generate(paths: dict, params: dict, workers: int | None) -> None:
+def _generate(paths: WorldPaths, params: dict, workers: int | None) -> None:
     seed, image_size = params["seed"], params["image_size"]
-    os.makedirs(os.path.join(paths["root"], "eval"), exist_ok=True)
+    os.makedirs(paths.eval_dir, exist_ok=True)
     jobs = []
     for split, count in (("train", params["num_train"]), ("val", params["num_val"])):
-        folder = paths[f"images_{split}"]
+        folder = paths.images(split)
         os.makedirs(folder, exist_ok=True)
         rows, eval_sets, retrieval = [], {kind: {} for kind in NEGATIVE_TYPES}, []
         for index in range(count):
@@ -320,14 +374,14 @@ def _generate(paths: dict, params: dict, workers: int | None) -> None:
                                                        "negative_caption": text}
                 retrieval.append({"filename": filename, "filepath": "images/val", "split": "test",
                                   "imgid": index, "sentences": [{"raw": sample["caption"]}]})
-        with open(paths[split] + ".tmp", "w", encoding="utf-8") as handle:
+        with open(paths.manifest(split) + ".tmp", "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, sort_keys=True) + "\n")
-        os.replace(paths[split] + ".tmp", paths[split])
+        os.replace(paths.manifest(split) + ".tmp", paths.manifest(split))
         if split == "val":
             for kind, entries in eval_sets.items():
-                _write_json(paths["eval"][kind], entries)
-            _write_json(paths["retrieval"], {"dataset": "compclip-synthetic", "images": retrieval})
+                _write_json(paths.eval[kind], entries)
+            _write_json(paths.retrieval, {"dataset": "compclip-synthetic", "images": retrieval})
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(jobs) >= 2000 else 1
     if workers <= 1:
@@ -357,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.max_objects, args.one_phrasing)
     except ValueError as error:
         parser.error(str(error))
-    print(json.dumps(paths, indent=1))
+    print(json.dumps(paths.to_dict(), indent=1))
 
 
 if __name__ == "__main__":

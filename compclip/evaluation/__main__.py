@@ -2,10 +2,14 @@
 
     compclip-eval --model ViT-B-32 --pretrained openai --checkpoint runs/negclip --checkpoint ft.pt \
         --sugarcrepe data/sugarcrepe --sugarcrepe-image-root coco/val2017 --out eval_out
+    compclip-eval --summarize logs/negclip-run logs/degla-run eval_out --out eval_summary
 
-Every `EvalConfig` field is an option (`--sugarcrepe-image-root`, `--batch-size`, ...); `--config eval.yaml` reads
-them from YAML first (command-line values win). Writes `<out>/<model>/<benchmark>.json`, `<out>/summary.json`,
-`<out>/comparison.png`, and prints a table.
+Every `EvalConfig` field but the trainer's `every_n_epochs` is an option (`--sugarcrepe-image-root`,
+`--batch-size`, ...); `--config eval.yaml` reads them from YAML first (command-line values win). Writes
+`<out>/<model>/<benchmark>.json` (with `.details.json`, and `.clip_benchmark.json` for zero-shot and retrieval),
+`<out>/summary.json`, `<out>/results.md`, `<out>/results.csv`, `<out>/comparison.png`, and prints a table.
+`--summarize` evaluates nothing: it reads the results of training runs and evaluation folders
+(`compclip/evaluation/summarize.py`) and writes one `results.md` / `results.csv` / `comparison.png` of them all.
 """
 from __future__ import annotations
 
@@ -25,11 +29,28 @@ from .loading import ModelSpec, load_model, spec_from_run
 log = logging.getLogger("compclip.evaluation")
 
 _FIELD_TYPES = {"str": str, "Optional[str]": str, "int": int, "Optional[int]": int}
+# EvalConfig fields that are no options here: `progress` is --no-progress; `every_n_epochs` is the trainer's.
+_NOT_OPTIONS = ("progress", "every_n_epochs")
+_MODEL_OPTIONS = ("model", "pretrained", "model_config", "checkpoint", "label")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends the default where there is a value to show. An option without one (None, a flag's False) says in
+    its help what happens without it; the EvalConfig options carry their dataclass default in their help, because
+    their parser default must stay unset so that a --config YAML value is not overridden."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or default == []:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compclip-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     models = parser.add_argument_group("models")
     models.add_argument("--model", help="open_clip architecture (e.g. ViT-B-32), or the name for --model-config")
     models.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint file for --model")
@@ -44,20 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="display names of the models, in order (--pretrained model first)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="YAML file of EvalConfig fields (optionally under an 'eval' key)")
-    run.add_argument("--device", default=None, help="cuda when available, else cpu")
-    run.add_argument("--out", default="eval_out", help="output folder")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    benchmarks = parser.add_argument_group("benchmarks (EvalConfig fields)")
+    run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    run.add_argument("--out", default=None,
+                     help="output folder (default: eval_out; with --summarize: eval_summary)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress display (default: a bar in a terminal, a plain line every 30 s in a log; "
+                          "COMPCLIP_PROGRESS_INTERVAL sets the seconds)")
+    run.add_argument("--summarize", nargs="+", metavar="RUN_OR_DIR",
+                     help="evaluate nothing: gather the results of training run folders (their newest "
+                          "eval/<label>/), compclip-eval output folders and folders of <benchmark>.json files "
+                          "(or folders holding them) into one results.md / results.csv / comparison.png")
+    benchmarks = parser.add_argument_group("benchmarks and execution (EvalConfig fields)")
     docs = field_docs()
     for field in dataclasses.fields(EvalConfig):
-        if field.name == "progress":
+        if field.name in _NOT_OPTIONS:
             continue
         flag = "--" + field.name.replace("_", "-")
-        help_text = docs.get(field.name, "")
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        help_text = docs.get(field.name, "").replace("%", "%%")
+        if default is not None and default != []:
+            help_text += f" (default: {default})"
         if field.type == "List[str]":
-            benchmarks.add_argument(flag, nargs="+", default=None, help=help_text)
+            benchmarks.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
-            benchmarks.add_argument(flag, type=_FIELD_TYPES[field.type], default=None, help=help_text)
+            benchmarks.add_argument(flag, type=_FIELD_TYPES[field.type], default=argparse.SUPPRESS, help=help_text)
     return parser
 
 
@@ -122,10 +153,29 @@ def model_specs(args) -> List[ModelSpec]:
     return specs
 
 
+def summarize_main(args) -> int:
+    from .summarize import summarize
+
+    given = [f"--{name.replace('_', '-')}" for name in _MODEL_OPTIONS if getattr(args, name)]
+    given += [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(EvalConfig)
+              if field.name not in _NOT_OPTIONS and hasattr(args, field.name)]
+    if given or args.config:
+        raise SystemExit(f"--summarize reads results and evaluates nothing: drop {', '.join(given or ['--config'])}")
+    try:
+        written, table = summarize(args.summarize, args.out or "eval_summary")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"compclip-eval --summarize: {error}") from None
+    print(table)
+    print("\nwrote " + ", ".join(written))
+    return 0
+
+
 @exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        return summarize_main(args)
     cfg = eval_config(args)
     if not cfg.enabled():
         raise SystemExit("no benchmark given: pass at least one of --sugarcrepe, --aro-vg-relation, "
@@ -133,9 +183,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "--zeroshot, --retrieval")
     import torch
 
-    from .report import format_table, json_safe, plot_comparison
+    from .report import format_table, json_safe, plot_comparison, write_tables
     from .runner import evaluate
 
+    out = args.out or "eval_out"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     specs = model_specs(args)
     runs = {}
@@ -144,18 +195,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                  spec.force_quick_gelu)
         model, preprocess, tokenizer = load_model(spec, device)
         runs[spec.label] = evaluate(model, preprocess, tokenizer, cfg, device,
-                                    out_dir=os.path.join(args.out, _slug(spec.label)), label=spec.label)
+                                    out_dir=os.path.join(out, _slug(spec.label)), label=spec.label,
+                                    arch=spec.arch, pretrained=spec.pretrained or "")
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     summary = {"models": {spec.label: dataclasses.asdict(spec) for spec in specs}, "results": runs,
                "config": dataclasses.asdict(cfg)}
-    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(json_safe(summary), handle, indent=2, default=str)
-    chart = plot_comparison(runs, os.path.join(args.out, "comparison.png"))
+    info = {spec.label: {"arch": spec.arch, "pretrained": spec.pretrained or ""} for spec in specs}
+    tables = write_tables(runs, out, info)
+    chart = plot_comparison(runs, os.path.join(out, "comparison.png"))
     print(format_table(runs))
-    print(f"\nwrote {args.out}/<model>/<benchmark>.json, summary.json" + (f", {chart}" if chart else ""))
+    written = [f"{out}/<model>/<benchmark>.json", "summary.json"] + [os.path.basename(p) for p in tables]
+    print("\nwrote " + ", ".join(written + ([os.path.basename(chart)] if chart else [])))
     return 0
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
-from compclip.fields import field_docstrings
+from compclip.fields import Section, field_docstrings
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     # ---- SugarCrepe and any data in its format ----------------------------------------------------------------
     sugarcrepe: Optional[str] = None
     """SugarCrepe annotations: a directory of `<subset>.json` files (`{id: {filename, caption,
@@ -76,11 +76,19 @@ class EvalConfig:
     zeroshot_image_root: Optional[str] = None
     """Folder relative CSV image paths are resolved against. Default: the CSV's folder."""
     zeroshot_classnames: Optional[str] = None
-    """Text file with one class name per line, in label order. Default: subfolder names (underscores become
-    spaces) or the sorted distinct CSV labels."""
+    """Text file with one class name per line, in label order (folders: sorted, numerically when numbered;
+    CSV: label indices), overriding the names below. Default: open_clip's ImageNet class names for ImageNet class
+    folders (WordNet ids such as `n01440764`, or ImageNet-V2's `0`-`999`) or an ImageNet `zeroshot_dataset`;
+    otherwise the folder names (underscores become spaces) or the sorted distinct CSV labels."""
     zeroshot_templates: str = "openai"
-    """Prompt templates: `openai` (the 80 CLIP ImageNet templates), `simple` ('a photo of a {}.'), or a text file
-    with one template per line containing `{}`."""
+    """Prompt templates: `openai` (open_clip's 80 CLIP ImageNet templates, which clip_benchmark uses for ImageNet and
+    for datasets it has no templates for), `openai-simple` (open_clip's 7-template subset), `simple`
+    ('a photo of a {}.'), or a text file with one template per line containing `{}`."""
+    zeroshot_dataset: Optional[str] = None
+    """The dataset's name as clip_benchmark's `--dataset` calls it, written into `zeroshot.clip_benchmark.json`.
+    The ImageNet names (`imagenet1k`, `imagenetv2`, `imagenet_sketch`, `imagenet-a`, `imagenet-r`, `imagenet-o`)
+    also select open_clip's ImageNet class names, for a CSV of ImageNet label indices or any numbered folders.
+    Default: the folder's or CSV file's name."""
 
     # ---- retrieval --------------------------------------------------------------------------------------------
     retrieval: Optional[str] = None
@@ -100,9 +108,9 @@ class EvalConfig:
     max_items: Optional[int] = None
     """Keep only the first N items of each benchmark file (quick periodic checks); None = all."""
     every_n_epochs: int = 1
-    """Periodic evaluation during training: run after every N-th epoch; 0 = never."""
+    """Periodic evaluation during training: run after every N-th epoch; 0 = never (not a `compclip-eval` option)."""
     progress: bool = True
-    """Show tqdm progress bars."""
+    """Show progress: a bar in a terminal, a plain line every 30 s in a log (`compclip.progress`)."""
 
     def enabled(self) -> bool:
         """Whether any benchmark is configured."""

@@ -7,6 +7,7 @@ the same way. Embeddings are L2-normalised, float32, and kept on the CPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -14,11 +15,14 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+
+from compclip.progress import Progress
 
 from compclip.data.inputs import UnusableImage, open_image, resolve_under, shown
 
 from .common import data_error
+
+log = logging.getLogger("compclip.evaluation")
 
 
 Box = Tuple[float, float, float, float]
@@ -108,6 +112,10 @@ class Embedder:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _progress(self, total: int, desc: str, unit: str) -> Progress:
+        # Transient: in a log, a pass shorter than one progress interval leaves no line.
+        return Progress(total, desc, unit=unit, enabled=self.progress and total > 0, leave=False, logger=log)
+
     def _input_dtype(self):
         for parameter in self.model.parameters():
             if parameter.is_floating_point():
@@ -127,14 +135,16 @@ class Embedder:
                                                  num_workers=self.num_workers, shuffle=False)
             dtype = self._input_dtype()
             position = 0
-            for batch in tqdm(loader, desc=f"embed {desc}", disable=not self.progress, leave=False):
-                with self._autocast():
-                    features = self.model.encode_image(batch.to(self.device, dtype=dtype))
-                features = F.normalize(features.float(), dim=-1).cpu()
-                for row in features:
-                    self._images[todo[position].key] = row
-                    position += 1
-                self.images_encoded += len(features)
+            with self._progress(len(todo), f"embed {desc}", "images") as progress:
+                for batch in loader:
+                    with self._autocast():
+                        features = self.model.encode_image(batch.to(self.device, dtype=dtype))
+                    features = F.normalize(features.float(), dim=-1).cpu()
+                    for row in features:
+                        self._images[todo[position].key] = row
+                        position += 1
+                    self.images_encoded += len(features)
+                    progress.update(len(features))
         if not refs:
             return torch.zeros(0, 0)
         return torch.stack([self._images[ref.key] for ref in refs])
@@ -143,16 +153,17 @@ class Embedder:
     def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
         """[N, D] normalised embeddings of `texts`, in order."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
-        batches = range(0, len(todo), self.batch_size)
-        for start in tqdm(batches, desc=f"embed {desc}", disable=not self.progress or not todo, leave=False):
-            chunk = todo[start:start + self.batch_size]
-            tokens = self.tokenizer(chunk).to(self.device)
-            with self._autocast():
-                features = self.model.encode_text(tokens)
-            features = F.normalize(features.float(), dim=-1).cpu()
-            for text, row in zip(chunk, features):
-                self._texts[text] = row
-            self.texts_encoded += len(chunk)
+        with self._progress(len(todo), f"embed {desc}", "texts") as progress:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                tokens = self.tokenizer(chunk).to(self.device)
+                with self._autocast():
+                    features = self.model.encode_text(tokens)
+                features = F.normalize(features.float(), dim=-1).cpu()
+                for text, row in zip(chunk, features):
+                    self._texts[text] = row
+                self.texts_encoded += len(chunk)
+                progress.update(len(chunk))
         if not texts:
             return torch.zeros(0, 0)
         return torch.stack([self._texts[text] for text in texts])

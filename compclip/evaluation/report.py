@@ -1,16 +1,26 @@
-"""Output: one JSON per benchmark, a printed table, and a bar chart comparing checkpoints."""
+"""Output: one JSON per benchmark (and a clip_benchmark-style JSON for zero-shot and retrieval), a printed table,
+`results.md` / `results.csv`, and a bar chart comparing models.
+
+`Runs` below is `{model label: {benchmark: {metric: value}}}`, values in [0, 1] (NaN: undefined); tables show
+them in percent.
+"""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .common import BenchmarkResult
+from .retrieval import RECALL_KS
 
-# The numbers a chart shows per benchmark (all metrics go to the JSON files and the table).
+Runs = Mapping[str, Mapping[str, Mapping[str, float]]]
+
+# The numbers a chart and the headline table show per benchmark (all metrics go to the JSON files and the other
+# tables); None: every subset and the mean (not the category averages, which the subsets already show).
 HEADLINE = {
-    "sugarcrepe": ("add_avg", "replace_avg", "swap_avg", "mean"),
+    "sugarcrepe": None,
     "aro_vg_relation": ("macro_accuracy",),
     "aro_vg_attribution": ("macro_accuracy",),
     "aro_coco_order": ("precision_at_1",),
@@ -18,6 +28,13 @@ HEADLINE = {
     "valse": ("mean",),
     "zeroshot": ("top1", "top5", "mean_per_class"),
     "retrieval": ("image_to_text_R@1", "text_to_image_R@1", "mean_recall"),
+}
+
+# clip_benchmark's task and metric names for ours: {benchmark: (task, {their metric: our metric})}.
+CLIP_BENCHMARK = {
+    "zeroshot": ("zeroshot_classification", {"acc1": "top1", "acc5": "top5", "mean_per_class_recall": "mean_per_class"}),
+    "retrieval": ("zeroshot_retrieval", {**{f"image_retrieval_recall@{k}": f"text_to_image_R@{k}" for k in RECALL_KS},
+                                         **{f"text_retrieval_recall@{k}": f"image_to_text_R@{k}" for k in RECALL_KS}}),
 }
 
 
@@ -32,10 +49,26 @@ def json_safe(value):
     return value
 
 
-def write_results(results: Mapping[str, BenchmarkResult], out_dir: str, label: Optional[str] = None) -> List[str]:
+def clip_benchmark_record(benchmark: str, result: BenchmarkResult, model: str,
+                          pretrained: str) -> Optional[dict]:
+    """The JSON clip_benchmark's `eval` writes for this result (`dataset`, `model`, `pretrained`, `task`,
+    `metrics` under its names, `language`), so `clip_benchmark build` can put it in its CSV; None for a benchmark
+    clip_benchmark has no task for."""
+    if benchmark not in CLIP_BENCHMARK:
+        return None
+    task, names = CLIP_BENCHMARK[benchmark]
+    return {"dataset": result.details.get("dataset", benchmark), "model": model, "pretrained": pretrained,
+            "task": task, "metrics": {theirs: result.metrics[ours] for theirs, ours in names.items()
+                                      if ours in result.metrics},
+            "language": "en"}
+
+
+def write_results(results: Mapping[str, BenchmarkResult], out_dir: str, label: Optional[str] = None,
+                  arch: Optional[str] = None, pretrained: Optional[str] = None) -> List[str]:
     """Write `<out_dir>/<benchmark>.json` = the metrics alone, `{subset: accuracy, ...}` as the benchmarks' official
     scripts write them, and `<out_dir>/<benchmark>.details.json` = {benchmark, model, details} (item counts,
-    files, per-group numbers). Returns the metric files' paths."""
+    files, per-group numbers). Zero-shot and retrieval also get `<benchmark>.clip_benchmark.json`, with `model` =
+    `arch` and `pretrained` (None: the label). Returns the metric files' paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, result in results.items():
@@ -43,6 +76,10 @@ def write_results(results: Mapping[str, BenchmarkResult], out_dir: str, label: O
         _write_json(path, result.metrics)
         _write_json(os.path.join(out_dir, f"{name}.details.json"),
                     {"benchmark": name, "model": label, "details": result.details})
+        record = clip_benchmark_record(name, result, arch or label or "",
+                                       (label or "") if pretrained is None else pretrained)
+        if record is not None:
+            _write_json(os.path.join(out_dir, f"{name}.clip_benchmark.json"), record)
         paths.append(path)
     return paths
 
@@ -53,23 +90,37 @@ def _write_json(path: str, record) -> None:
         handle.write("\n")
 
 
-def format_table(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """A plain-text table: one row per (benchmark, metric), one column per model, values in percent."""
-    labels = list(runs)
-    rows = []
-    seen = []
+def _benchmark_rank(benchmark: str) -> int:
+    """Compositional benchmarks first, then zero-shot and retrieval (HEADLINE's order); generic files with the
+    compositional ones."""
+    order = list(HEADLINE)
+    if benchmark in order:
+        return order.index(benchmark)
+    return order.index("zeroshot") if benchmark.startswith("generic_") else len(order)
+
+
+def metric_pairs(runs: Runs) -> List[Tuple[str, str]]:
+    """Every (benchmark, metric) of the runs: benchmarks in `_benchmark_rank` order, metrics in the order they
+    first appear."""
+    pairs: Dict[Tuple[str, str], None] = {}
     for metrics_by_benchmark in runs.values():
         for benchmark, metrics in metrics_by_benchmark.items():
             for metric in metrics:
-                if (benchmark, metric) not in seen:
-                    seen.append((benchmark, metric))
-    for benchmark, metric in seen:
-        values = []
-        for label in labels:
-            value = runs[label].get(benchmark, {}).get(metric)
-            values.append("-" if value is None or (isinstance(value, float) and math.isnan(value))
-                          else f"{100 * value:.2f}")
-        rows.append([benchmark, metric] + values)
+                pairs[(benchmark, metric)] = None
+    return sorted(pairs, key=lambda pair: _benchmark_rank(pair[0]))
+
+
+def _percent(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.{digits}f}"
+
+
+def format_table(runs: Runs) -> str:
+    """A plain-text table: one row per (benchmark, metric), one column per model, values in percent."""
+    labels = list(runs)
+    rows = [[benchmark, metric] + [_percent(runs[label].get(benchmark, {}).get(metric)) for label in labels]
+            for benchmark, metric in metric_pairs(runs)]
     header = ["benchmark", "metric"] + labels
     widths = [max(len(str(row[col])) for row in [header] + rows) for col in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) if col < 2 else str(cell).rjust(width)
@@ -78,17 +129,90 @@ def format_table(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def chart_metrics(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> List[tuple]:
-    """(benchmark, metric) pairs a chart shows: the headline metrics, or every metric of other benchmarks."""
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> List[str]:
+    cells = [str(cell).replace("|", "\\|") for cell in header]
+    lines = ["| " + " | ".join(cells) + " |",
+             "|" + "|".join("---:" if col >= numeric_from else "---" for col in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def format_markdown(runs: Runs, info: Optional[Mapping[str, Mapping[str, str]]] = None,
+                    title: str = "compclip evaluation") -> str:
+    """`results.md`: the headline metrics of every benchmark side by side (one row per model), then one table
+    per benchmark with all its metrics, then what each model is (`info`: {label: {column: text}})."""
+    labels = list(runs)
+    lines = [f"# {title}", "", "Accuracy and recall in %, one row per model; `-`: not evaluated, or undefined "
+             "(an empty subset; top-5 with fewer than 5 classes).", ""]
+    headline = chart_metrics(runs)
+    if headline:
+        lines += ["## Headline", ""]
+        lines += _markdown_table(["model"] + [f"{b}/{m}" for b, m in headline],
+                                 [[label] + [_percent(runs[label].get(b, {}).get(m)) for b, m in headline]
+                                  for label in labels])
+        lines.append("")
+    pairs = metric_pairs(runs)
+    for benchmark in dict.fromkeys(b for b, _ in pairs):
+        metrics = [m for b, m in pairs if b == benchmark]
+        lines += [f"## {benchmark}", ""]
+        lines += _markdown_table(["model"] + metrics,
+                                 [[label] + [_percent(runs[label].get(benchmark, {}).get(m)) for m in metrics]
+                                  for label in labels])
+        lines.append("")
+    columns = list(dict.fromkeys(column for label in labels for column in (info or {}).get(label, {})))
+    if columns:
+        lines += ["## Models", ""]
+        lines += _markdown_table(["model"] + columns,
+                                 [[label] + [str((info or {}).get(label, {}).get(c) or "") for c in columns]
+                                  for label in labels], numeric_from=len(columns) + 1)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(runs: Runs, path: str, info: Optional[Mapping[str, Mapping[str, str]]] = None) -> str:
+    """`results.csv`: one row per model; columns `model`, the `info` columns, then `<benchmark>/<metric>` for every
+    metric, in percent (empty: not evaluated or undefined)."""
+    labels = list(runs)
+    columns = list(dict.fromkeys(column for label in labels for column in (info or {}).get(label, {})))
+    pairs = metric_pairs(runs)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model"] + columns + [f"{b}/{m}" for b, m in pairs])
+        for label in labels:
+            values = []
+            for benchmark, metric in pairs:
+                value = runs[label].get(benchmark, {}).get(metric)
+                missing = value is None or (isinstance(value, float) and math.isnan(value))
+                values.append("" if missing else f"{100 * value:.4f}")
+            writer.writerow([label] + [(info or {}).get(label, {}).get(c) or "" for c in columns] + values)
+    return path
+
+
+def write_tables(runs: Runs, out_dir: str, info: Optional[Mapping[str, Mapping[str, str]]] = None,
+                 title: str = "compclip evaluation") -> Tuple[str, str]:
+    """Write `<out_dir>/results.md` and `<out_dir>/results.csv`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    markdown = os.path.join(out_dir, "results.md")
+    with open(markdown, "w", encoding="utf-8") as handle:
+        handle.write(format_markdown(runs, info, title) + "\n")
+    return markdown, write_csv(runs, os.path.join(out_dir, "results.csv"), info)
+
+
+def chart_metrics(runs: Runs) -> List[tuple]:
+    """(benchmark, metric) pairs a chart shows: the headline metrics (`HEADLINE`), or every metric of other
+    benchmarks."""
     pairs = []
     for metrics_by_benchmark in runs.values():
         for benchmark, metrics in metrics_by_benchmark.items():
-            wanted = [m for m in HEADLINE.get(benchmark, tuple(metrics)) if m in metrics]
+            wanted = HEADLINE.get(benchmark, tuple(metrics))
+            if wanted is None:
+                wanted = [m for m in metrics if not m.endswith("_avg")]
+            wanted = [m for m in wanted if m in metrics]
             pairs += [(benchmark, metric) for metric in wanted if (benchmark, metric) not in pairs]
-    return pairs
+    return sorted(pairs, key=lambda pair: _benchmark_rank(pair[0]))
 
 
-def plot_comparison(runs: Mapping[str, Mapping[str, Mapping[str, float]]], path: str,
+def plot_comparison(runs: Runs, path: str,
                     title: str = "compclip evaluation") -> Optional[str]:
     """Grouped bar chart (percent), one group per headline metric, one bar per model; returns the PNG path."""
     pairs = chart_metrics(runs)

@@ -1,8 +1,11 @@
 """Image↔text retrieval on a Karpathy-split JSON, and the Karpathy reader shared with ARO's Order sets.
 
 Recall@K: image→text, an image is a hit when one of its own captions is among the top K of all captions;
-text→image, a caption is a hit when its image is among the top K images. Ranks are pessimistic: a candidate that
-scores **equal** to the right answer is counted as ranked above it (ties count as wrong, as in the other metrics).
+text→image, a caption is a hit when its image is among the top K images. These are clip_benchmark's
+`zeroshot_retrieval` recalls (its `text_retrieval_recall@K` is image→text, `image_retrieval_recall@K` text→image).
+Ranks are pessimistic: a candidate that scores **equal** to the right answer is counted as ranked above it (ties
+count as wrong, as in the other metrics), where clip_benchmark's `topk` breaks ties by index; the two agree
+whenever scores are distinct.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from .common import BenchmarkResult, EvalDataError, data_error, load_json, requi
 from .embed import Embedder, resolve_image
 
 RECALL_KS = (1, 5, 10)
+# The published Karpathy-split files under the dataset names clip_benchmark gives them.
+CLIP_BENCHMARK_NAMES = {"dataset_coco": "mscoco_captions", "coco_karpathy_test": "mscoco_captions",
+                        "coco_karpathy_val": "mscoco_captions", "dataset_flickr30k": "flickr30k",
+                        "flickr30k_test": "flickr30k", "flickr30k_val": "flickr30k", "dataset_flickr8k": "flickr8k"}
 
 
 @dataclass
@@ -94,5 +101,6 @@ def run_retrieval(embedder: Embedder, path: str, image_root=None, split="test", 
     image_features = embedder.images(images, desc="retrieval images").to(embedder.device)
     text_features = embedder.texts(texts, desc="retrieval texts").to(embedder.device)
     i2t, t2i = retrieval_ranks(image_features, text_features, text_to_image)
+    stem = os.path.splitext(os.path.basename(path))[0]
     return BenchmarkResult(recall_metrics(i2t, t2i), {"images": len(entries), "texts": len(texts), "split": split,
-                                                      "file": path})
+                                                      "dataset": CLIP_BENCHMARK_NAMES.get(stem, stem), "file": path})

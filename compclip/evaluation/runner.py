@@ -45,7 +45,7 @@ def run_benchmarks(embedder: Embedder, cfg: EvalConfig) -> Dict[str, BenchmarkRe
         from .zeroshot import run_zeroshot
 
         results["zeroshot"] = run_zeroshot(embedder, cfg.zeroshot, cfg.zeroshot_image_root, cfg.zeroshot_classnames,
-                                           cfg.zeroshot_templates, limit)
+                                           cfg.zeroshot_templates, limit, cfg.zeroshot_dataset)
     if cfg.retrieval:
         results["retrieval"] = run_retrieval(embedder, cfg.retrieval, cfg.retrieval_image_root, cfg.retrieval_split,
                                              limit)
@@ -53,13 +53,16 @@ def run_benchmarks(embedder: Embedder, cfg: EvalConfig) -> Dict[str, BenchmarkRe
 
 
 def evaluate(model, preprocess, tokenizer, cfg: EvalConfig, device, out_dir: Optional[str] = None, *,
-             label: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+             label: Optional[str] = None, arch: Optional[str] = None,
+             pretrained: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Evaluate `model` (an open_clip model, or anything with `encode_image` / `encode_text`) on the benchmarks
     of `cfg`; returns `{benchmark: {metric: value}}` (accuracies and recalls in [0, 1]).
 
     `preprocess` is the evaluation image transform, `tokenizer` the open_clip tokenizer (list of str -> [N, ctx]
     tokens). The model is put in eval mode and given back in the mode it came in; no gradient is computed. With
-    `out_dir`, one `<benchmark>.json` per benchmark is written there (metrics, item counts, per-group numbers).
+    `out_dir`, one `<benchmark>.json` per benchmark is written there (metrics, item counts, per-group numbers),
+    and for zero-shot and retrieval a `<benchmark>.clip_benchmark.json` naming the model by `arch` and `pretrained`
+    (clip_benchmark's `--model` and `--pretrained`; default: `label`).
     """
     from .report import write_results
 
@@ -73,5 +76,5 @@ def evaluate(model, preprocess, tokenizer, cfg: EvalConfig, device, out_dir: Opt
         model.train(was_training)
     log.info("evaluation: %d images and %d texts encoded", embedder.images_encoded, embedder.texts_encoded)
     if out_dir is not None:
-        write_results(results, out_dir, label=label)
+        write_results(results, out_dir, label=label, arch=arch, pretrained=pretrained)
     return {name: dict(result.metrics) for name, result in results.items()}

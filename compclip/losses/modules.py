@@ -34,6 +34,9 @@ PUBLISHED_WEIGHTS: Dict[str, Dict[str, float]] = {
     "degla": {"negclip": 1.0, "igc": 0.1, "tgc": 0.1, "distill": 0.005},
     "c2lip": {"siglip": 1.0, "npc": 1.0, "xac": 0.01},
 }
+# DeGLA's objective plus C2LIP's concept terms at their published weights (configs/composite.yaml).
+PUBLISHED_WEIGHTS["composite"] = {**PUBLISHED_WEIGHTS["degla"],
+                                  **{term: PUBLISHED_WEIGHTS["c2lip"][term] for term in ("npc", "xac")}}
 CONTRASTIVE_TERMS = ("clip", "siglip")
 
 

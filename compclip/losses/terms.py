@@ -122,7 +122,7 @@ def _require(fn: str, features: Features, fields: Iterable[str]) -> None:
         raise ValueError(f"{fn}: the term needs Features.{', Features.'.join(missing)}, got None")
 
 
-class _World:
+class _Scope:
     """The processes a term sums over, and the name its error messages carry."""
 
     def __init__(self, term: str, features: Features, group, fn: Optional[str] = None):
@@ -145,35 +145,35 @@ class _World:
 class _Rows:
     """Where this rank's rows of one kind sit in the global batch: every rank's count, the total, own offset."""
 
-    def __init__(self, local_rows: int, world: _World):
-        self.world = world
+    def __init__(self, local_rows: int, scope: _Scope):
+        self.scope = scope
         self.count = int(local_rows)
-        self.sizes = [int(local_rows)] if world.local else gather_sizes(local_rows, world.group)
+        self.sizes = [int(local_rows)] if scope.local else gather_sizes(local_rows, scope.group)
         self.total = sum(self.sizes)
-        self.offset = 0 if world.local else global_row_offset(local_rows, world.group, self.sizes)
+        self.offset = 0 if scope.local else global_row_offset(local_rows, scope.group, self.sizes)
 
     def gather(self, tensor: Tensor, grad: bool = True) -> Tensor:
         """Every rank's rows in rank order, differentiably (``grad``) or detached."""
-        if self.world.local:
+        if self.scope.local:
             return tensor if grad else tensor.detach()
         gather = all_gather_with_grad if grad else all_gather_no_grad
-        return gather(tensor, self.world.group, self.sizes)
+        return gather(tensor, self.scope.group, self.sizes)
 
 
 def _with_negatives(fn: str, features: Features):
     return _checks.with_negatives(fn, features.image, features.text, features.negatives)
 
 
-def _concept_columns(world: _World, images: _Rows, features: Features, concepts: Tensor):
+def _concept_columns(scope: _Scope, images: _Rows, features: Features, concepts: Tensor):
     """Gathered concepts (with grad) and their owners as global image indices (no grad)."""
     count = concepts.shape[0]
-    owner = _checks.owner_index(world.name, features.owner, count, images.count)
-    rows = world.rows(count)
+    owner = _checks.owner_index(scope.name, features.owner, count, images.count)
+    rows = scope.rows(count)
     return rows.gather(concepts), rows.gather(owner + images.offset, grad=False)
 
 
-def _multi_negative(world: _World, features: Features, with_negatives: bool, backend: str) -> Tensor:
-    fn = world.name
+def _multi_negative(scope: _Scope, features: Features, with_negatives: bool, backend: str) -> Tensor:
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     layout = {"image": (features.image, "BD"), "text": (features.text, "BD")}
     if with_negatives:
@@ -181,24 +181,24 @@ def _multi_negative(world: _World, features: Features, with_negatives: bool, bac
     _, tensors = _checks.prepare(fn, **layout)
     image, text = tensors[:2]
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = world.rows(image.shape[0])
+    rows = scope.rows(image.shape[0])
     negative_cols = rows.gather(tensors[2]) if with_negatives else None
     total = partials.multi_negative_sum(
         image, text, rows.gather(image), rows.gather(text), negative_cols, logit_scale, rows.offset, backend
     )
-    return world.sum(total / (2 * rows.total))
+    return scope.sum(total / (2 * rows.total))
 
 
 @_term("clip", "image", "text", "logit_scale")
 def clip(features: Features, *, backend: str = "auto", group=None) -> Tensor:
     """CLIP InfoNCE on the global batch."""
-    return _multi_negative(_World("clip", features, group), features, False, backend)
+    return _multi_negative(_Scope("clip", features, group), features, False, backend)
 
 
 @_term("negclip", "image", "text", "negatives", "logit_scale")
 def negclip(features: Features, *, backend: str = "auto", group=None) -> Tensor:
     """NegCLIP multi-negative loss on the global batch: every image against all B texts and B·K negatives."""
-    return _multi_negative(_World("negclip", features, group), features, True, backend)
+    return _multi_negative(_Scope("negclip", features, group), features, True, backend)
 
 
 def _threshold_tensor(fn: str, threshold) -> Tensor:
@@ -212,16 +212,16 @@ def _threshold_tensor(fn: str, threshold) -> Tensor:
 @_term("cmr", "image", "text", "negatives", "valid", "logit_scale")
 def cmr(features: Features, *, threshold=None, backend: str = "auto", group=None) -> Tensor:
     """CE-CLIP cross-modal rank loss on the global batch, θ from ``threshold`` (a ``CMRThreshold`` or [K])."""
-    world = _World("cmr", features, group)
-    fn = world.name
+    scope = _Scope("cmr", features, group)
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
     valid = _checks.valid_mask(fn, features.valid, sizes["B"], sizes["K"])
     theta = _checks.per_type(fn, "threshold", _threshold_tensor(fn, threshold), sizes["K"])
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = world.rows(sizes["B"])
+    rows = scope.rows(sizes["B"])
     total = partials.cmr_sum(image, text, negatives, valid, logit_scale, theta, backend)
-    return world.sum(total / max(rows.total * sizes["K"], 1))
+    return scope.sum(total / max(rows.total * sizes["K"], 1))
 
 
 def cmr_threshold(features: Features, *, upper: float = 10.0, previous: Optional[Tensor] = None,
@@ -231,12 +231,12 @@ def cmr_threshold(features: Features, *, upper: float = 10.0, previous: Optional
     θ_k = clamp(mean_i S_i − Σ_i m_ik S_ik / Σ_i m_ik, 0, upper); a type without a valid negative in the global
     batch keeps ``previous[k]`` (0 when ``previous`` is None). Ranks all-reduce K + 2 sums, not the features.
     """
-    world = _World("cmr", features, group)
-    return _threshold(world, features, upper, previous, backend)
+    scope = _Scope("cmr", features, group)
+    return _threshold(scope, features, upper, previous, backend)
 
 
-def _threshold(world: _World, features: Features, upper, previous, backend: str) -> Tensor:
-    fn = world.name
+def _threshold(scope: _Scope, features: Features, upper, previous, backend: str) -> Tensor:
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
     valid = _checks.valid_mask(fn, features.valid, sizes["B"], sizes["K"])
@@ -244,15 +244,15 @@ def _threshold(world: _World, features: Features, upper, previous, backend: str)
     upper = _checks.positive(fn, "upper", upper)
     if previous is not None:
         previous = _checks.per_type(fn, "previous", previous, sizes["K"])
-    stats = world.sum(partials.threshold_stats(image, text, negatives, valid, logit_scale, backend))
+    stats = scope.sum(partials.threshold_stats(image, text, negatives, valid, logit_scale, backend))
     return partials.threshold_from_stats(stats, upper, previous)
 
 
 @_term("imc", "image", "text", "negatives", "logit_scale")
 def imc(features: Features, *, variant: str = "paper", backend: str = "auto", group=None) -> Tensor:
     """CE-CLIP intra-modal contrast on the global batch: each caption against every negative of the batch."""
-    world = _World("imc", features, group)
-    fn = world.name
+    scope = _Scope("imc", features, group)
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     variant = _checks.variant(fn, variant)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
@@ -260,29 +260,29 @@ def imc(features: Features, *, variant: str = "paper", backend: str = "auto", gr
         raise ValueError(f"{fn}: variant='released' needs at least one negative (K >= 1), "
                          f"got {tuple(negatives.shape)}")
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = world.rows(sizes["B"])
+    rows = scope.rows(sizes["B"])
     total = partials.imc_sum(image, text, rows.gather(negatives), logit_scale, variant, backend)
-    return world.sum(total / rows.total)
+    return scope.sum(total / rows.total)
 
 
 @_term("igc", "image", "text", "negatives", "logit_scale")
 def igc(features: Features, *, backend: str = "auto", group=None) -> Tensor:
     """DeGLA image-grounded contrast (own caption + own negatives): rows are independent, nothing is gathered."""
-    world = _World("igc", features, group)
-    fn = world.name
+    scope = _Scope("igc", features, group)
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     sizes, (image, text, negatives) = _with_negatives(fn, features)
     logit_scale = _checks.scalar(fn, "logit_scale", features.logit_scale)
-    rows = world.rows(sizes["B"])
-    return world.sum(partials.grouped_sum(image, text, negatives, logit_scale, backend) / rows.total)
+    rows = scope.rows(sizes["B"])
+    return scope.sum(partials.grouped_sum(image, text, negatives, logit_scale, backend) / rows.total)
 
 
 @_term("tgc", "text", "teacher_text", "negatives")
 def tgc(features: Features, *, variant: str = "paper", scale: float = 10.0, backend: str = "auto",
         group=None) -> Tensor:
     """DeGLA text-grounded contrast; ``variant="released"`` draws anchor i's negatives from the global flat list."""
-    world = _World("tgc", features, group)
-    fn = world.name
+    scope = _Scope("tgc", features, group)
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     variant = _checks.variant(fn, variant)
     sizes, (text, teacher_text, negatives) = _checks.prepare(
@@ -292,19 +292,19 @@ def tgc(features: Features, *, variant: str = "paper", scale: float = 10.0, back
         negatives=(features.negatives, "BKD"),
     )
     scale = _checks.scalar(fn, "scale", scale)
-    rows = world.rows(sizes["B"])
+    rows = scope.rows(sizes["B"])
     if variant == "released":
         negatives = partials.tgc_released_negatives(rows.gather(negatives), rows.offset, sizes["B"])
     total = partials.grouped_sum(text, teacher_text.detach(), negatives, scale, backend)
-    return world.sum(total / rows.total)
+    return scope.sum(total / rows.total)
 
 
 @_term("distill", "image", "text", "negatives", "teacher_image", "teacher_text", "teacher_negatives")
 def distill(features: Features, *, group=None) -> Tensor:
     """DeGLA distillation, summed over the global batch (each rank sums its own rows)."""
-    world = _World("distill", features, group)
+    scope = _Scope("distill", features, group)
     _, tensors = _checks.prepare(
-        world.name,
+        scope.name,
         image=(features.image, "BD"),
         text=(features.text, "BD"),
         negatives=(features.negatives, "BKD"),
@@ -312,7 +312,7 @@ def distill(features: Features, *, group=None) -> Tensor:
         teacher_text=(features.teacher_text, "BD"),
         teacher_negatives=(features.teacher_negatives, "BKD"),
     )
-    return world.sum(partials.distill_sum(*tensors))
+    return scope.sum(partials.distill_sum(*tensors))
 
 
 def _scale_and_bias(fn: str, features: Features):
@@ -323,47 +323,47 @@ def _scale_and_bias(fn: str, features: Features):
 @_term("siglip", "image", "text", "logit_scale", "logit_bias")
 def siglip(features: Features, *, group=None) -> Tensor:
     """SigLIP sigmoid loss on the global batch: local images against every text."""
-    world = _World("siglip", features, group)
-    fn = world.name
+    scope = _Scope("siglip", features, group)
+    fn = scope.name
     sizes, (image, text) = _checks.prepare(fn, image=(features.image, "BD"), text=(features.text, "BD"))
     logit_scale, logit_bias = _scale_and_bias(fn, features)
-    rows = world.rows(sizes["B"])
+    rows = scope.rows(sizes["B"])
     total = partials.siglip_sum(image, rows.gather(text), logit_scale, logit_bias, rows.offset)
-    return world.sum(total / rows.total)
+    return scope.sum(total / rows.total)
 
 
 @_term("npc", "image", "concepts", "owner", "logit_scale", "logit_bias")
 def npc(features: Features, *, group=None) -> Tensor:
     """C2LIP concept contrast on the global batch: local images against every concept of every rank."""
-    world = _World("npc", features, group)
-    fn = world.name
+    scope = _Scope("npc", features, group)
+    fn = scope.name
     sizes, (image, concepts) = _checks.prepare(
         fn, image=(features.image, "BD"), concepts=(features.concepts, "PD")
     )
-    images = world.rows(sizes["B"])
-    concept_cols, owner_cols = _concept_columns(world, images, features, concepts)
+    images = scope.rows(sizes["B"])
+    concept_cols, owner_cols = _concept_columns(scope, images, features, concepts)
     logit_scale, logit_bias = _scale_and_bias(fn, features)
     total = partials.npc_sum(image, concept_cols, owner_cols, logit_scale, logit_bias, images.offset)
-    return world.sum(total / max(concept_cols.shape[0], 1))
+    return scope.sum(total / max(concept_cols.shape[0], 1))
 
 
 @_term("xac", "tokens", "concepts", "owner", "logit_scale", "logit_bias")
 def xac(features: Features, *, temperature: float = 1.0, backend: str = "auto", group=None) -> Tensor:
     """C2LIP XAC on the global batch: each rank pools its own images' tokens against every gathered concept."""
-    world = _World("xac", features, group)
-    fn = world.name
+    scope = _Scope("xac", features, group)
+    fn = scope.name
     backend = _checks.backend(fn, backend)
     sizes, (tokens, concepts) = _checks.prepare(
         fn, tokens=(features.tokens, "BLD"), concepts=(features.concepts, "PD")
     )
-    images = world.rows(sizes["B"])
-    concept_cols, owner_cols = _concept_columns(world, images, features, concepts)
+    images = scope.rows(sizes["B"])
+    concept_cols, owner_cols = _concept_columns(scope, images, features, concepts)
     logit_scale, logit_bias = _scale_and_bias(fn, features)
     temperature = _checks.positive(fn, "temperature", temperature)
     total = partials.xac_sum(
         tokens, concept_cols, owner_cols, logit_scale, logit_bias, temperature, images.offset, backend
     )
-    return world.sum(total / max(concept_cols.shape[0], 1))
+    return scope.sum(total / max(concept_cols.shape[0], 1))
 
 
 class CMRThreshold:
@@ -389,12 +389,12 @@ class CMRThreshold:
     @torch.no_grad()
     def update(self, features: Features, *, backend: str = "auto", group=None) -> Tensor:
         """Recompute θ from this step's global batch; returns the new ``value``."""
-        world = _World("cmr", features, group, fn="CMRThreshold.update")
-        sizes, _ = _with_negatives(world.name, features)
+        scope = _Scope("cmr", features, group, fn="CMRThreshold.update")
+        sizes, _ = _with_negatives(scope.name, features)
         if sizes["K"] != self.num_types:
-            raise ValueError(f"{world.name}: negatives have K = {sizes['K']} types, "
+            raise ValueError(f"{scope.name}: negatives have K = {sizes['K']} types, "
                              f"the threshold has {self.num_types}")
-        self.value = _threshold(world, features, self.upper, self.value, backend)
+        self.value = _threshold(scope, features, self.upper, self.value, backend)
         return self.value
 
     def state_dict(self) -> dict:

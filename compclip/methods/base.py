@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Set, Tuple, Type
 
 import torch
 
-from compclip.losses.modules import CompositionalLoss
+from compclip.losses.modules import CompositionalLoss, published_weights
 from compclip.losses.terms import CMRThreshold, Features
 
 REGISTRY: Dict[str, Type["Method"]] = {}
@@ -34,13 +34,15 @@ def build_method(loss_cfg, *, num_negatives: int, has_logit_bias: bool) -> "Meth
 
 
 class Method:
-    """Base class: subclasses set `default_terms` (the published weights) or override `published_terms`.
+    """Base class: a method is a registered name; its weights are that name's row of the one table
+    (`compclip.losses.modules.PUBLISHED_WEIGHTS`) unless `loss.terms` gives them.
 
     The loss itself is a `compclip.losses.modules.CompositionalLoss` (`objective`): the weighted sum of
     global-batch terms and CE-CLIP's threshold state; the method adds which features to compute."""
 
     name = "method"
-    default_terms: Dict[str, float] = {}
+    label = "method"
+    """How tables and plots name it (CE-CLIP, DeGLA, ...)."""
 
     def __init__(self, loss_cfg, *, num_negatives: int, has_logit_bias: bool = False):
         self.has_logit_bias = has_logit_bias
@@ -54,8 +56,10 @@ class Method:
         self.required: Set[str] = self.objective.required
 
     def published_terms(self) -> Dict[str, float]:
-        """The weights when the config names no terms (subclasses read ``PUBLISHED_WEIGHTS``)."""
-        return dict(self.default_terms)
+        """The weights when the config names no terms: the method's published ones, with the model's contrastive
+        term (SigLIP needs a logit bias; a model without one uses CLIP InfoNCE in its place, and one with a bias
+        SigLIP in place of InfoNCE)."""
+        return published_weights(self.name, self.contrastive_term)
 
     @property
     def contrastive_term(self) -> str:

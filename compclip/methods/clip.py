@@ -1,10 +1,10 @@
-"""CLIP fine-tuning baseline: the symmetric InfoNCE (SigLIP's sigmoid loss for models with a logit bias)."""
-from compclip.losses.modules import published_weights
+"""CLIP fine-tuning baseline: the symmetric InfoNCE (SigLIP's sigmoid loss for models with a logit bias).
 
+Its weights: compclip.losses.modules.PUBLISHED_WEIGHTS["clip"].
+"""
 from .base import Method, register
 
 
 @register("clip")
 class CLIP(Method):
-    def published_terms(self):
-        return published_weights("clip", self.contrastive_term)
+    label = "CLIP"

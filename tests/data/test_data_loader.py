@@ -169,7 +169,7 @@ def test_workers_give_the_same_batches_as_the_main_process():
     world = support.small_world()
     batches = {}
     for workers in (0, 2):
-        cfg = DataConfig(train_manifest=world["train"], batch_size=8, num_negatives=2, num_workers=workers)
+        cfg = DataConfig(train_manifest=world.train, batch_size=8, num_negatives=2, num_workers=workers)
         loader = build_dataloader(cfg, support.tokenizer(), support.to_tensor, rank=0, world_size=1, seed=4)
         loader.sampler.set_epoch(3)
         batches[workers] = list(loader)

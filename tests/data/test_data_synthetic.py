@@ -28,26 +28,26 @@ def _digest(folder: str) -> dict:
 def test_same_seed_gives_byte_identical_world_whatever_the_workers(tmp_path):
     first = generate_world(str(tmp_path / "a"), 25, 10, seed=7, image_size=32, workers=1)
     second = generate_world(str(tmp_path / "b"), 25, 10, seed=7, image_size=32, workers=2)
-    assert _digest(first["root"]) == _digest(second["root"])
-    assert len(_digest(first["root"])) == 25 + 10 + 2 + len(NEGATIVE_TYPES) + 1 + 1  # images, jsonl, eval, meta
+    assert _digest(first.root) == _digest(second.root)
+    assert len(_digest(first.root)) == 25 + 10 + 2 + len(NEGATIVE_TYPES) + 1 + 1  # images, jsonl, eval, meta
     other = generate_world(str(tmp_path / "c"), 25, 10, seed=8, image_size=32, workers=1)
-    with open(first["train"], "rb") as a, open(other["train"], "rb") as c:
+    with open(first.train, "rb") as a, open(other.train, "rb") as c:
         assert a.read() != c.read()
 
 
 def test_complete_world_is_reused_and_changed_parameters_regenerate(tmp_path):
     paths = generate_world(str(tmp_path), 6, 4, seed=1, image_size=32)
-    stamp = os.stat(paths["train"]).st_mtime_ns
+    stamp = os.stat(paths.train).st_mtime_ns
     assert generate_world(str(tmp_path), 6, 4, seed=1, image_size=32) == paths
-    assert os.stat(paths["train"]).st_mtime_ns == stamp
+    assert os.stat(paths.train).st_mtime_ns == stamp
     generate_world(str(tmp_path), 9, 4, seed=1, image_size=32)
-    with open(paths["train"]) as handle:
+    with open(paths.train) as handle:
         assert len(handle.readlines()) == 9
 
 
 def test_manifest_rows_have_four_typed_negatives_that_differ_from_the_caption():
     world = support.small_world()
-    with open(world["train"]) as handle:
+    with open(world.train) as handle:
         rows = [json.loads(line) for line in handle]
     assert len(rows) == 40
     for row in rows:
@@ -56,7 +56,7 @@ def test_manifest_rows_have_four_typed_negatives_that_differ_from_the_caption():
         assert all(normalise(n) != normalise(row["caption"]) for n, ok in zip(row["negatives"], row["valid"]) if ok)
         assert 2 <= len(row["concepts"]) <= 3
         assert all(concept in row["caption"] for concept in row["concepts"])
-        assert os.path.exists(os.path.join(world["root"], row["image"]))
+        assert os.path.exists(os.path.join(world.root, row["image"]))
 
 
 def test_hand_built_scene_caption_and_negatives():
@@ -92,13 +92,13 @@ def test_stated_relations_hold_in_the_rendered_pixels():
     """Read the relation back from the image (colour centroids): the caption's first relation must hold, its
     relation swap must not."""
     world = support.small_world()
-    with open(world["val"]) as handle:
+    with open(world.val) as handle:
         rows = [json.loads(line) for line in handle]
     checked = 0
     for index, row in enumerate(rows):
         scene = synthetic.make_sample(3, "val", index)["scene"]
         assert synthetic.caption_of(scene) == row["caption"]
-        pixels = np.asarray(Image.open(os.path.join(world["root"], row["image"])).convert("RGB"))
+        pixels = np.asarray(Image.open(os.path.join(world.root, row["image"])).convert("RGB"))
         for a, relation, b in scene["relations"]:  # the first relation and, in 3-object scenes, the second
             (ya, xa), (yb, xb) = (_centroid(pixels, COLOURS[scene["objects"][i]["colour"]]) for i in (a, b))
             observed = {"left": xa < xb - 3, "right": xa > xb + 3, "above": ya < yb - 3, "below": ya > yb + 3}
@@ -132,13 +132,13 @@ def test_a_relation_swap_is_not_recognisable_from_the_text_alone():
 def test_evaluation_sets_and_retrieval_json():
     world = support.small_world()
     for kind in NEGATIVE_TYPES:
-        with open(world["eval"][kind]) as handle:
+        with open(world.eval[kind]) as handle:
             entries = json.load(handle)
         assert entries and all(set(entry) == {"filename", "caption", "negative_caption"} for entry in entries.values())
         for entry in entries.values():
-            assert os.path.exists(os.path.join(world["eval_image_root"], entry["filename"]))
+            assert os.path.exists(os.path.join(world.eval_image_root, entry["filename"]))
             assert normalise(entry["caption"]) != normalise(entry["negative_caption"])
-    with open(world["retrieval"]) as handle:
+    with open(world.retrieval) as handle:
         images = json.load(handle)["images"]
     assert len(images) == 12 and {image["split"] for image in images} == {"test"}
     assert all(len(image["sentences"]) == 1 and image["sentences"][0]["raw"] for image in images)
@@ -164,16 +164,16 @@ def test_the_controlled_variants_two_objects_and_one_phrasing(tmp_path):
     relation as 'left of' / 'above', which stays true of the pixels; the default world.json is unchanged."""
     paths = generate_world(str(tmp_path / "one"), 30, 40, seed=5, image_size=32, workers=1, max_objects=2,
                            one_phrasing=True)
-    meta = json.loads(open(paths["meta"]).read())
+    meta = json.loads(open(paths.meta).read())
     assert meta["max_objects"] == 2 and meta["one_phrasing"] is True
     converse = {"right", "below", "under", "beneath"}
-    with open(paths["val"]) as handle:
+    with open(paths.val) as handle:
         rows = [json.loads(line) for line in handle]
     for index, row in enumerate(rows):
         assert not converse & set(row["caption"].split()), row["caption"]
         scene = synthetic.make_sample(5, "val", index, max_objects=2, one_phrasing=True)["scene"]
         assert len(scene["objects"]) == 2 and synthetic.caption_of(scene) == row["caption"]
-        pixels = np.asarray(Image.open(os.path.join(paths["root"], row["image"])).convert("RGB"))
+        pixels = np.asarray(Image.open(os.path.join(paths.root, row["image"])).convert("RGB"))
         a, relation, b = scene["relations"][0]
         (ya, xa), (yb, xb) = (_centroid(pixels, COLOURS[scene["objects"][i]["colour"]]) for i in (a, b))
         assert {"left": xa < xb - 2, "above": ya < yb - 2}[relation]
@@ -183,7 +183,7 @@ def test_the_controlled_variants_two_objects_and_one_phrasing(tmp_path):
     control = synthetic.make_sample(5, "val", 0, max_objects=2)["scene"]
     assert control["objects"] == synthetic.make_sample(5, "val", 0, max_objects=2, one_phrasing=True)["scene"]["objects"]
     default = generate_world(str(tmp_path / "default"), 3, 2, seed=5, image_size=16, workers=1)
-    assert "max_objects" not in json.loads(open(default["meta"]).read())
+    assert "max_objects" not in json.loads(open(default.meta).read())
     with pytest.raises(ValueError, match="one_phrasing needs max_objects=2"):
         generate_world(str(tmp_path / "bad"), 3, 2, one_phrasing=True)
     with pytest.raises(SystemExit):

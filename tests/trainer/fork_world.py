@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import compclip.train  # noqa: E402,F401  (imported once, before the forks, with what it imports lazily)
-import compclip.data, compclip.ema, compclip.methods, compclip.models  # noqa: E401,E402,F401
+import compclip.data, compclip.trainer.ema, compclip.methods, compclip.models  # noqa: E401,E402,F401
 import deepspeed  # noqa: E402
 import deepspeed.comm  # noqa: E402,F401
 from deepspeed.accelerator import get_accelerator  # noqa: E402

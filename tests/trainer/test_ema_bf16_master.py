@@ -2,7 +2,7 @@
 optimizer steps, not the bf16 compute copy. After n steps it equals the closed-form EMA of the master history
 θ*_n = αⁿ θ_0 + Σ_k α^(n−k) (1−α) θ_k to fp32 rounding, and differs measurably from the same EMA of the bf16
 copies. The master history is read through DeepSpeed's own accessors (`safe_get_full_fp32_param`, stage 0's
-`optimizer.fp32_groups`), not through `compclip.engine.fp32_master_sources`."""
+`optimizer.fp32_groups`), not through `compclip.trainer.engine.fp32_master_sources`."""
 import pytest
 import torch
 from test_ema_zero import _build, _closed_form, _engine, _init_rank, spawn_ranks
@@ -16,8 +16,8 @@ def _worker(rank, world, port, results):
     _init_rank(rank, world, port)
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from compclip.ema import EMATeacher
-    from compclip.engine import fp32_master_sources
+    from compclip.trainer.ema import EMATeacher
+    from compclip.trainer.engine import fp32_master_sources
 
     out = {}
     for stage in (0, 1, 2):

@@ -67,7 +67,7 @@ def _worker(rank, world, port, results):
     _init_rank(rank, world, port)
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from compclip.ema import EMATeacher
+    from compclip.trainer.ema import EMATeacher
 
     out = {}
     for stage in (1, 2, 3):
@@ -110,7 +110,7 @@ def _clamp_check(engine):
 
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_local_fp32_param
 
-    from compclip.engine import clamp_logit_scale
+    from compclip.trainer.engine import clamp_logit_scale
 
     param = engine.module.logit_scale
     overshoot = math.log(300.0)

@@ -2,7 +2,7 @@
 ZeRO-3, DeGLA with its EMA teacher, the tiny model).
 
 Every world runs in `fork_world.py`: forked ranks of one process that imported the trainer once, killed by the
-real signals (`compclip.faults`). The reference is one straight run; every other run continues from what a killed
+real signals (`compclip.trainer.faults`). The reference is one straight run; every other run continues from what a killed
 run left on disk with `--resume latest`, and must log the straight run's losses bit for bit.
 
 The kill chain (one run folder, each world resumes the previous one and is killed at the next stage):
@@ -116,7 +116,7 @@ def test_save_schedule_counts_steps_and_minutes(monkeypatch):
     """One process: the schedule's answers against a fake clock, and SIGTERM caught only between start/close."""
     import signal
 
-    from compclip import preemption
+    from compclip.trainer import preemption
 
     now = [100.0]
     monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
@@ -139,29 +139,30 @@ def test_save_schedule_counts_steps_and_minutes(monkeypatch):
 
 def test_explicit_incomplete_tag_is_refused_naming_the_complete_ones(tmp_path):
     """`--resume <tag>` of an interrupted save: a clear error, not a hint at a different number of ranks."""
-    from compclip.checkpoint import MARKER, Checkpointer
+    from compclip.runfolder import MARKER, RunFolder, locate
 
-    ds = tmp_path / "run" / "checkpoints" / "deepspeed"
+    run = RunFolder(tmp_path / "run")
+    ds = run.deepspeed
     for name, complete in (("step1", True), ("step2", True), ("step3", False)):
         (ds / name).mkdir(parents=True)
         (ds / name / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
         if complete:
             (ds / name / MARKER).write_text("{}")
-    checkpoints = Checkpointer.__new__(Checkpointer)
-    checkpoints.rank, checkpoints.world, checkpoints.ds_dir = 0, 1, ds
     with pytest.raises(FileNotFoundError, match=r"step3 is incomplete: its save was interrupted .* step1, step2"):
-        checkpoints.locate(str(ds / "step3"))
-    assert checkpoints.locate("latest") == (ds, "step2")
-    assert checkpoints.locate(str(ds)) == (ds, "step2")
+        locate(str(ds / "step3"), run)
+    assert locate("latest", run) == (ds, "step2")
+    assert locate(str(ds), run) == (ds, "step2")
 
 
 def test_retention_keeps_the_newest_complete_tags_and_exports(tmp_path):
     """keep=2 after a commit of step5: step4 and step5 stay, so does nothing newer; an incomplete older tag and
     what an interrupted deletion left go; keep_exports=2 keeps the two highest epochs."""
-    from compclip.checkpoint import MARKER, TRASH, Checkpointer
+    from compclip.runfolder import MARKER, TRASH, RunFolder
+    from compclip.trainer.checkpoint import Checkpointer
 
     checkpoints = Checkpointer.__new__(Checkpointer)
-    checkpoints.rank, checkpoints.world, checkpoints.keep, checkpoints.keep_exports = 0, 1, 2, 2
+    checkpoints.rank, checkpoints.world_size, checkpoints.keep, checkpoints.keep_exports = 0, 1, 2, 2
+    checkpoints.run = RunFolder(tmp_path)
     checkpoints.dir = tmp_path / "checkpoints"
     checkpoints.ds_dir = checkpoints.dir / "deepspeed"
     for step, complete in ((1, True), (2, False), (3, True), (4, True), (5, True)):

@@ -1,4 +1,4 @@
-"""Gradient caching (`optim.contrastive_batch`, compclip.gradcache) against runs that hold the whole contrastive
+"""Gradient caching (`optim.contrastive_batch`, compclip.trainer.gradcache) against runs that hold the whole contrastive
 batch in one autograd graph, with two real gloo ranks on the CPU in fp32, under ZeRO 0 and 3.
 
 * Every method: CLIP, NegCLIP, CE-CLIP (threshold), DeGLA (EMA teacher), C2LIP on the SigLIP-style MAP tower
@@ -52,7 +52,7 @@ def _argv(tmp, name, stage, extra):
 
 
 def _snapshot(trainer):
-    from compclip.engine import full_state_dict
+    from compclip.trainer.engine import full_state_dict
 
     state = {"params": full_state_dict(trainer.clip)}  # collective under ZeRO-3
     if trainer.teacher is not None:
@@ -65,10 +65,10 @@ def _snapshot(trainer):
 def _run(argv, step=None):
     """STEPS optimizer steps of a Trainer; snapshots after step 1 and the last. `step(trainer, batch)` replaces
     `trainer.train_step` (the hand-written reference)."""
-    from compclip.config import load_config
-    from compclip.train import EMBEDDED_DEFAULT, Trainer
+    from compclip.train import resolve_argv
+    from compclip.trainer import Trainer
 
-    trainer = Trainer(load_config(argv, base=EMBEDDED_DEFAULT))
+    trainer = Trainer(resolve_argv(argv))
     trainer.engine.train()
     trainer.loader.sampler.set_epoch(0)
     trainer.method.on_epoch_start(0)
@@ -86,7 +86,7 @@ def _run(argv, step=None):
 def _chunked_autograd_step(trainer, batch):
     """The reference for a stochastic tower: the whole step in one graph, encoded chunk by chunk in the cached
     step's order (so every chunk draws the same masks), then the global loss, one backward and one step."""
-    from compclip.metrics import StepOutput
+    from compclip.trainer.step import StepOutput
 
     rows = batch["images"].shape[0]
     pieces = []
@@ -101,12 +101,12 @@ def _chunked_autograd_step(trainer, batch):
         setattr(features, name, None if values[0] is None else torch.cat(values))
     features.owner = torch.cat([piece.owner + CHUNK * i for i, piece in enumerate(pieces)])
     loss, parts = trainer.method.loss(features)
-    trainer.engine.backward(loss * trainer.world)
+    trainer.engine.backward(loss * trainer.world_size)
     trainer.engine.step()
-    from compclip.engine import clamp_logit_scale
+    from compclip.trainer.engine import clamp_logit_scale
 
     clamp_logit_scale(trainer.clip, trainer.cfg.optim.logit_scale_max)
-    return StepOutput(loss, parts, features, True, rows * trainer.world)
+    return StepOutput(loss, parts, features, True, rows * trainer.world_size)
 
 
 def _drop_path_config(folder: Path) -> None:
@@ -125,8 +125,8 @@ def _worker(rank, port, tmp):
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(1)
     tmp = Path(tmp)
-    from compclip import gradcache
-    from compclip.engine import init_process_group
+    from compclip.trainer import gradcache
+    from compclip.trainer.engine import init_process_group
     from compclip.models import register_model_configs
 
     init_process_group()
@@ -142,7 +142,7 @@ def _worker(rank, port, tmp):
     drop = ["--loss.method=c2lip", f"--model.arch={DROP_PATH_ARCH}"]
     results["droppath/chunked"] = _run(_argv(tmp, "drop-ref", 0, drop + whole), _chunked_autograd_step)
     results["droppath/cached"] = _run(_argv(tmp, "drop-cached", 0, drop + cached))
-    gradcache._set_rng_state = lambda state, device: None  # no replay: (c) draws fresh masks
+    gradcache.set_rng_state = lambda state, device=None: None  # no replay: (c) draws fresh masks
     results["droppath/no-replay"] = _run(_argv(tmp, "drop-noreplay", 0, drop + cached))
     if rank == 0:
         torch.save(results, tmp / "results.pt")
@@ -245,7 +245,7 @@ def test_cached_gradient_is_the_whole_batch_gradient_in_float64(arch, terms):
     import copy
 
     from compclip.config import LossConfig
-    from compclip.gradcache import CachedStep
+    from compclip.trainer.gradcache import CachedStep
     from compclip.methods import build_method
     from compclip.models import Encoder, build_model
 
@@ -268,7 +268,7 @@ def test_cached_gradient_is_the_whole_batch_gradient_in_float64(arch, terms):
     methods[0].after_step(whole_features)
 
     engine = _Engine(encoders[1], accumulation=4)
-    step = CachedStep(engine, methods[1], teacher if methods[1].needs_teacher else None, chunk=3, world=1,
+    step = CachedStep(engine, methods[1], teacher if methods[1].needs_teacher else None, chunk=3, world_size=1,
                       device=torch.device("cpu"), dtype=torch.float64, logit_scale_max=100.0)
     out = step.step(batch, _Guard(), (0, 0, 0))
     assert out.boundary and out.samples == 12 and engine.micro == 4
@@ -289,7 +289,7 @@ def test_cached_gradient_is_the_whole_batch_gradient_in_float64(arch, terms):
 
 
 def test_split_batch_keeps_concepts_with_their_images():
-    from compclip.gradcache import split_batch
+    from compclip.trainer.gradcache import split_batch
 
     batch = _batch(6)
     chunks = split_batch(batch, 2)
@@ -309,24 +309,23 @@ def test_split_batch_keeps_concepts_with_their_images():
 ])
 def test_impossible_contrastive_batches_name_the_key(argv, world, message):
     from compclip.config import ConfigError, load_config
-    from compclip.engine import run_config
+    from compclip.resolve import resolve
 
     with pytest.raises(ConfigError, match=message):
-        run_config(load_config(argv), world)
+        resolve(load_config(argv), world)
 
 
 def test_contrastive_batch_is_deepspeeds_train_batch_and_the_chunks_its_accumulation():
     from compclip.config import load_config
-    from compclip.engine import run_config
-    from compclip.gradcache import step_data
+    from compclip.resolve import resolve
 
-    cfg = load_config(["--optim.contrastive_batch=256", "--data.batch_size=32", "--global_batch_size=256"])
-    config = run_config(cfg, 2)
+    run = resolve(load_config(["--optim.contrastive_batch=256", "--data.batch_size=32", "--global_batch_size=256"]), 2)
+    config = run.deepspeed
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (256, 32, 4)
-    assert cfg.data.batch_size == 32 and step_data(cfg, 2).batch_size == 128 and step_data(cfg, 2) is not cfg.data
-    plain = load_config(["--data.batch_size=32"])
-    assert step_data(plain, 2) is plain.data
+    assert run.micro_batch == 32 and run.loader_batch == 128 and run.chunks == 4 and run.contrastive_batch == 256
+    plain = resolve(load_config(["--data.batch_size=32"]), 2)
+    assert plain.loader_batch == plain.micro_batch == 32 and plain.chunks == 1 and plain.contrastive_batch == 64
 
 
 def test_resume_in_the_middle_of_a_cached_run_is_bit_identical(tmp_path, one_process):

@@ -4,7 +4,7 @@ Design under DeepSpeed (under ZeRO-3 the teacher is updated shard by shard, with
 
 * ZeRO 0/1/2: every rank holds the full student parameters (the optimizer state is what is partitioned), so the
   teacher is a plain fp32 module on every rank. It follows the fp32 *master* weights, not the bf16 compute copy
-  (`compclip.engine.fp32_master_sources`): averaging the bf16 copy would add its rounding error (up to 2^-9 relative per weight)
+  (`compclip.trainer.engine.fp32_master_sources`): averaging the bf16 copy would add its rounding error (up to 2^-9 relative per weight)
   into every update. Where each rank keeps the whole master (stage 0: DeepSpeed 0.19's FP16_UnfusedOptimizer
   `fp32_groups`, also used for bf16; fp32 training: the parameter itself) the rank updates its whole copy, no
   communication. Under ZeRO 1/2 (DeepSpeedZeroOptimizer, or BF16_Optimizer) each rank owns only a partition of
@@ -56,7 +56,7 @@ class EMATeacher:
         teacher = build().float()
         teacher.requires_grad_(False)
         if self.partitioned:
-            from compclip.engine import zero3_inference_engine
+            from compclip.trainer.engine import zero3_inference_engine
 
             if zero3_config is None:
                 raise ValueError("EMATeacher: a ZeRO-3 student needs the ZeRO-3 config for its teacher")
@@ -89,7 +89,7 @@ class EMATeacher:
     @torch.no_grad()
     def _blend(self, alpha: float) -> None:
         """storage ← α storage + (1 − α) master on every teacher tensor; α = 0 copies the master."""
-        from compclip.engine import fp32_master_sources
+        from compclip.trainer.engine import fp32_master_sources
 
         sources = fp32_master_sources(self._source)
         storages = self._teacher_storage()
@@ -171,7 +171,7 @@ class EMATeacher:
         """Full fp32 teacher weights (a collective under ZeRO-3: call on every rank)."""
         if not self.partitioned:
             return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
-        from compclip.engine import gathered
+        from compclip.trainer.engine import gathered
 
         out = {}
         for name, param in self.module.named_parameters():

@@ -2,7 +2,7 @@
 signalled at a chosen instant, as a cluster would do it.
 
 * `save:<stage>:<step>`: SIGKILL this process at `<stage>` of the save of tag `step<step>`. Stages, in the order
-  of a save (`compclip.checkpoint.Checkpointer.save`): `before_states` (nothing of the tag written yet),
+  of a save (`compclip.trainer.checkpoint.Checkpointer.save`): `before_states` (nothing of the tag written yet),
   `after_states` (DeepSpeed's model and optimizer states written), `after_extras` (this rank's
   `compclip_rank<r>.pt` written), `after_marker` (rank 0: the completion marker written), `after_pointer`
   (rank 0: the `latest` pointers written). Every rank that reaches the stage dies there; a rank that waits for a

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from compclip import study
+from compclip.child_run import DONE, Benchmark, fingerprint
 from compclip.data.dataset import SampleBuilder, shuffle_words
 from compclip.evaluation.loading import latest_checkpoint
+from compclip.study.report import aggregate, swap_mean
+from compclip.study.world import StudyError, check_manifest
 
 ALL = ",".join(study.METHODS)
 
@@ -85,32 +88,36 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         assert label in table
     assert (out / "results.png").stat().st_size > 10_000
     # started again: every run is reused, nothing retrains, the same results come back
-    stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/study_done.json")}
+    stamps = {p: p.stat().st_mtime for p in (out / "runs").glob(f"*/{DONE}")}
     assert study.main(["--quick", "--out", str(out), "--methods", ALL, "--jobs", "1"])["methods"] == \
         on_disk["methods"]
-    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/study_done.json")} == stamps
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob(f"*/{DONE}")} == stamps
 
 
 def test_the_embedded_default_is_the_studys_ceclip_fine_tune(tmp_path):
     """`deepspeed compclip/train.py` with no arguments: the study's world, start, schedule and CE-CLIP, seed 0."""
-    from compclip.config import load_config, resolve_data
-    from compclip.train import EMBEDDED_DEFAULT
+    from compclip.bow import parse_tag
+    from compclip.config import load_config
+    from compclip.resolve import resolve
+    from compclip.trainer.inputs import prepare_inputs
 
     profile = study.PROFILES["default"]
-    cfg = load_config([], base=EMBEDDED_DEFAULT)
+    cfg = load_config([])
     world = cfg.data.synthetic
     assert {key: getattr(world, key) for key in profile.world} == profile.world
-    assert cfg.model.arch == profile.arch and study.parse_bow_tag(cfg.model.pretrained) == profile.pretrain["epochs"]
+    assert cfg.model.arch == profile.arch and parse_tag(cfg.model.pretrained) == profile.pretrain["epochs"]
     assert (cfg.loss.method, cfg.seed, cfg.data.batch_size, cfg.data.num_negatives) == \
         ("ceclip", 0, profile.batch_size, profile.num_negatives)
     assert {key: getattr(cfg.optim, key) for key in profile.finetune} == profile.finetune
     # its folder names the variant, and the world written there is that variant (no converse phrasing)
-    small = load_config([f"--data.synthetic.root={tmp_path}/synthetic{{variant}}", "--data.synthetic.num_train=6",
-                         "--data.synthetic.num_val=4", "--data.synthetic.image_size=16"], base=EMBEDDED_DEFAULT)
-    paths = resolve_data(small)
-    assert paths["root"] == str(tmp_path / "synthetic-2obj-1phrase")
-    assert json.loads(open(paths["meta"]).read())["one_phrasing"] is True
-    with open(paths["train"]) as handle:
+    small = resolve(load_config([f"--data.synthetic.root={tmp_path}/synthetic{{variant}}",
+                                 "--data.synthetic.num_train=6", "--data.synthetic.num_val=4",
+                                 "--data.synthetic.image_size=16", "--model.pretrained="]))
+    prepare_inputs(small)
+    paths = small.synthetic
+    assert paths.root == str(tmp_path / "synthetic-2obj-1phrase")
+    assert json.loads(open(paths.meta).read())["one_phrasing"] is True
+    with open(paths.train) as handle:
         captions = [json.loads(line)["caption"] for line in handle]
     converse = {"right", "below", "under", "beneath"}
     assert len(captions) == 6 and not any(converse & set(caption.split()) for caption in captions)
@@ -118,15 +125,15 @@ def test_the_embedded_default_is_the_studys_ceclip_fine_tune(tmp_path):
 
 def test_aggregate_is_the_sample_mean_and_std():
     runs = {"a": [{"x": 0.5, "y": 0.1}, {"x": 0.7, "y": 0.2}, {"x": 0.9, "y": 0.6}]}
-    got = study.aggregate(runs)["a"]
+    got = aggregate(runs)["a"]
     for key in ("x", "y"):
         values = np.array([r[key] for r in runs["a"]])
         assert got[key]["mean"] == pytest.approx(values.mean())
         assert got[key]["std"] == pytest.approx(values.std(ddof=1))
         assert got[key]["runs"] == list(values)
-    scores = study.aggregate({"m": [{"relation_swap": 0.6, "attribute_swap": 0.8},
+    scores = aggregate({"m": [{"relation_swap": 0.6, "attribute_swap": 0.8},
                                     {"relation_swap": 0.7, "attribute_swap": 0.6}]})["m"]
-    mean, std = study.swap_mean(scores, ["relation_swap", "attribute_swap"])
+    mean, std = swap_mean(scores, ["relation_swap", "attribute_swap"])
     assert mean == pytest.approx(0.675) and std == pytest.approx(math.sqrt(2) * 0.025)
 
 
@@ -196,22 +203,22 @@ def test_external_world_through_the_flags(tmp_path):
     from compclip.data.synthetic import generate_world
 
     paths = generate_world(str(tmp_path / "other"), 160, 40, 7, 64)
-    sugarcrepe = os.path.dirname(next(iter(paths["eval"].values())))
+    sugarcrepe = os.path.dirname(next(iter(paths.eval.values())))
     out = tmp_path / "out"
-    results = study.main(["--train-manifest", paths["train"], "--eval-sugarcrepe", sugarcrepe,
-                          "--eval-image-root", paths["eval_image_root"], "--retrieval", paths["retrieval"],
+    results = study.main(["--train-manifest", paths.train, "--eval-sugarcrepe", sugarcrepe,
+                          "--eval-image-root", paths.eval_image_root, "--retrieval", paths.retrieval,
                           "--seeds", "2", "--methods", "clip,negclip", "--out", str(out), "--quick", "--jobs", "1"])
     assert results["protocol"]["world"]["builtin"] is False
-    assert results["protocol"]["world"]["subsets"] == sorted(paths["eval"])
+    assert results["protocol"]["world"]["subsets"] == sorted(paths.eval)
     for method in ("clip", "negclip"):
         scores = results["methods"][method]
-        assert sorted(scores) == sorted(list(paths["eval"]) + ["retrieval_r1"])
+        assert sorted(scores) == sorted(list(paths.eval) + ["retrieval_r1"])
         for entry in scores.values():
             assert len(entry["runs"]) == 2
             assert entry["mean"] == pytest.approx(np.mean(entry["runs"]))
             assert entry["std"] == pytest.approx(np.std(entry["runs"], ddof=1))
-    assert (out / "runs" / "negclip-seed1" / "study_done.json").exists()
-    assert paths["train"] in (out / "runs" / "pretrain" / "config.yaml").read_text()
+    assert (out / "runs" / "negclip-seed1" / DONE).exists()
+    assert paths.train in (out / "runs" / "pretrain" / "config.yaml").read_text()
 
 
 def test_webdataset_shards_as_the_training_manifest(tmp_path):
@@ -225,20 +232,20 @@ def test_webdataset_shards_as_the_training_manifest(tmp_path):
     shards = write_shards(rows, str(tmp_path / "wds"), max_count=2)
     assert len(shards) == 3
     pattern = str(tmp_path / "wds" / "shard-{000000..000002}.tar")
-    assert study._manifest_files(pattern) == shards
-    study._check_manifest(pattern)
-    study._check_manifest("::".join(shards[:2]))
-    with pytest.raises(study.StudyError, match=r"no such file .*shard-000003.tar"):
-        study._check_manifest(str(tmp_path / "wds" / "shard-{000000..000003}.tar"))
+    world = Benchmark(pattern, str(tmp_path), str(tmp_path), ("x",))
+    assert world.manifest_files() == shards
+    check_manifest(pattern)
+    check_manifest("::".join(shards[:2]))
+    with pytest.raises(StudyError, match=r"no such file .*shard-000003.tar"):
+        check_manifest(str(tmp_path / "wds" / "shard-{000000..000003}.tar"))
     bad = write_shards([{"image": str(tmp_path / "a.png"), "caption": "cat", "negatives": "dog"}], str(tmp_path / "bad"))
-    with pytest.raises(study.StudyError, match=r"shard-000000.tar:000000000: 'negatives' must be a list of strings"):
-        study._check_manifest(bad[0])
+    with pytest.raises(StudyError, match=r"shard-000000.tar:000000000: 'negatives' must be a list of strings"):
+        check_manifest(bad[0])
     plain = write_shards([{"image": str(tmp_path / "a.png"), "caption": "cat"}], str(tmp_path / "plain"))
-    with pytest.raises(study.StudyError, match="no sample has a 'negatives' field"):
-        study._check_manifest(plain[0])
-    world = study.World(pattern, str(tmp_path), str(tmp_path), ["x"])
-    before = study._fingerprint({"seed": 0, "threads": 1}, world)
-    assert study._fingerprint({"seed": 0, "threads": 2}, world) == before
+    with pytest.raises(StudyError, match="no sample has a 'negatives' field"):
+        check_manifest(plain[0])
+    before = fingerprint({"seed": 0, "threads": 1}, world)
+    assert fingerprint({"seed": 0, "threads": 2}, world) == before
     with open(shards[2], "ab") as handle:  # the last shard changes: finished runs are not reused
         handle.write(b"\0" * 512)
-    assert study._fingerprint({"seed": 0, "threads": 1}, world) != before
+    assert fingerprint({"seed": 0, "threads": 1}, world) != before

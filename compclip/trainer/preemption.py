@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from compclip import faults
+from compclip.trainer import faults
 from compclip.distributed import any_across_ranks
 
 logger = logging.getLogger("compclip")

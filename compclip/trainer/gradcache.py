@@ -28,21 +28,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from compclip import engine as ds
 from compclip.data import to_device
 from compclip.losses.terms import Features
-from compclip.metrics import StepOutput
+from compclip.rng import rng_state, set_rng_state
+from compclip.trainer.engine import COMPUTE_DTYPES
+from compclip.trainer.step import StepOutput, finish_step
 
 GRAD_FIELDS = ("image", "text", "negatives", "tokens", "concepts")  # per-row features with a gradient
 SCALAR_FIELDS = ("logit_scale", "logit_bias")  # shared: one value per step, its gradient applied once
-
-
-def step_data(cfg, world: int):
-    """The loader's data config: with `optim.contrastive_batch` a batch is the rank's share of one contrastive step
-    (`data.batch_size` stays the chunk DeepSpeed sees); otherwise `cfg.data` itself."""
-    if cfg.optim.contrastive_batch <= 0:
-        return cfg.data
-    return dataclasses.replace(cfg.data, batch_size=cfg.optim.contrastive_batch // world)
 
 
 def split_batch(batch: Dict[str, Any], chunk: int) -> List[Dict[str, Any]]:
@@ -83,16 +76,6 @@ def concat_features(parts: List[Features], rows: List[int]) -> Features:
         else:
             out[field.name] = torch.cat(values)
     return Features(**out)
-
-
-def _rng_state(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: Tuple[torch.Tensor, Optional[torch.Tensor]], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def feature_gradients(method, cached: Features):
@@ -145,58 +128,48 @@ def surrogate(features: Features, grads: Dict[str, torch.Tensor]) -> torch.Tenso
     return total
 
 
-def finish_step(engine, method, teacher, features: Features, boundary: bool, logit_scale_max: float) -> None:
-    """After a DeepSpeed step, cached (pass (d)) or a plain micro-batch's (compclip.train): the method's hook
-    (CE-CLIP's threshold) and, at an accumulation boundary, the logit-scale clamp and the EMA teacher's update."""
-    method.after_step(features)
-    if boundary:
-        ds.clamp_logit_scale(engine.module.clip, logit_scale_max)
-        if teacher is not None:
-            teacher.update()
-
-
 class CachedStep:
     """One optimizer step over the rank's share of `optim.contrastive_batch` in chunks of `data.batch_size`
     (module docstring). `engine` is the DeepSpeed engine (its gradient accumulation = the chunks of a step)."""
 
-    def __init__(self, engine, method, teacher, *, chunk: int, world: int, device: torch.device,
+    def __init__(self, engine, method, teacher, *, chunk: int, world_size: int, device: torch.device,
                  dtype: torch.dtype, logit_scale_max: float):
         self.engine, self.method, self.teacher = engine, method, teacher
-        self.chunk, self.world, self.device, self.dtype = chunk, world, device, dtype
+        self.chunk, self.world_size, self.device, self.dtype = chunk, world_size, device, dtype
         self.logit_scale_max = logit_scale_max
 
     @classmethod
-    def build(cls, cfg, engine, method, teacher, device: torch.device, world: int) -> Optional["CachedStep"]:
+    def build(cls, cfg, engine, method, teacher, device: torch.device, world_size: int) -> Optional["CachedStep"]:
         """The cached step when `optim.contrastive_batch` is set, else None (the plain step)."""
         if cfg.optim.contrastive_batch <= 0:
             return None
-        return cls(engine, method, teacher, chunk=cfg.data.batch_size, world=world, device=device,
-                   dtype=ds.COMPUTE_DTYPES[cfg.deepspeed.precision], logit_scale_max=cfg.optim.logit_scale_max)
+        return cls(engine, method, teacher, chunk=cfg.data.batch_size, world_size=world_size, device=device,
+                   dtype=COMPUTE_DTYPES[cfg.deepspeed.precision], logit_scale_max=cfg.optim.logit_scale_max)
 
     @torch.no_grad()
     def cache(self, chunks: List[Dict[str, Any]]):
         """Pass (a): every chunk's features (student and teacher) without autograd, and the RNG state before it."""
         states, cached = [], []
         for chunk in chunks:
-            states.append(_rng_state(self.device))
+            states.append(rng_state(self.device, host=False))
             cached.append(self.method.features(self.engine, self.teacher, to_device(chunk, self.device), self.dtype))
         return states, cached
 
     def backward_chunks(self, chunks, states, rows: Dict[str, List[int]], grads) -> bool:
         """Pass (c): per chunk, the RNG of (a), a re-forward with autograd, the DeepSpeed backward of the surrogate
         and `engine.step()`; the RNG then continues from where (a) left it. True if the last step was a boundary."""
-        after = _rng_state(self.device)
+        after = rng_state(self.device, host=False)
         boundary = False
         for index, chunk in enumerate(chunks):
-            _set_rng_state(states[index], self.device)
+            set_rng_state(states[index], self.device)
             features = self.method.features(self.engine, None, to_device(chunk, self.device), self.dtype)
-            # DeepSpeed averages over ranks (x world) and would divide by the chunks (scale_wrt_gas=False): the
+            # DeepSpeed averages over ranks (x world_size) and would divide by the chunks (scale_wrt_gas=False): the
             # loss is already the global one.
-            self.engine.backward(surrogate(features, chunk_gradients(grads, rows, index)) * self.world,
+            self.engine.backward(surrogate(features, chunk_gradients(grads, rows, index)) * self.world_size,
                                  scale_wrt_gas=False)
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
-        _set_rng_state(after, self.device)
+        set_rng_state(after, self.device)
         return boundary
 
     def step(self, batch: Dict[str, Any], guard, where: Tuple[int, int, int]) -> Optional[StepOutput]:
@@ -211,4 +184,4 @@ class CachedStep:
             return None
         boundary = self.backward_chunks(chunks, states, rows, grads)
         finish_step(self.engine, self.method, self.teacher, features, boundary, self.logit_scale_max)
-        return StepOutput(loss, parts, features, boundary, batch["images"].shape[0] * self.world)
+        return StepOutput(loss, parts, features, boundary, batch["images"].shape[0] * self.world_size)

@@ -130,7 +130,7 @@ def test_rng_states_round_trip_through_weights_only_checkpoint(tmp_path):
 def test_checkpoint_extras_with_safe_rng_load_weights_only(tmp_path):
     """What the trainer's `compclip_rank{r}.pt` holds (RNG, CE-CLIP threshold, EMA teacher, data position, counters)
     loads with `weights_only=True` once the RNG goes through `rng_state_to_safe`."""
-    from compclip.ema import EMATeacher
+    from compclip.trainer.ema import EMATeacher
     from compclip.losses import CMRThreshold
 
     def build():

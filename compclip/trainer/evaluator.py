@@ -1,0 +1,117 @@
+"""The run's evaluations and its final report: the `before` evaluation of the initial model, each due evaluation of
+an epoch's full weights (rank 0 evaluates, the others wait), and the before -> after table with the export and how
+to load it, printed at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+logger = logging.getLogger("compclip")
+
+# The rows of the summary table: binding accuracy and retrieval R@1. A benchmark reporting none of them (SugarCrepe,
+# VALSE, zero-shot, ARO order) shows all its metrics. Per-group keys (`group/accuracy`) are never rows.
+SUMMARY_METRICS = ("accuracy", "macro_accuracy", "micro_accuracy", "image_to_text_R@1", "text_to_image_R@1")
+
+
+def headline(results: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Per benchmark, its SUMMARY_METRICS (all its metrics when it reports none of them)."""
+    out = {}
+    for benchmark, metrics in results.items():
+        keep = {k: v for k, v in metrics.items() if k in SUMMARY_METRICS}
+        out[benchmark] = keep or dict(metrics)
+    return out
+
+
+def summary_table(before: Optional[Dict], after: Optional[Dict]) -> str:
+    from compclip.evaluation.report import format_table
+
+    runs = {}
+    if before:
+        runs["before"] = headline(before)
+    if after:
+        runs["after"] = headline(after)
+    return format_table(runs) if runs else ""
+
+
+def evaluate_model(clip, preprocess, tokenizer, eval_cfg, device: torch.device, out_dir: Path, label: str,
+                   rank: int) -> Optional[Dict[str, Dict[str, float]]]:
+    """Evaluate an unwrapped open_clip model on rank 0 (the others wait) and log its headline numbers."""
+    results = None
+    if rank == 0:
+        from compclip.evaluation import evaluate
+
+        t0 = time.time()
+        results = evaluate(clip.to(device), preprocess, tokenizer, eval_cfg, device, out_dir=str(out_dir),
+                           label=label)
+        logger.info("evaluation %s (%.1fs): %s", label, time.time() - t0, json.dumps(headline(results)))
+    torch.distributed.barrier()
+    return results
+
+
+class Evaluator:
+    """The run's evaluations: `before` on the initial model, and each due one on the full weights of an epoch."""
+
+    def __init__(self, preprocess, tokenizer, eval_cfg, device: torch.device, run_dir: Path, rank: int, metrics):
+        self.preprocess, self.tokenizer, self.cfg, self.device = preprocess, tokenizer, eval_cfg, device
+        self.run_dir, self.rank, self.metrics = run_dir, rank, metrics
+
+    def model(self, clip, label: str) -> Optional[Dict[str, Dict[str, float]]]:
+        return evaluate_model(clip, self.preprocess, self.tokenizer, self.cfg, self.device,
+                              self.run_dir / "eval" / label, label, self.rank)
+
+    def state(self, state: Dict[str, torch.Tensor], model_cfg, label: str,
+              step: int) -> Optional[Dict[str, Dict[str, float]]]:
+        """Evaluate weights `state` in a fresh model (rank 0) and write `eval/<benchmark>/<metric>` at `step`."""
+        from compclip.models import build_from_config
+
+        model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
+        results = self.model(model, label)
+        if results:
+            self.metrics.write(step, {f"eval/{b}/{m}": v for b, r in results.items() for m, v in r.items()})
+        return results
+
+
+def load_hint(export: str, arch: str, quick_gelu: bool) -> str:
+    """How stock open_clip loads an export: its local folder when there is one (the activation is in its config),
+    else the `.pt` with the architecture (and QuickGELU when the run trained with it)."""
+    from compclip.models import MODEL_CONFIG_DIR, local_dir_of
+
+    folder = local_dir_of(export)
+    if Path(folder, "open_clip_config.json").is_file():
+        return f"open_clip.create_model_and_transforms('local-dir:{folder}')"
+    load = f"open_clip.create_model_and_transforms({arch!r}, pretrained={export!r}" + (
+        ", force_quick_gelu=True)" if quick_gelu else ")")
+    if (MODEL_CONFIG_DIR / f"{arch}.json").exists():
+        load = f"open_clip.add_model_config({str(MODEL_CONFIG_DIR)!r}); " + load
+    return load
+
+
+def final_report(run, title: str, result: Dict[str, Any]) -> str:
+    """The end-of-run text (rank 0): the before -> after table, the export and how to load it, the curves;
+    printed and appended to `out.log`. `run`: the ResolvedRun."""
+    run_dir, model = run.run.root, run.config.model
+    lines = [f"\ncompclip: {title}"]
+    table = summary_table(result["before"], result["after"])
+    if table:
+        lines += ["binding accuracy and retrieval R@1 (%), before -> after:", table]
+    if result["export"]:
+        lines.append(f"exported checkpoint: {result['export']}")
+        lines.append(f"  load it: {load_hint(result['export'], model.arch, model.force_quick_gelu)}")
+    try:
+        from compclip.plots import plot_runs
+
+        lines.append(f"curves: {plot_runs([str(run_dir)], str(run_dir / 'curves.png'))}")
+    except Exception as exc:  # the run itself is done and saved: a plotting failure must not turn it red
+        logger.warning("could not plot %s/metrics.jsonl: %s", run_dir, exc)
+    lines.append(f"run folder: {run_dir}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(run_dir / "out.log", "a", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    return text
