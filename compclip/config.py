@@ -561,9 +561,10 @@ def request(argv: Sequence[str]) -> Request:
     resumed_from = ""
     if named.get("resume"):
         saved, resumed_from = saved_request(named)
-        check_resume_changes(saved, named)
+        changed = check_resume_changes(saved, named)
         merged = merge_dicts(saved, named)
-        layers = [f"{resumed_from}/config.requested (resume)"]
+        layers = [f"the request saved in {resumed_from} (resume"
+                  + (f"; changed {', '.join(changed)})" if changed else ")")]
     elif uses_embedded_default(args):
         merged = merge_dicts(read_yaml(EMBEDDED_DEFAULT), named)
         layers.append(f"configs/{EMBEDDED_DEFAULT}.yaml (embedded default: no --config and no data named)")
@@ -626,24 +627,29 @@ def _typed(values: Dict[str, Any]) -> Dict[str, Any]:
     return flatten(to_dict(_build(TrainConfig, values)))
 
 
-def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> None:
-    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one."""
+def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> List[str]:
+    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one; returns
+    the accepted changes (`key before -> after`; a longer run recomputes its lr schedule over the new length)."""
     saved_flat, given = _typed(saved), _typed(named)  # typed alike: 1e-5 == 0.00001
-    differing = []
+    differing, accepted = [], []
     for key in flatten(named):
         before, after = saved_flat.get(key), given.get(key)
-        if before == after:
+        if before == after or key == "resume":
             continue
         if key in ("optim.max_steps", "optim.epochs"):
             if _longer(key, before, after):
+                accepted.append(f"{key} {before!r} -> {after!r}, the lr schedule spans the new length")
                 continue
             differing.append(f"{key}: {before!r} -> {after!r} (a resumed run may only get longer)")
         elif not key.startswith(RESUME_MAY_CHANGE):
             differing.append(f"{key}: saved {before!r}, given {after!r}")
+        else:
+            accepted.append(f"{key} {before!r} -> {after!r}")
     if differing:
         raise ConfigError("resume: the run was started with other values for these keys; drop them from the "
                           "command line (the run's saved config is restored) or start a new run with init_from:\n  "
                           + "\n  ".join(differing))
+    return accepted
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -38,8 +38,9 @@ class DataConfig(Section):
     """Training data: a JSONL / CSV / TSV manifest (NegCLIP's released TSV too), or WebDataset shards (a `.tar`
     path, a brace pattern `shard-{000000..000009}.tar`, or several joined by `::`). Empty = the synthetic world."""
     val_manifest: str = ""
-    """Validation data, same formats. Empty = the synthetic world's validation split when training on it,
-    otherwise no validation loader."""
+    """Validation data, same formats: after every epoch the run logs the training objective on it and in-domain
+    retrieval R@1 both ways (`val/...` in metrics.jsonl and tensorboard, drawn in curves.png). Empty = the synthetic
+    world's validation split when training on it, otherwise no validation."""
     format: str = "auto"
     """`auto` (from the file suffix: .jsonl/.json, .csv, .tsv, .tar), `jsonl`, `csv`, `tsv` or `wds`."""
     image_root: str = ""
