@@ -72,10 +72,22 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
     source = pretrained if (pretrained and load_weights) else None
     if source and os.path.sep in source and not os.path.exists(source):
         raise FileNotFoundError(f"model.pretrained: no such file {source}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=source, force_quick_gelu=quick, device="cpu", precision="fp32")
+    model, preprocess_train, preprocess_val = create_model_and_transforms(arch, source, quick)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def create_model_and_transforms(arch: str, pretrained: Optional[str], force_quick_gelu: bool, device="cpu"):
+    """open_clip's `create_model_and_transforms`, also for a checkpoint file on an `hf-hub:` / `local-dir:`
+    architecture (open_clip ignores `pretrained` there and would silently keep the folder's own or random weights:
+    the file is loaded after the model is built)."""
+    schema = arch.startswith(("hf-hub:", "local-dir:"))
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        arch, pretrained=None if schema else pretrained, force_quick_gelu=force_quick_gelu, device=device,
+        precision="fp32")
+    if schema and pretrained:
+        open_clip.load_checkpoint(model, pretrained, device=device)
+    return model, preprocess_train, preprocess_val
 
 
 def build_from_config(model_cfg, *, load_weights: bool = True, state: Optional[Dict[str, torch.Tensor]] = None):
