@@ -32,8 +32,10 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 BUDGETS = {"contrastive_row_loss": 5.0, "xac_loss_sum": 8.0, "xac_loss_sum[pooled]": 8.0}
-CONTRASTIVE_SHAPE = dict(M=128, N=128, D=256)
-XATTN_SHAPE = dict(B=2, P=256, L=64, D=256)
+# Small, multiples of the default tiles (no padding): the counts per GEMM do not depend on the size beyond that
+# (XAC: on L/D and L/P, 1/4 each as in the C2LIP target's order of magnitude, P > L).
+CONTRASTIVE_SHAPE = dict(M=64, N=64, D=64, B=16)          # B: the grouped rows
+XATTN_SHAPE = dict(B=1, P=128, L=32, D=128)
 # The lengths of issue 28 (ViT-B/32, B/16, L/14 at 224 and 336 px, long sequences) and the C2LIP target (196).
 REAL_LENGTHS = (50, 196, 197, 257, 577, 1024)
 REAL_P = 2304
@@ -138,7 +140,7 @@ def measure(ops: Optional[List[str]] = None, contrastive_shape: Optional[dict] =
         lambda: grouped_contrast_row_loss(unit(B, D), unit(B, D), unit(B, K, D, grad=False), scale),
         2 * B * (K + 1) * D, grouped_bytes)
     # XAC / pooling: the Gram parts cost L/D and L/P of a pass (module docstring of xattn_pool), so the shape keeps
-    # P > L as in training (the C2LIP target has P = 2304, L = 196): 4 + 3·64/256 + 3·64/256 = 5.5 for XAC.
+    # P > L as in training (the C2LIP target has P = 2304, L = 196): 4 + 3·32/128 + 3·32/128 = 5.5 for XAC.
     Bi, P, L, D = xattn_shape["B"], xattn_shape["P"], xattn_shape["L"], xattn_shape["D"]
     owner = torch.arange(P) % Bi
     bias = torch.tensor(-1.0)
