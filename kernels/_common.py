@@ -10,8 +10,9 @@ tl.dot operand dtype and precision (``dot_config``: storage dtype for fp16/bf16 
 otherwise, since the interpreter cannot multiply bf16); the GPU the launchers size their grids for
 (``device_arch``, ``sm_count``: the tensor's GPU, or the ahead-of-time target off the GPU) and how a streamed axis
 is split so that a grid fills it (``split_axis``, ``combine_block``); the power-of-two gradient scale that keeps
-16-bit dot operands normal (``pow2_scale``); ``launch`` (skips empty grids, launches on the tensors' GPU),
-``contiguous``, ``needs_grad``.
+16-bit dot operands normal (``pow2_scale``); ``launch`` (skips empty grids, launches on the tensors' GPU through
+``device_guard``); rows laid out for vector loads (``aligned_rows``, ``padded_width``); ``contiguous``,
+``needs_grad``.
 
 Device side (``@triton.jit``, inlined into the calling kernels): ``_dot_tile`` (an X Yᵀ tile over the whole D in
 BLOCK_D slices, float32 accumulation), ``_load_rows`` (a masked [rows, D slice] load in a given dtype),

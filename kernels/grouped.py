@@ -7,14 +7,16 @@ Forward (row i; s = logit_scale)::
     lse_i   = log( exp(pos_i) + Σ_k exp(neg_ik) )
     loss_i  = lse_i − pos_i                                ``grouped_contrast_row_loss`` -> [B]
 
-The loss is computed as loss_i = (top_i − pos_i) + log1p(expm1(pos_i − top_i) + Σ_k exp(neg_ik − top_i)), top_i
-the row maximum: an exact 0 + log1p(…) when the positive dominates, so a near-zero loss keeps float32's relative
-precision (a log-sum-exp rounded near |pos| ≈ 100 would not).
+The loss is computed as loss_i = (top_i − pos_i) + λ_i, top_i the row maximum and λ_i = lse_i − top_i =
+log1p(expm1(pos_i − top_i) + Σ_k exp(neg_ik − top_i)): an exact 0 + log1p(…) when the positive dominates, so a
+near-zero loss keeps float32's relative precision (a log-sum-exp rounded near |pos| ≈ 100 would not). The loss
+saves λ; the backward recomputes top from the saved scores.
 
 Backward, with per-row coefficients γ_i (of the positive) and γ_ik (of the negatives):
 
     scores:  γ_i = ∂L/∂pos_i,                         γ_ik = ∂L/∂neg_ik
-    loss:    γ_i = g_i expm1(−loss_i) = g_i (p_i − 1),  γ_ik = g_i exp(neg_ik − pos_i − loss_i)   (g_i = ∂L/∂loss_i)
+    loss:    γ_i = g_i expm1(pos_i − top_i − λ_i) = g_i (p_i − 1),  γ_ik = g_i exp(neg_ik − top_i − λ_i)
+             (g_i = ∂L/∂loss_i; every γ keeps float32's relative precision, the dominant score's included)
 
     ∂L/∂a_i  = s (γ_i p_i + Σ_k γ_ik n_ik)
     ∂L/∂p_i  = s γ_i a_i
@@ -28,8 +30,8 @@ Shapes: anchors [B, D], positives [B, D], negatives [B, K, D]; logit_scale 0-d t
 Outputs float32; gradients in each input's dtype.
 
 Passes: one program per row, D walked in BLOCK_D slices, the row's K negatives as one [BLOCK_K, BLOCK_D] tile.
-Forward reads the row's (K + 2)·D inputs once and writes K + 1 scores (+ the loss); the loss saves its scores
-([B] + [B, K] floats, no more than ``grouped_scores`` returns) and the loss [B] so the backward is a single pass
+Forward reads the row's (K + 2)·D inputs once and writes K + 1 scores (+ the loss and λ); the loss saves its
+scores ([B] + [B, K] floats, no more than ``grouped_scores`` returns) and λ [B] so the backward is a single pass
 too: it reads the (K + 2)·D inputs and K + 2 saved floats once, writes the (K + 2)·D gradients and one ∂s partial
 per row (summed on the host). Memory-bound: no tl.dot (K is small). Gradients an input does not need are not
 written (HAS_D*; frozen negatives save K·D of the 2·(K + 2)·D element moves of a row).
@@ -53,7 +55,7 @@ from ._common import (Scalar, _expm1, _log1p, block_size, contiguous, launch, ne
 @triton.jit
 def _grouped_fwd_kernel(
     anchors_ptr, positives_ptr, negatives_ptr, scale_ptr,    # inputs [B, D], [B, D], [B, K, D], [1]
-    pos_ptr, neg_ptr, loss_ptr,                               # outputs [B], [B, K], [B] (or None) float32
+    pos_ptr, neg_ptr, loss_ptr, lam_ptr,                      # outputs [B], [B, K], loss and λ [B] (or None) float32
     K, D,                                                     # shapes
     WITH_LOSS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -79,15 +81,16 @@ def _grouped_fwd_kernel(
     if WITH_LOSS:
         neg = tl.where(k_valid, neg, float("-inf"))
         top = tl.maximum(pos, tl.max(neg, axis=0))
-        rest = tl.sum(tl.exp(neg - top), axis=0)                  # Σ_k exp(neg_k − top)
-        tl.store(loss_ptr + row, (top - pos) + _log1p(_expm1(pos - top) + rest))
+        lam = _log1p(_expm1(pos - top) + tl.sum(tl.exp(neg - top), axis=0))          # lse − top
+        tl.store(loss_ptr + row, (top - pos) + lam)
+        tl.store(lam_ptr + row, lam)
 
 
 @triton.jit
 def _grouped_bwd_kernel(
     anchors_ptr, positives_ptr, negatives_ptr, scale_ptr,     # inputs
     grad_pos_ptr, grad_neg_ptr,                                # scores: ∂L/∂pos [B], ∂L/∂neg [B, K]; loss: saved pos, neg
-    grad_loss_ptr, loss_ptr,                                   # loss only (else None): ∂L/∂loss [B], saved loss [B]
+    grad_loss_ptr, lam_ptr,                                    # loss only (else None): ∂L/∂loss [B], saved λ [B]
     d_anchors_ptr, d_positives_ptr, d_negatives_ptr, scale_partials_ptr,  # outputs (None where not needed)
     K, D,                                                      # shapes
     FROM_LOSS: tl.constexpr, HAS_DA: tl.constexpr, HAS_DP: tl.constexpr, HAS_DN: tl.constexpr,
@@ -100,9 +103,10 @@ def _grouped_bwd_kernel(
     coef_neg = tl.load(grad_neg_ptr + row * K + offs_k, mask=k_valid, other=0.0).to(tl.float32)  # [BLOCK_K]
     if FROM_LOSS:
         grad = tl.load(grad_loss_ptr + row)
-        loss = tl.load(loss_ptr + row)
-        coef_neg = tl.where(k_valid, grad * tl.exp((coef_neg - coef_pos) - loss), 0.0)
-        coef_pos = grad * _expm1(-loss)                                     # g (p − 1), exact as p → 1
+        lam = tl.load(lam_ptr + row)
+        top = tl.maximum(coef_pos, tl.max(tl.where(k_valid, coef_neg, float("-inf")), axis=0))  # as the forward's
+        coef_neg = tl.where(k_valid, grad * tl.exp((coef_neg - top) - lam), 0.0)
+        coef_pos = grad * _expm1((coef_pos - top) - lam)                    # g (p − 1), exact as p → 1
     scale = tl.load(scale_ptr).to(tl.float32)
     dot_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)          # Σ_d of the ∂s integrand (module docstring)
     for d0 in range(0, D, BLOCK_D):
@@ -140,26 +144,26 @@ def _meta(K: int, D: int, block_d: Optional[int]) -> dict:
 
 
 def grouped_forward(anchors, positives, negatives, scale, with_loss: bool, block_d=None):
-    """(pos [B], neg [B, K], loss [B] | None) float32, from contiguous inputs."""
+    """(pos [B], neg [B, K], loss [B] | None, λ = lse − top [B] | None) float32, from contiguous inputs."""
     B, K, D = negatives.shape
     f32 = dict(dtype=torch.float32, device=anchors.device)
     pos, neg = torch.empty(B, **f32), torch.empty(B, K, **f32)
-    loss = torch.empty(B, **f32) if with_loss else None
+    loss, lam = (torch.empty(B, **f32), torch.empty(B, **f32)) if with_loss else (None, None)
     launch(_grouped_fwd_kernel, (B,),
            anchors, positives, negatives, scale,
-           pos, neg, loss,
+           pos, neg, loss, lam,
            K, D,
            WITH_LOSS=with_loss, **_meta(K, D, block_d))
-    return pos, neg, loss
+    return pos, neg, loss, lam
 
 
-def grouped_backward(anchors, positives, negatives, scale, grad_pos, grad_neg, grad_loss=None, loss=None,
+def grouped_backward(anchors, positives, negatives, scale, grad_pos, grad_neg, grad_loss=None, lam=None,
                      block_d=None, need=(True,) * 4):
     """(d_anchors, d_positives, d_negatives, d_scale_partials [B]); ``need``: which of (anchors, positives,
     negatives, logit_scale) want a gradient (the others come back None, the partials empty, and are not written).
 
     Scores mode: ``grad_pos`` [B], ``grad_neg`` [B, K] are the upstream gradients. Loss mode (``grad_loss`` given):
-    ``grad_pos`` / ``grad_neg`` are the saved scores and ``loss`` the saved loss.
+    ``grad_pos`` / ``grad_neg`` are the saved scores and ``lam`` the saved λ.
     """
     B, K, D = negatives.shape
     need_a, need_p, need_n, need_s = need
@@ -171,7 +175,7 @@ def grouped_backward(anchors, positives, negatives, scale, grad_pos, grad_neg, g
         launch(_grouped_bwd_kernel, (B,),
                anchors, positives, negatives, scale,
                grad_pos, grad_neg,
-               grad_loss, loss,
+               grad_loss, lam,
                d_anchors, d_positives, d_negatives, scale_partials if need_s else None,
                K, D,
                FROM_LOSS=grad_loss is not None, HAS_DA=need_a, HAS_DP=need_p, HAS_DN=need_n, HAS_DS=need_s,
@@ -205,7 +209,7 @@ class GroupedScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, positives, negatives, logit_scale, block_d):
         anchors, positives, negatives, scale = _prepare(ctx, anchors, positives, negatives, logit_scale)
-        pos, neg, _ = grouped_forward(anchors, positives, negatives, scale, False, block_d)
+        pos, neg, _, _ = grouped_forward(anchors, positives, negatives, scale, False, block_d)
         ctx.save_for_backward(anchors, positives, negatives, scale)
         ctx.block_d = block_d
         return pos, neg
@@ -225,17 +229,17 @@ class GroupedContrastRowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, positives, negatives, logit_scale, block_d):
         anchors, positives, negatives, scale = _prepare(ctx, anchors, positives, negatives, logit_scale)
-        pos, neg, loss = grouped_forward(anchors, positives, negatives, scale, True, block_d)
-        ctx.save_for_backward(anchors, positives, negatives, scale, pos, neg, loss)
+        pos, neg, loss, lam = grouped_forward(anchors, positives, negatives, scale, True, block_d)
+        ctx.save_for_backward(anchors, positives, negatives, scale, pos, neg, lam)
         ctx.block_d = block_d
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        anchors, positives, negatives, scale, pos, neg, loss = ctx.saved_tensors
+        anchors, positives, negatives, scale, pos, neg, lam = ctx.saved_tensors
         return _grads(ctx, *grouped_backward(anchors, positives, negatives, scale, pos, neg,
-                                             grad_loss.float().contiguous(), loss, block_d=ctx.block_d,
+                                             grad_loss.float().contiguous(), lam, block_d=ctx.block_d,
                                              need=_need(ctx)))
 
 
