@@ -173,7 +173,7 @@ RANKS = 8                                     # the local batch of an 8-GPU data
 
 def cases(full: bool) -> List[Case]:
     """Reduced (CI): bf16, the target rows of docs/kernels.md (contrastive/grouped D=512 at the global batch and
-    an 8-GPU rank's local batch, XAC/pooling L=196 D=768). Full: D ∈ {512, 768, 1024} (contrastive/grouped),
+    an 8-GPU rank's local batch, XAC/pooling L=196 D=768; a rank's 96 images compile the same kernels). Full: D ∈ {512, 768, 1024} (contrastive/grouped),
     D ∈ {512, 768} × L ∈ {50, 196, 257, 577, 1024} (XAC/pooling), bf16 + fp16 + fp32, and per dtype the atomic
     path, ragged sizes, unaligned views and frozen inputs."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
@@ -203,8 +203,9 @@ def cases(full: bool) -> List[Case]:
             for L in lengths:
                 for op, xac in (("concept_attention_pool", False), ("xac_loss_sum", True)):
                     out.append(Case(op, dt, f"B={xb} P={xp} L={L} D={D}", _xattn(xb, xp, L, D, dt, xac)))
-                    out.append(Case(op, dt, f"B={xb // RANKS} P={xp} L={L} D={D}",
-                                    _xattn(xb // RANKS, xp, L, D, dt, xac)))
+                    if full:   # a rank's 96 images: the same kernels as 768 at the target (tests/…/waves)
+                        out.append(Case(op, dt, f"B={xb // RANKS} P={xp} L={L} D={D}",
+                                        _xattn(xb // RANKS, xp, L, D, dt, xac)))
         if full:
             out.extend(_edge_cases(dt))
     return out
@@ -360,7 +361,7 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     shown = {fn.arg_names[k[0]]: v for k, v in constexprs.items()
              if fn.arg_names[k[0]].isupper() and not str(fn.arg_names[k[0]]).startswith("DOT")}
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options.__dict__)
+        ck = _compile_to_ptx(src, cc, options)
         info = ptxas_info(ck.asm["ptx"], cc)
         n16, tc, kind = dot_report(ck.asm["ttgir"])
         out = dict(num_warps=options.num_warps, shared=max(int(ck.metadata.shared), info["static_smem"]),
@@ -377,6 +378,28 @@ def compile_launch(launch: Launch, cc: int) -> dict:
             json.dump(out, f)
         os.replace(tmp, cache_file)
     return out
+
+
+def _ptx_only(*args):
+    """Triton's ``add_stages_inspection_hook``: the gate assembles the PTX itself (``ptxas -v``, for registers and
+    spills), so Triton's own ptxas run, whose cubin nobody loads, is skipped. Called without arguments it returns
+    the (key, hash) that keeps these artefacts apart in Triton's cache; with (backend, stages, options, language,
+    capability) it edits the stages."""
+    if not args:
+        return "compclip-aot-ptx-only", "compclip-aot-ptx-only"
+    stages = args[1]
+    stages["cubin"] = lambda src, metadata: b""
+
+
+def _compile_to_ptx(src, cc: int, options):
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    previous, knobs.runtime.add_stages_inspection_hook = knobs.runtime.add_stages_inspection_hook, _ptx_only
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options.__dict__)
+    finally:
+        knobs.runtime.add_stages_inspection_hook = previous
 
 
 def _cache_dir() -> str:
