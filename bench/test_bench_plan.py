@@ -17,7 +17,7 @@ import torch
 from harness import CUDA, SIZES
 
 CASES = {
-    "tiny": [("compclip-tiny", "negclip", 8), ("compclip-tiny", "degla", 8)],
+    "tiny": [("compclip-tiny", "degla", 8)],
     "cpu": [("compclip-tiny", "negclip", 8), ("compclip-tiny", "negclip", 32), ("compclip-tiny", "negclip", 128),
             ("compclip-tiny", "degla", 32), ("ViT-B-32", "negclip", 2), ("ViT-B-32", "negclip", 4),
             ("ViT-B-32", "degla", 2)],
@@ -65,6 +65,7 @@ def test_plan_memory_against_a_real_run(benchmark, tmp_path, arch, method, micro
     benchmark.extra_info.update(
         arch=arch, method=method, micro_batch=micro, device="cuda" if CUDA else "cpu",
         plan_mib=round(plan.total_memory / 2 ** 20, 2), measured_mib=round(measured / 2 ** 20, 2),
+        peak_memory_mb=round(measured / 2 ** 20, 2),
         relative_error=round(error, 4),
         plan_parts_mib={key: round(value / 2 ** 20, 2) for key, value in plan.memory.items()},
         plan_states_mib={"parameters": round(plan.states.parameters / 2 ** 20, 2),

@@ -473,9 +473,10 @@ def recipe_table() -> Dict[str, Dict[str, Any]]:
 
 
 def config_path(name: str) -> str:
-    """`--config` value -> YAML file: an existing path as given, else a bundled name (`degla`, `tiny/c2lip`,
-    with or without `.yaml`). An unknown name is returned as is (the caller reports the missing file)."""
-    if os.path.exists(name):
+    """`--config` value -> YAML file: an existing file as given, else a bundled name (`degla`, `tiny/c2lip`,
+    with or without `.yaml`; a folder of that name in the working directory does not hide it). An unknown name is
+    returned as is (the caller reports the missing file)."""
+    if os.path.isfile(name):
         return name
     stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
     for root in BUNDLED_CONFIG_DIRS:
@@ -497,6 +498,8 @@ def read_yaml(name: str) -> Dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"--config {name}: no such file, nor a bundled config "
                           f"({', '.join(bundled_configs())})") from None
+    except OSError as exc:  # a folder, a file without read permission
+        raise ConfigError(f"--config {name}: cannot read {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):

@@ -405,6 +405,8 @@ def render(plan: Plan, layers: Tuple[str, ...] = ()) -> str:
               f"of {run.loader_batch} per rank per epoch -> {plan.steps_per_epoch:,} optimizer steps per epoch; "
               f"{plan.total_steps:,} steps in all ({cfg.optim.epochs} epoch(s)"
               + (f", capped by optim.max_steps={cfg.optim.max_steps})" if cfg.optim.max_steps else ")"),
+              *([f"warning: {plan.samples:,} samples give no full batch of {run.loader_batch} per rank on "
+                 f"{run.world_size} rank(s): the run would stop at its start"] if not plan.batches_per_epoch else []),
               "learning rate: " + "; ".join(f"{name} (step {step:,}) {value:.3g}" for name, (step, value)
                                             in plan.lr.items()),
               f"batch: global {run.global_batch:,} images per optimizer step = {run.micro_batch} per rank x "
@@ -426,9 +428,9 @@ def render(plan: Plan, layers: Tuple[str, ...] = ()) -> str:
     act = plan.activations
     if act is not None:
         lines.append(f"  activations         {_size(plan.memory['activations'])} = {run.micro_batch} x "
-                     f"{_size(act.per_sample)} per sample + {_size(act.fixed)} (measured on {act.device}: one "
-                     f"micro-step at {act.sizes[0]} and {act.sizes[1]} samples, peaks {_size(act.peaks[0])} and "
-                     f"{_size(act.peaks[1])})")
+                     f"{_size(act.per_sample)} per sample + {_size(act.fixed)} (measured on {act.device}: the "
+                     f"forward and loss of {act.sizes[0]} and of {act.sizes[1]} samples, peaks "
+                     f"{_size(act.peaks[0])} and {_size(act.peaks[1])})")
     for key in ("batch tensors", "loss workspace", "cached features"):
         if key in plan.memory:
             lines.append(f"  {key:<19} {_size(plan.memory[key])}")

@@ -4,7 +4,7 @@ boundary, and `--plan` trains nothing."""
 import pytest
 import torch
 
-from compclip.plan import largest_fit, make_plan, memory_at, parse_memory, peak_allocated
+from compclip.plan import make_plan, memory_at, parse_memory, peak_allocated
 
 
 def _argv(tmp_path, *extra):

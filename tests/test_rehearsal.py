@@ -89,10 +89,8 @@ def rehearsal(command: str) -> list:
     for old, new in replace.items():
         command = command.replace(old, new)
     argv = shlex.split(command)
-    if "compclip/train.py" in command and "--plan" not in argv:
+    if "compclip/train.py" in command and "--plan" not in argv:  # the plan is of the recipe itself
         argv += ["--optim.max_steps=2"] if "--resume" in argv else REHEARSAL + ["--optim.max_steps=1"]
-    elif "--plan" in argv:
-        argv += REHEARSAL
     if argv[0] == "deepspeed":  # a free port: another test may run a world at the same time
         from compclip.distributed import free_port
 
@@ -116,6 +114,8 @@ def test_the_readme_recipe_runs_as_written(tmp_path):
     outputs = [_run(rehearsal(command), tmp_path) for command in commands]
     assert "wrote 4 samples" in outputs[0]
     assert "world size: 8 rank(s)" in outputs[1] and "in 80.00 GiB per GPU" in outputs[1]
+    assert "global 256 images per optimizer step = 32 per rank x 1 x 8" in outputs[1]
+    assert "no full batch" in outputs[1]  # 4 fixture samples: the plan says the recipe's batch would not fill
     run = tmp_path / "logs" / "degla-coco"
     assert "resumed from" in (run / "out.log").read_text()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -153,7 +153,7 @@ def test_every_bundled_recipe_trains_at_real_shapes_and_its_export_evaluates(tmp
     from compclip.distributed import free_port
 
     output = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                   str(ROOT / "tests" / "rehearsal_driver.py"), str(spec)], ROOT)
+                   str(ROOT / "tests" / "launch_runs.py"), str(spec)], ROOT)
     for name, folder in zip(RECIPE_DATA, folders):
         config = (folder / "config.yaml").read_text()
         stage = read_yaml(name)["deepspeed"]["zero_stage"]

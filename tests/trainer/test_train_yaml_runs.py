@@ -261,3 +261,19 @@ def test_a_run_from_openai_weights_keeps_quickgelu_in_the_teacher_and_the_evalua
 
     assert activations(seen["teacher"]) == {QuickGELU}
     assert seen["evaluated"] and all(activations(model) == {QuickGELU} for model in seen["evaluated"])
+
+
+def test_data_that_fills_no_batch_is_one_message(tmp_path, one_process, capsys):
+    """Found when the loader counts the data (after the checks before ranks start): one message naming the file and
+    the numbers, exit status 2, no traceback."""
+    from compclip.train import main
+
+    manifest = tmp_path / "three.jsonl"
+    manifest.write_text("".join(json.dumps({"image": "a.png", "caption": f"a cat {i}", "negatives": ["a dog"]}) + "\n"
+                                for i in range(3)))
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.train_manifest={manifest}",
+              "--data.batch_size=8", f"--log.logs={tmp_path}", "--log.name=few", "--eval_before=false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.count("input error") == 1 and "three.jsonl: 3 samples give no full batch of 8" in err

@@ -49,7 +49,7 @@ def test_logged_validation_equals_the_export_recomputed(tmp_path, one_process):
     method = build_method(LossConfig(method="negclip", backend="torch"), num_negatives=4, has_logit_bias=False)
     loader = build_dataloader(DataConfig(train_manifest=world.train, val_manifest=str(val), batch_size=4),
                               tokenizer, preprocess, rank=0, world_size=1, seed=0, train=False)
-    losses, image_of, texts, images = [], {}, [], []
+    losses, texts, images = [], [], []
     with torch.no_grad():
         for batch in loader:
             features = method.features(encoder, None, batch)
