@@ -21,7 +21,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ_TESTS = ["tests/data/test_fuzz_manifest.py", "tests/data/test_fuzz_importers.py",
               "tests/data/test_fuzz_prepare.py", "tests/data/test_fuzz_shards.py", "tests/data/test_fuzz_images.py",
-              "tests/evaluation/test_fuzz_benchmark_files.py"]
+              "tests/evaluation/test_fuzz_benchmark_files.py", "tests/test_config_fuzz.py",
+              "tests/trainer/test_checkpoint_fuzz.py"]
 
 
 def main(argv=None) -> int:
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=2000, help="cases per reader")
     parser.add_argument("--seed", type=int, default=0, help="varies every reader's fixed seed (0: CI's seeds)")
     parser.add_argument("--out", default="", help="record file (default bench/results/fuzz-readers-<date>.json)")
+    parser.add_argument("tests", nargs="*", default=FUZZ_TESTS, help="the fuzz test files to run (default: all)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(ROOT, "bench", "results", f"fuzz-readers-{datetime.date.today()}.json")
     record = tempfile.mktemp(suffix=".json")
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
                COMPCLIP_FUZZ_SEED=str(args.seed), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "-p", "no:cacheprovider",
-                           *FUZZ_TESTS], cwd=ROOT, env=env, capture_output=True, text=True)
+                           *args.tests], cwd=ROOT, env=env, capture_output=True, text=True)
     with open(record, encoding="utf-8") as handle:
         readers = json.load(handle)["readers"]
     os.remove(record)

@@ -320,7 +320,11 @@ def _legacy_pointer(root: Path) -> Path:
     """The tag DeepSpeed's `latest` names: a folder directly in `root`, else CheckpointNotFound naming the file."""
     path = root / "latest"
     name = _small_file(path, "DeepSpeed pointer").decode("utf-8", errors="replace").strip()
-    if not name or name in (".", "..") or "/" in name or "\x00" in name or not (root / name).is_dir():
+    try:
+        usable = name not in ("", ".", "..") and "/" not in name and "\x00" not in name and (root / name).is_dir()
+    except OSError:  # a name longer than the file system takes
+        usable = False
+    if not usable:
         raise CheckpointNotFound(f"{path}: names {name[:200]!r}, not a checkpoint folder in {root}")
     return root / name
 

@@ -4,12 +4,12 @@ numbers, very long strings, unknown keys, duplicate keys) and by mutating the bu
 and non-UTF-8 bytes, duplicated and deleted lines, empty files, very long lines), plus special files (a FIFO,
 /dev/zero, a folder, a symlink loop) where a file is named.
 
-Every case ends one of two ways, within a time bound: accepted, with every value it gave kept (nothing dropped
-silently: a YAML that repeats a key is never accepted, since one of the two values would be lost), or one
-ConfigError that names the file or the key. Anything else (another exception, a hang) fails the test, and
-Hypothesis shrinks it to the smallest case. Fixed seed (derandomized) and a bounded number of cases here;
-`COMPCLIP_FUZZ_CASES=N` runs N per test and `COMPCLIP_FUZZ_RECORD=file.json` records the cases per reader
-(tests/conftest.py, Fuzz).
+Every case ends one of two ways, within a time bound: accepted, with every value it gave kept and no number NaN,
+infinite or negative (nothing dropped silently: a YAML that repeats a key is never accepted, since one of the two
+values would be lost), or one ConfigError that names the file or the key. Anything else (another exception, a hang)
+fails the test, and Hypothesis shrinks it to the smallest case. The engine is the readers' (tests/fuzz_support.py):
+a fixed seed per reader and a bounded number of cases in CI, `COMPCLIP_FUZZ_CASES=N` for a longer run,
+`COMPCLIP_FUZZ_RECORD=file.json` for the record of cases per reader (bench/fuzz_readers.py).
 
 The paths of data and evaluation files get only missing paths here: what their readers do with a file's content is
 fuzzed with the readers (tests/data, tests/evaluation).
@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, strategies as st  # noqa: E402
+import fuzz_support as fz  # noqa: E402
+from hypothesis import given, seed, strategies as st  # noqa: E402
 
 from compclip.config import ConfigError, _field_type, bundled_configs, config_path, field_docs, request  # noqa: E402
 from compclip.resolve import resolve  # noqa: E402
@@ -46,7 +47,9 @@ def _names_a_key(message: str, *extra: str) -> bool:
         section, _, name = key.rpartition(".")
         return key in message or bool(section) and section in message and re.search(rf"\b{name}\b", message)
 
-    return any(named(key) for key in KEYS if "." in key) or any(
+    sections = {key.rsplit(".", 1)[0] for key in KEYS if "." in key}
+    return any(named(key) for key in KEYS if "." in key) or any(message.startswith(f"{section}:") for section in
+                                                                sections) or any(
         re.search(rf"\b{re.escape(key)}\b", message) for key in TOP_LEVEL) or "unknown config key" in message or any(
         item and item in message for item in extra)
 
@@ -201,26 +204,36 @@ def _kept(config, entries) -> None:
             dotted, value, held)
 
 
-def _run(fuzz, reader: str, argv, *names, world_size: int = 1):
-    """request(argv) then resolve(); the outcome recorded under `reader` ('accepted' or the error's type)."""
+def _run(counts, kinds, argv, *names, world_size: int = 1):
+    """request(argv) then resolve() under the time bound; the outcome ('accepted' or 'error') added to `counts`
+    (a fuzz_support.Tally) with the mutation `kinds`."""
     try:
-        with fuzz.bound():
+        with fz.time_bound():
             asked = request(argv)
             resolve(asked.config, world_size)
     except ConfigError as error:
         assert _names_a_key(str(error), *names), f"{argv!r}: {error}"
-        fuzz.record(reader, "refused")
+        counts.add("error", kinds)
         return None
-    fuzz.record(reader, "accepted")
+    counts.add("accepted", kinds)
     return asked
+
+
+def fuzz_case(reader: str, ci: int):
+    """The decorators of one reader's Hypothesis case: the suite's settings and the reader's fixed seed."""
+    def decorate(case):
+        return fz.fuzz_settings(ci)(seed(fz.fuzz_seed(reader))(case))
+    return decorate
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The tests
 
 
-def test_yaml_files_generated_from_the_schema(fuzz, tmp_path):
-    @fuzz.settings(ci_cases=60)
+def test_yaml_files_generated_from_the_schema(tmp_path):
+    reader = "config: YAML file (from the schema)"
+
+    @fuzz_case(reader, ci=60)
     @given(entries=ENTRIES, grouped=st.sampled_from([True, True, True, False]),
            repeat=st.sampled_from([None, None, None, 1.0, "again"]), world_size=st.sampled_from([1, 2, 3, 8]))
     def case(entries, grouped, repeat, world_size):
@@ -228,14 +241,15 @@ def test_yaml_files_generated_from_the_schema(fuzz, tmp_path):
         text = render(entries, grouped)
         path = tmp_path / "fuzz.yaml"
         path.write_text(text, encoding="utf-8")
-        asked = _run(fuzz, "config: YAML file (from the schema)", ["--config", str(path)], str(path),
-                     world_size=world_size)
+        asked = _run(counts, ["repeated key"] if repeat is not None else ["schema"], ["--config", str(path)],
+                     str(path), world_size=world_size)
         repeated = duplicate_keys(text)
         assert asked is None or not repeated, f"accepted a YAML that repeats {repeated}: one value is lost\n{text}"
         if asked is not None:
             _kept(asked.config, entries)
 
-    case()
+    with fz.tally(reader) as counts:
+        case()
 
 
 def _mutate(text: bytes, how: str, at: float, blob: bytes) -> bytes:
@@ -253,10 +267,10 @@ def _mutate(text: bytes, how: str, at: float, blob: bytes) -> bytes:
     }[how]()
 
 
-def test_mutated_bundled_configs(fuzz, tmp_path):
-    names = bundled_configs()
+def test_mutated_bundled_configs(tmp_path):
+    names, reader = bundled_configs(), "config: mutated bundled YAML"
 
-    @fuzz.settings(ci_cases=60)
+    @fuzz_case(reader, ci=60)
     @given(name=st.sampled_from(names), how=st.sampled_from(["truncate", "flip", "insert", "duplicate line",
                                                                "delete line", "long line", "empty"]),
            at=st.floats(0, 1, exclude_max=True), blob=st.binary(min_size=1, max_size=12) | st.sampled_from(
@@ -267,15 +281,16 @@ def test_mutated_bundled_configs(fuzz, tmp_path):
         path = tmp_path / "mutated.yaml"
         path.write_bytes(mutated)
         # no data and no weights to find: a case is refused for what the mutation did, not for a missing dataset
-        asked = _run(fuzz, "config: mutated bundled YAML", ["--config", str(path), "--data.train_manifest=",
-                                                            "--model.pretrained="], str(path))
+        asked = _run(counts, [how], ["--config", str(path), "--data.train_manifest=", "--model.pretrained="],
+                     str(path))
         try:
             repeated = duplicate_keys(mutated.decode("utf-8"))
         except UnicodeDecodeError:
             repeated = []
         assert asked is None or not repeated, f"accepted {name} {how} with repeated {repeated}: one value is lost"
 
-    case()
+    with fz.tally(reader) as counts:
+        case()
 
 
 SCHEMA_TOKENS = st.sampled_from(KEYS).flatmap(lambda key: st.tuples(st.just(key), values_for(key).map(
@@ -289,8 +304,10 @@ TOKENS = st.one_of(
                                "local_rank", "Optim.lr", "loss.terms.", "loss.terms.x.y"]), st.text(max_size=12)))
 
 
-def test_command_line_values(fuzz):
-    @fuzz.settings(ci_cases=80)
+def test_command_line_values():
+    reader = "config: command line"
+
+    @fuzz_case(reader, ci=80)
     @given(tokens=st.lists(TOKENS, min_size=1, max_size=3), spaced=st.booleans(),
            stray=st.sampled_from([None, None, None, "positional", "-x", "--"]), world_size=st.sampled_from([1, 2, 8]))
     def case(tokens, spaced, stray, world_size):
@@ -298,27 +315,29 @@ def test_command_line_values(fuzz):
         for key, raw in tokens:
             argv += [f"--{key}", raw] if spaced and raw and not raw.startswith("--") else [f"--{key}={raw}"]
         argv += [stray] if stray else []
-        asked = _run(fuzz, "config: command line", argv, *[key for key, _ in tokens], *(
+        asked = _run(counts, ["stray argument"] if stray else ["tokens"], argv, *[key for key, _ in tokens], *(
             [stray] if stray else []), world_size=world_size)
         if asked is not None:
             _kept(asked.config, [(key, yaml.safe_load(raw)) for key, raw in tokens if key in KEYS and _loads(raw)])
 
-    case()
+    with fz.tally(reader) as counts:
+        case()
 
 
 HOSTILE = ("nan", "-.inf", "-1", "99999999999999999999999", "1e999", "", "~", "[]", "{}", "{nope}", "x" * 10_000,
            "\x00", "/dev/zero", os.fsdecode(b"\xff"))
 
 
-def test_every_key_with_every_kind_of_bad_value(fuzz):
+def test_every_key_with_every_kind_of_bad_value():
     """A sweep, not a sample: each key of the schema on the command line with each HOSTILE value (NaN, infinity,
     negative, beyond 64 bits, empty, null, a list, a mapping, a format placeholder, 10,000 characters, a NUL byte,
     a device, non-UTF-8)."""
-    for key in KEYS:
-        for raw in HOSTILE if not DATA_PATHS.match(key) else ("", "missing.jsonl", "x" * 10_000, "\x00"):
-            asked = _run(fuzz, "config: every key x hostile values (command line)", [f"--{key}={raw}"], key)
-            if asked is not None and _loads(raw):
-                _kept(asked.config, [(key, yaml.safe_load(raw))])
+    with fz.tally("config: every key x hostile values (command line)") as counts:
+        for key in KEYS:
+            for raw in HOSTILE if not DATA_PATHS.match(key) else ("", "missing.jsonl", "x" * 10_000, "\x00"):
+                asked = _run(counts, [repr(raw[:12])], [f"--{key}={raw}"], key)
+                if asked is not None and _loads(raw):
+                    _kept(asked.config, [(key, yaml.safe_load(raw))])
 
 
 def _loads(raw: str) -> bool:
@@ -353,9 +372,9 @@ def _special(kind: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("kind", SPECIAL)
 @pytest.mark.parametrize("flag", ["--config", "--deepspeed.config_file"])
-def test_special_files_named_as_configs(fuzz, tmp_path, flag, kind):
-    """A FIFO or /dev/zero would block or never end a read; each kind is refused (naming the file) or read."""
+def test_special_files_named_as_configs(tmp_path, flag, kind):
+    """A FIFO or /dev/zero would block or never end a read: every kind is refused, naming the file."""
     path = _special(kind, tmp_path)
     argv = [flag, path] if flag == "--config" else [f"{flag}={path}"]
-    assert _run(fuzz, f"config: special file as {flag}", argv, path) is None or kind == "comment only" and \
-        flag == "--deepspeed.config_file"
+    with fz.tally(f"config: special file as {flag}") as counts:
+        assert _run(counts, [kind], argv, path) is None

@@ -10,7 +10,8 @@ folder); extras holding other fields or other bytes; pointers and line records w
 Every case ends, within a time bound, in one of: accepted (a complete tag, every file of it as the marker
 recorded it: a damaged shard is never accepted), passed over with a warning naming the tag (the resume falls back
 to the previous one), or one error that names the file (CheckpointNotFound, ConfigError). Anything else fails.
-Fixed seed and bounded cases here; `COMPCLIP_FUZZ_CASES` / `COMPCLIP_FUZZ_RECORD` as in tests/conftest.py (Fuzz).
+The engine is the readers' (tests/fuzz_support.py: fixed seed per reader, bounded cases in CI,
+`COMPCLIP_FUZZ_CASES` / `COMPCLIP_FUZZ_RECORD` for a longer, recorded run).
 """
 import json
 import logging
@@ -23,7 +24,8 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, strategies as st  # noqa: E402
+import fuzz_support as fz  # noqa: E402
+from hypothesis import given, seed, strategies as st  # noqa: E402
 
 from compclip import runfolder  # noqa: E402
 from compclip.config import ConfigError  # noqa: E402
@@ -71,25 +73,34 @@ def _copy(valid_run: Path, tmp_path: Path) -> Path:
     return run_dir
 
 
-def _pick_tag(run_dir: Path, fuzz, reader: str):
-    """The tag a resume of `latest` takes, as the trainer decides it (without ranks): the first candidate whose
-    files verify, each failure named. Returns (tag folder or None, the problems of the ones passed over)."""
+def fuzz_case(reader: str, ci: int):
+    """The decorators of one reader's Hypothesis case: the suite's settings and the reader's fixed seed."""
+    def decorate(case):
+        return fz.fuzz_settings(ci)(seed(fz.fuzz_seed(reader))(case))
+    return decorate
+
+
+def _pick_tag(run_dir: Path, counts, kinds):
+    """The tag a resume of `latest` takes, as the trainer decides it (without ranks), under the time bound: the
+    first candidate whose files verify, each failure named. Returns (tag folder or None, the problems of the ones
+    passed over); the outcome ('accepted', 'fell back' or 'error') goes to `counts` with the mutation `kinds`."""
     ds = run_dir / "checkpoints" / "deepspeed"
-    try:
-        located = runfolder.candidates("latest", runfolder.RunFolder(run_dir))
-    except runfolder.CheckpointNotFound as error:
-        assert str(ds) in str(error) or "resume" in str(error), error
-        fuzz.record(reader, "refused")
-        return None, []
     passed_over = []
-    for root, tag in located:
-        problems = runfolder.verify(root / tag)
-        assert all(isinstance(problem, str) and str(root / tag) in problem for problem in problems), problems
-        if not problems:
-            fuzz.record(reader, "accepted" if not passed_over else "fell back")
-            return root / tag, passed_over
-        passed_over.append(problems)
-    fuzz.record(reader, "refused")
+    with fz.time_bound():
+        try:
+            located = runfolder.candidates("latest", runfolder.RunFolder(run_dir))
+        except runfolder.CheckpointNotFound as error:
+            assert str(ds) in str(error) or "resume" in str(error), error
+            counts.add("error", kinds)
+            return None, []
+        for root, tag in located:
+            problems = runfolder.verify(root / tag)
+            assert all(isinstance(problem, str) and str(root / tag) in problem for problem in problems), problems
+            if not problems:
+                counts.add("accepted" if not passed_over else "fell back", kinds)
+                return root / tag, passed_over
+            passed_over.append(problems)
+    counts.add("error", kinds)
     return None, passed_over
 
 
@@ -132,8 +143,10 @@ MARKER_PATHS = st.sampled_from([["files"], ["files", SHARDS[0]], ["files", SHARD
                                 ["parent", "id"], ["line"], ["tag"], ["global_step"], ["request"], ["checksum"]])
 
 
-def test_completion_markers(fuzz, valid_run, tmp_path, caplog):
-    @fuzz.settings(ci_cases=80)
+def test_completion_markers(valid_run, tmp_path, caplog):
+    reader = "checkpoint: completion marker"
+
+    @fuzz_case(reader, ci=80)
     @given(edits=st.lists(st.tuples(MARKER_PATHS, JSON, st.booleans()), min_size=1, max_size=3),
            raw=st.none() | st.sampled_from(["truncate", "flip", "non-utf8", "empty", "array", "huge"]),
            at=st.floats(0, 1, exclude_max=True))
@@ -152,9 +165,10 @@ def test_completion_markers(fuzz, valid_run, tmp_path, caplog):
                 "huge": b" " * (runfolder.MAX_RECORD_BYTES + 1)}[raw]
         path.write_bytes(data)
         caplog.clear()
-        with fuzz.bound(), caplog.at_level(logging.WARNING, logger="compclip"):
-            picked, passed_over = _pick_tag(run_dir, fuzz, "checkpoint: completion marker")
-            explicit = _explicit(tag_dir, fuzz)
+        kinds = [raw or "fields"] + ["/".join(map(str, keys)) for keys, _, _ in edits]
+        with caplog.at_level(logging.WARNING, logger="compclip"):
+            picked, passed_over = _pick_tag(run_dir, latest, kinds)
+            explicit = _explicit(tag_dir, named, kinds)
         # Nothing passed over silently: if step3 is not taken, a warning or a verification failure names it.
         if picked is None or picked.name != "step3":
             assert "step3" in caplog.text or any("step3" in p for problems in passed_over for p in problems), (
@@ -163,18 +177,20 @@ def test_completion_markers(fuzz, valid_run, tmp_path, caplog):
             assert _intact(picked, original)
         assert explicit is None or _intact(tag_dir, original) or runfolder.verify(tag_dir)
 
-    case()
+    with fz.tally(reader) as latest, fz.tally(reader + " (explicit tag)") as named:
+        case()
 
 
-def _explicit(tag_dir: Path, fuzz):
+def _explicit(tag_dir: Path, counts, kinds):
     """`--resume <tag_dir>`: the tag, or CheckpointNotFound naming it."""
     try:
-        (root, tag), = runfolder.candidates(str(tag_dir))
+        with fz.time_bound():
+            (root, tag), = runfolder.candidates(str(tag_dir))
     except runfolder.CheckpointNotFound as error:
         assert str(tag_dir) in str(error), error
-        fuzz.record("checkpoint: completion marker (explicit tag)", "refused")
+        counts.add("error", kinds)
         return None
-    fuzz.record("checkpoint: completion marker (explicit tag)", "accepted")
+    counts.add("accepted", kinds)
     return root / tag
 
 
@@ -215,8 +231,10 @@ def _damage(path: Path, how: str, at: float, outside: Path) -> bool:
     return how == "to an identical copy outside"
 
 
-def test_damaged_shards_are_never_accepted(fuzz, valid_run, tmp_path):
-    @fuzz.settings(ci_cases=60)
+def test_damaged_shards_are_never_accepted(valid_run, tmp_path):
+    reader = "checkpoint: shards"
+
+    @fuzz_case(reader, ci=60)
     @given(damaged=st.lists(st.tuples(st.sampled_from(SHARDS), st.sampled_from(DAMAGE), st.floats(0, 1)),
                             min_size=1, max_size=2, unique_by=lambda d: d[0]),
            newest_too=st.booleans())
@@ -228,14 +246,14 @@ def test_damaged_shards_are_never_accepted(fuzz, valid_run, tmp_path):
         changed = [name for name, how, at in damaged if not _damage(ds / "step3" / name, how, at, outside)]
         if newest_too and changed:  # step2 as well: the resume must fall back twice
             newest_too = not _damage(ds / "step2" / damaged[0][0], damaged[0][1], damaged[0][2], outside / "2")
-        with fuzz.bound():
-            picked, passed_over = _pick_tag(run_dir, fuzz, "checkpoint: shards")
+        picked, passed_over = _pick_tag(run_dir, counts, [how for _, how, _ in damaged])
         named = " ".join(p for problems in passed_over for p in problems)
         assert all(str(ds / "step3" / name) in named for name in changed), named
         expected = "step3" if not changed else "step1" if newest_too else "step2"
         assert picked is not None and picked.name == expected, (picked, named)
 
-    case()
+    with fz.tally(reader) as counts:
+        case()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,8 +265,10 @@ EXTRAS_EDITS = st.sampled_from(["rng", "nonfinite", "epoch", "micro_in_epoch", "
                                 ("rng", "torch")])
 
 
-def test_extras(fuzz, tmp_path):
-    @fuzz.settings(ci_cases=60)
+def test_extras(tmp_path):
+    reader = "checkpoint: compclip_rank<r>.pt extras"
+
+    @fuzz_case(reader, ci=60)
     @given(edits=st.lists(st.tuples(EXTRAS_EDITS, JSON | st.just(torch.zeros(3)), st.booleans()), max_size=3),
            raw=st.none() | st.sampled_from(["truncate", "random", "empty", "a list", "zip of nothing"]),
            at=st.floats(0, 1, exclude_max=True))
@@ -268,18 +288,20 @@ def test_extras(fuzz, tmp_path):
             path.write_bytes(b"")
         elif raw == "zip of nothing":
             path.write_bytes(b"PK\x05\x06" + b"\x00" * 18)
+        kinds = [raw or "fields"] + [str(field) for field, _, _ in edits]
         try:
-            with fuzz.bound():
+            with fz.time_bound():
                 loaded = read_extras(path)
         except ConfigError as error:
             assert str(path) in str(error), error
-            fuzz.record("checkpoint: compclip_rank<r>.pt extras", "refused")
+            counts.add("error", kinds)
             return
-        fuzz.record("checkpoint: compclip_rank<r>.pt extras", "accepted")
+        counts.add("accepted", kinds)
         for field in ("rng", "nonfinite", "epoch", "micro_in_epoch", "global_step"):
             assert field in loaded
 
-    case()
+    with fz.tally(reader) as counts:
+        case()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,45 +313,50 @@ POINTER_TEXT = st.text(max_size=30) | st.sampled_from(["step2", "step2\n", "../s
     max_size=20).map(lambda b: b.decode("latin-1"))
 
 
-def test_pointers(fuzz, valid_run, tmp_path):
+def test_pointers(valid_run, tmp_path):
     """DeepSpeed's `latest` is what a folder written before markers has (compclip's own pointer is never read:
     changing it changes nothing)."""
-    @fuzz.settings(ci_cases=40)
+    reader = "checkpoint: DeepSpeed latest (no markers)"
+
+    @fuzz_case(reader, ci=40)
     @given(text=POINTER_TEXT, ours=POINTER_TEXT)
     def case(text, ours):
         run_dir = _copy(valid_run, tmp_path)
         ds = run_dir / "checkpoints" / "deepspeed"
         (ds / runfolder.POINTER).write_text(ours, encoding="utf-8", errors="surrogateescape")
-        assert _pick_tag(run_dir, fuzz, "checkpoint: compclip_latest")[0] == ds / "step3"
+        assert _pick_tag(run_dir, own, ["any text"])[0] == ds / "step3"
         for name in ("step1", "step2", "step3"):  # a folder from before markers: DeepSpeed's pointer decides
             (ds / name / runfolder.MARKER).unlink()
         (ds / "latest").write_text(text, encoding="utf-8", errors="surrogateescape")
         try:
-            with fuzz.bound():
+            with fz.time_bound():
                 (root, tag), = runfolder.candidates("latest", runfolder.RunFolder(run_dir))
         except runfolder.CheckpointNotFound as error:
             assert str(ds / "latest") in str(error), error
-            fuzz.record("checkpoint: DeepSpeed latest (no markers)", "refused")
+            counts.add("error", ["any text"])
             return
-        fuzz.record("checkpoint: DeepSpeed latest (no markers)", "accepted")
+        counts.add("accepted", ["any text"])
         assert root == ds and (ds / tag).is_dir() and tag == text.strip()
 
-    case()
+    with fz.tally(reader) as counts, fz.tally("checkpoint: compclip_latest") as own:
+        case()
 
 
-def test_line_records(fuzz, valid_run, tmp_path):
-    @fuzz.settings(ci_cases=40)
+def test_line_records(valid_run, tmp_path):
+    reader = "checkpoint: line record"
+
+    @fuzz_case(reader, ci=40)
     @given(record=JSON | st.fixed_dictionaries({"line": JSON, "start": JSON}), raw=st.none() | st.sampled_from(
         [b"", b"{", b"\xff", b"[]", b"null"]))
     def case(record, raw):
         run_dir = _copy(valid_run, tmp_path)
         ds = run_dir / "checkpoints" / "deepspeed"
         (ds / runfolder.LINE).write_bytes(raw if raw is not None else json.dumps(record).encode())
-        with fuzz.bound():
-            picked, _ = _pick_tag(run_dir, fuzz, "checkpoint: line record")
+        picked, _ = _pick_tag(run_dir, counts, ["bytes" if raw is not None else "object"])
         assert picked is None or runfolder.is_complete(picked)
 
-    case()
+    with fz.tally(reader) as counts:
+        case()
 
 
 SYMLINKS = ("tag to a copy outside", "tag to itself", "tag to /dev/null", "marker to /dev/zero", "marker to a fifo",
@@ -337,7 +364,7 @@ SYMLINKS = ("tag to a copy outside", "tag to itself", "tag to /dev/null", "marke
 
 
 @pytest.mark.parametrize("how", SYMLINKS)
-def test_symlinks(fuzz, valid_run, tmp_path, how):
+def test_symlinks(valid_run, tmp_path, how):
     run_dir = _copy(valid_run, tmp_path)
     ds = run_dir / "checkpoints" / "deepspeed"
     step3 = ds / "step3"
@@ -359,8 +386,8 @@ def test_symlinks(fuzz, valid_run, tmp_path, how):
     else:
         shutil.rmtree(ds)
         os.symlink(ds, ds)
-    with fuzz.bound():
-        picked, _ = _pick_tag(run_dir, fuzz, "checkpoint: symlinks")
+    with fz.tally("checkpoint: symlinks") as counts:
+        picked, _ = _pick_tag(run_dir, counts, [how])
     expected = {"tag to a copy outside": "step3", "deepspeed folder to itself": None}.get(how, "step2")
     assert (picked.name if picked is not None else None) == expected, (how, picked)
 
