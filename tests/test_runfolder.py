@@ -68,7 +68,8 @@ def test_verify_names_every_damaged_file_and_shares_divide_the_work(tmp_path):
     marker = json.loads((tag_dir / MARKER).read_text())
     marker["files"] = {"../escape.pt": {"size": 1, "crc32": "00000000"}, "x.pt": {"size": "big"}}
     (tag_dir / MARKER).write_text(json.dumps(marker))
-    assert [p.split(": ", 1)[1][:24] for p in verify(tag_dir)] == ["names a file outside the", "malformed record of 'x.p"]
+    assert [p.split(": ", 1)[1][:24] for p in verify(tag_dir)] == ["names a file outside the",
+                                                                  "malformed record of 'x.p"]
 
 
 def test_latest_follows_the_current_line_not_the_newest_tag(tmp_path):

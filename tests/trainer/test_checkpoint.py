@@ -23,7 +23,8 @@ def make_checkpointer(run_dir: Path, keep: int = 0, keep_abandoned: bool = True)
     checkpoints = Checkpointer.__new__(Checkpointer)
     checkpoints.run = RunFolder(run_dir)
     checkpoints.rank, checkpoints.world_size, checkpoints.keep, checkpoints.keep_exports = 0, 1, keep, 0
-    checkpoints.keep_abandoned, checkpoints.line, checkpoints.parent, checkpoints.saved_step = keep_abandoned, 0, None, -1
+    checkpoints.keep_abandoned, checkpoints.saved_step = keep_abandoned, -1
+    checkpoints.line, checkpoints.parent = 0, None
     checkpoints.dir, checkpoints.ds_dir = checkpoints.run.checkpoints, checkpoints.run.deepspeed
     return checkpoints
 
