@@ -313,6 +313,11 @@ def candidates_in(root: Path, warn: bool = True) -> List[Path]:
         for incomplete in newer_incomplete(root, found[0].name):
             logger.warning("resume: skipping %s: incomplete (its save was interrupted before the commit); using "
                            "%s", root / incomplete, found[0])
+        head_step, line = _step_of(found[0]), current_line(root).number
+        for step, name, other in complete_tags(root):
+            if head_step is not None and step > head_step and root / name not in found:
+                logger.warning("resume: skipping %s: on line %d, not on the current line %d (a resume of an older "
+                               "tag left it behind); using %s", root / name, line_of(other), line, found[0])
     return found
 
 

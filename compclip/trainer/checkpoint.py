@@ -254,14 +254,15 @@ class Checkpointer:
     def _begin_line(self, resumed: Optional[Path]) -> None:
         line, head = runfolder.current_line(self.ds_dir), runfolder.chain(self.ds_dir)
         continues = resumed is not None and bool(head) and runfolder.same_tag(head[0], resumed)
-        if resumed is None and not runfolder.complete_tags(self.ds_dir):
-            continues = True  # a fresh run in a fresh folder: line 0 (or the folder's line)
+        if not runfolder.complete_tags(self.ds_dir):
+            continues = True  # nothing here to leave behind (a fresh folder, or a resume of another run's tag)
         self.line = line.number
         if resumed is not None:
             self.parent = {"tag": resumed.name, "id": runfolder.marker(resumed).get("id")}
         if not continues:
             self.line = max([line.number] + _abandoned_lines(self.ds_dir)) + 1
             start = None if resumed is None else _relative_to(resumed, self.ds_dir)
+            self.ds_dir.mkdir(parents=True, exist_ok=True)
             durable.write_text(self.ds_dir / LINE, json.dumps({"line": self.line, "start": start}))
             logger.warning("%s: line %d of this run starts at %s; --resume latest and retention follow it",
                            self.ds_dir, self.line, resumed if resumed is not None else "a fresh start")

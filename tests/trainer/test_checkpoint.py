@@ -170,3 +170,15 @@ def test_verification_falls_back_naming_the_file_and_refuses_an_explicit_tag(tmp
            f"(truncated)); falling back to {ds / 'step2'}" in caplog.text
     with pytest.raises(ConfigError, match=f"resume: {ds / 'step3'}: {shard}: 502 bytes.*resume another tag"):
         checkpoints.verified(runfolder.candidates(str(ds / "step3")))
+
+
+def test_a_resume_of_another_runs_tag_into_a_new_folder_continues_its_line(tmp_path):
+    """Nothing to leave behind: no line record, no moves; the first commit names the other run's tag as parent."""
+    other = make_checkpointer(tmp_path / "other")
+    step2 = (commit(other, 1), commit(other, 2))[1]
+    checkpoints = make_checkpointer(tmp_path / "new")
+    checkpoints._begin_line(step2)
+    assert not (checkpoints.ds_dir / LINE).exists() and checkpoints.line == 0
+    step3 = commit(checkpoints, 3)
+    assert _marker(step3)["parent"] == {"tag": "step2", "id": _marker(step2)["id"]}
+    assert runfolder.candidates("latest", checkpoints.run) == [(checkpoints.ds_dir, "step3")]
