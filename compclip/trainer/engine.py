@@ -67,7 +67,7 @@ def init_distributed(cfg) -> Tuple[int, int, torch.device]:
 
     accelerator = get_accelerator()
     init_process_group()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "cpu" or (cfg.device == "auto" and accelerator.device_name() == "cpu"):
         device = torch.device("cpu")
@@ -75,9 +75,9 @@ def init_distributed(cfg) -> Tuple[int, int, torch.device]:
         device = torch.device(accelerator.device_name(local_rank))
         accelerator.set_device(local_rank)
     if device.type == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world, device
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world_size))
+    return rank, world_size, device
 
 
 # --------------------------------------------------------------------------------------------------------------
