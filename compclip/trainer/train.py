@@ -205,3 +205,13 @@ class Trainer:
         self.metrics.close()
         return {"before": self.before, "after": self.after, "export": self.last_export, "last": last,
                 "steps": self.global_step, "preempted": schedule.stop}
+
+    def close(self) -> None:
+        """Release the DeepSpeed engines (student, and a ZeRO-3 teacher's): their ZeRO optimizers keep gradient
+        hooks on the parameters, through autograd's C++ side, that hold the engine, its optimizer states and
+        buffers alive after the Trainer is gone. A process that trains again (several runs in one launched world,
+        a notebook) otherwise keeps every earlier run's memory."""
+        teacher_engine = getattr(self.teacher, "engine", None)
+        for held in (self.engine, teacher_engine):
+            if held is not None:
+                held.destroy()
