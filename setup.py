@@ -63,6 +63,7 @@ setup(
             "compclip-train=compclip.train:cli",
             "compclip-eval=compclip.evaluation.__main__:main",
             "compclip-prepare=compclip.data.prepare:main",
+            "compclip-export=compclip.export:cli",
         ]
     },
 )
