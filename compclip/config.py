@@ -133,8 +133,8 @@ class OptimConfig(Section):
     contrastive_batch: int = 0
     """Samples one loss sees, over all ranks (0 = data.batch_size x world size). Larger than what fits: one step
     caches the features of every chunk of data.batch_size per rank without autograd, takes the global-batch loss's
-    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.gradcache; ~1.3-1.5x
-    the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
+    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.trainer.gradcache;
+    ~1.3-1.5x the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
     Cached per rank: B/world x (2 + K + concepts/sample) x D features and, for C2LIP's XAC, the visual tokens
     B/world x L x D in the compute dtype (e.g. ViT-B/32 at 224 px, B/world = 4096: 4096 x 49 x 512 x 2 bytes = 206
     MB in bf16), each twice (values and gradients)."""
@@ -517,9 +517,10 @@ def recipe_table() -> Dict[str, Dict[str, Any]]:
 
 
 def config_path(name: str) -> str:
-    """`--config` value -> YAML file: an existing path as given, else a bundled name (`degla`, `tiny/c2lip`,
-    with or without `.yaml`). An unknown name is returned as is (the caller reports the missing file)."""
-    if os.path.exists(name):
+    """`--config` value -> YAML file: an existing file as given, else a bundled name (`degla`, `tiny/c2lip`,
+    with or without `.yaml`; a folder of that name in the working directory does not hide it). An unknown name is
+    returned as is (the caller reports the missing file)."""
+    if os.path.isfile(name):
         return name
     stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
     for root in BUNDLED_CONFIG_DIRS:
@@ -541,6 +542,8 @@ def read_yaml(name: str) -> Dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"--config {name}: no such file, nor a bundled config "
                           f"({', '.join(bundled_configs())})") from None
+    except OSError as exc:  # a folder, a file without read permission
+        raise ConfigError(f"--config {name}: cannot read {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
@@ -605,9 +608,10 @@ def request(argv: Sequence[str]) -> Request:
     resumed_from = ""
     if named.get("resume"):
         saved, resumed_from = saved_request(named)
-        check_resume_changes(saved, named)
+        changed = check_resume_changes(saved, named)
         merged = merge_dicts(saved, named)
-        layers = [f"{resumed_from}/config.requested (resume)"]
+        layers = [f"the request saved in {resumed_from} (resume"
+                  + (f"; changed {', '.join(changed)})" if changed else ")")]
     elif uses_embedded_default(args):
         merged = merge_dicts(read_yaml(EMBEDDED_DEFAULT), named)
         layers.append(f"configs/{EMBEDDED_DEFAULT}.yaml (embedded default: no --config and no data named)")
@@ -673,24 +677,29 @@ def _typed(values: Dict[str, Any]) -> Dict[str, Any]:
     return flatten(to_dict(_build(TrainConfig, values)))
 
 
-def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> None:
-    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one."""
+def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> List[str]:
+    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one; returns
+    the accepted changes (`key before -> after`; a longer run recomputes its lr schedule over the new length)."""
     saved_flat, given = _typed(saved), _typed(named)  # typed alike: 1e-5 == 0.00001
-    differing = []
+    differing, accepted = [], []
     for key in flatten(named):
         before, after = saved_flat.get(key), given.get(key)
-        if before == after:
+        if before == after or key == "resume":
             continue
         if key in ("optim.max_steps", "optim.epochs"):
             if _longer(key, before, after):
+                accepted.append(f"{key} {before!r} -> {after!r}, the lr schedule spans the new length")
                 continue
             differing.append(f"{key}: {before!r} -> {after!r} (a resumed run may only get longer)")
         elif not key.startswith(RESUME_MAY_CHANGE):
             differing.append(f"{key}: saved {before!r}, given {after!r}")
+        else:
+            accepted.append(f"{key} {before!r} -> {after!r}")
     if differing:
         raise ConfigError("resume: the run was started with other values for these keys; drop them from the "
                           "command line (the run's saved config is restored) or start a new run with init_from:\n  "
                           + "\n  ".join(differing))
+    return accepted
 
 
 def validate(cfg: TrainConfig) -> None:

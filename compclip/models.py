@@ -72,10 +72,22 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
     source = pretrained if (pretrained and load_weights) else None
     if source and os.path.sep in source and not os.path.exists(source):
         raise FileNotFoundError(f"model.pretrained: no such file {source}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=source, force_quick_gelu=quick, device="cpu", precision="fp32")
+    model, preprocess_train, preprocess_val = create_model_and_transforms(arch, source, quick)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def create_model_and_transforms(arch: str, pretrained: Optional[str], force_quick_gelu: bool, device="cpu"):
+    """open_clip's `create_model_and_transforms`, also for a checkpoint file on an `hf-hub:` / `local-dir:`
+    architecture (open_clip ignores `pretrained` there and would silently keep the folder's own or random weights:
+    the file is loaded after the model is built)."""
+    schema = arch.startswith(("hf-hub:", "local-dir:"))
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        arch, pretrained=None if schema else pretrained, force_quick_gelu=force_quick_gelu, device=device,
+        precision="fp32")
+    if schema and pretrained:
+        open_clip.load_checkpoint(model, pretrained, device=device)
+    return model, preprocess_train, preprocess_val
 
 
 def build_from_config(model_cfg, *, load_weights: bool = True, state: Optional[Dict[str, torch.Tensor]] = None):
@@ -147,7 +159,7 @@ def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
     tests/test_packaging.py), and even the pinned version's non-ZeRO gradient clipping multiplies their gradient
     by a [1]-shaped coefficient in place, which raises. open_clip itself offers [1]-shaped scales
     (`nonscalar_logit_scale`) and its loader reshapes them, but our export restores the stock 0-dim shape
-    anyway (`compclip.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
+    anyway (`compclip.trainer.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
     """
     promoted = []
     for name, param in list(model.named_parameters()):
@@ -289,7 +301,7 @@ class Encoder(nn.Module):
 
 # --------------------------------------------------------------------------------------------------------------
 # Parameter groups and the export (the logit-scale clamp and the full fp32 gather are DeepSpeed's side:
-# compclip.engine)
+# compclip.trainer.engine)
 
 
 def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ import time  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 from compclip.config import ConfigError, help_text, request  # noqa: E402
+from compclip.data.inputs import InputError  # noqa: E402
 from compclip.resolve import ResolvedRun, launcher_world_size, resolve  # noqa: E402
 
 CONFIG_ERROR = 2  # exit status of a configuration mistake
@@ -37,9 +38,11 @@ def _launcher_rank() -> int:
 
 
 def fail(error: Exception) -> None:
-    """One message naming the key, printed by rank 0 only; every rank exits with CONFIG_ERROR."""
+    """One message naming the key (or the file, line and field), printed by rank 0 only; every rank exits with
+    CONFIG_ERROR."""
     if _launcher_rank() == 0:
-        print(f"compclip/train.py: configuration error: {error}", file=sys.stderr, flush=True)
+        kind = "configuration error" if isinstance(error, ConfigError) else "input error"
+        print(f"compclip/train.py: {kind}: {error}", file=sys.stderr, flush=True)
     raise SystemExit(CONFIG_ERROR)
 
 
@@ -96,7 +99,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     engine.single_process_environment()
     engine.init_process_group()
-    trainer = Trainer(_agreed(run))
+    try:
+        trainer = Trainer(_agreed(run))
+    except InputError as error:  # the data read at the start (every rank reads the same and stops here)
+        fail(error)
     result = trainer.train()
     if trainer.rank == 0 and not result["preempted"]:
         final_report(trainer.run, f"{trainer.method.describe()} — {result['steps']} steps in {time.time() - t0:.0f}s "

@@ -129,6 +129,15 @@ def test_the_embedded_default_takes_another_method():
     assert cfg.model.pretrained == "synthetic-bow:1" and published_terms(cfg) == PUBLISHED_WEIGHTS["degla"]
 
 
+def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "degla").mkdir()  # e.g. where a user keeps DeGLA's release files
+    assert load_config(["--config", "degla"]).loss.method == "degla"
+    (tmp_path / "mine.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"--config mine\.yaml"):
+        load_config(["--config", "mine.yaml"])
+
+
 @pytest.mark.parametrize("argv, names", [
     (["--model.lock_image_unlocked_groups=2"], "model.lock_image_unlocked_groups=2 leaves"),
     (["--model.lock_text=true", "--model.lock_text_unlocked_layers=-1"], "model.lock_text_unlocked_layers: must"),

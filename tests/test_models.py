@@ -139,6 +139,53 @@ def test_sincos_tiny_has_a_fixed_2d_sincos_position_embedding_outside_the_optimi
     assert id(table) not in grouped
 
 
+LOAD_LOCAL_DIR = """
+import sys, torch, open_clip
+folder, inputs, out = sys.argv[1:]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+images, captions = torch.load(inputs)
+model.eval()
+with torch.no_grad():
+    torch.save({"image": model.encode_image(images), "text": model.encode_text(tokenizer(captions)),
+                "quick_gelu": type(model.visual.transformer.resblocks[0].mlp.gelu).__name__}, out)
+"""
+
+
+@pytest.mark.parametrize("arch, quick_gelu", [("compclip-tiny", False), ("ViT-B-32", True)])
+def test_the_export_loads_as_a_local_folder_in_stock_open_clip(tmp_path, arch, quick_gelu):
+    """`open_clip.create_model_and_transforms("local-dir:epoch_N")` in a fresh process that never imported compclip
+    (so neither its architecture configs nor its QuickGELU rule): the embeddings equal the trained model's. For a
+    QuickGELU ViT-B-32 (how OpenAI weights run), the `.pt` loaded with the plain architecture name would not."""
+    import subprocess
+    import sys
+
+    from open_clip import get_model_preprocess_cfg
+
+    torch.manual_seed(3)
+    model, _, preprocess, tokenizer = build_model(arch, force_quick_gelu=quick_gelu)
+    model.eval()
+    state = full_state_dict(Encoder(model).clip)
+    path = tmp_path / "checkpoints" / "epoch_1.pt"
+    folder = export_checkpoint(state, str(path), 1, arch, quick_gelu=quick_gelu,
+                               preprocess_cfg=get_model_preprocess_cfg(model), tokenizer=tokenizer)
+    size = model.visual.image_size
+    images = torch.randn(2, 3, *(size if isinstance(size, tuple) else (size, size)))
+    captions = ["a red circle left of a blue square", "a photo of a dog"]
+    torch.save((images, captions), tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", LOAD_LOCAL_DIR, folder, str(tmp_path / "inputs.pt"), str(tmp_path / "o.pt")],
+                   check=True, cwd=tmp_path, timeout=300)
+    loaded = torch.load(tmp_path / "o.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["image"], model.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded["text"], model.encode_text(tokenizer(captions)), rtol=0, atol=1e-6)
+    assert loaded["quick_gelu"] == ("QuickGELU" if quick_gelu else "GELU")
+    if quick_gelu:  # the pitfall the folder removes: the same weights with the architecture's own GELU
+        plain = open_clip.create_model_and_transforms(arch, pretrained=str(path))[0].eval()
+        with torch.no_grad():
+            assert not torch.allclose(plain.encode_image(images), loaded["image"], atol=1e-3)
+
+
 @pytest.mark.parametrize("locks, image, text", [
     (dict(lock_image=True), 0, None),
     (dict(lock_image=True, lock_image_unlocked_groups=2, lock_text=True, lock_text_unlocked_layers=1), 2, 1),

@@ -22,6 +22,7 @@ import re
 import sys
 from typing import List, Optional
 
+from .common import exit_on_bad_input
 from .config import EvalConfig, field_docs
 from .loading import ModelSpec, load_model, spec_from_run
 
@@ -169,6 +170,7 @@ def summarize_main(args) -> int:
     return 0
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

@@ -26,7 +26,8 @@ evaluation). Finished runs are kept: a study started again continues where it st
 
 The package: `protocol` (methods, labels, profiles), `world` (the built-in or external world, checked), `runs` (stage
 1, the fine-tune queue, scores of finished runs), `report` (aggregation, tables, plot), `cli` (the command line,
-also `__main__`). Nothing outside this package imports it; it runs the trainer only as child processes (compclip.child_run).
+also `__main__`). Nothing outside this package imports it; it runs the trainer only as child processes
+(compclip.child_run).
 """
 from compclip.study.cli import main, parse_args
 from compclip.study.protocol import BUILTIN_WORLD, LABELS, METHODS, PROFILES, Profile

@@ -26,6 +26,7 @@ from compclip.trainer.inputs import prepare_inputs
 from compclip.trainer.metrics import Metrics, log_kernel_backends, setup_logging, step_values, train_progress
 from compclip.trainer.preemption import SaveSchedule
 from compclip.trainer.step import NonFiniteGuard, StepOutput, finish_step
+from compclip.trainer.validate import Validator
 
 logger = logging.getLogger("compclip")
 
@@ -97,6 +98,10 @@ class Trainer:
         self.teacher = (build_teacher(self.engine, untrained, cfg.loss.ema_decay, run.deepspeed, init_teacher)
                         if self.method.needs_teacher else None)
         self.cached = CachedStep.build(cfg, self.engine, self.method, self.teacher, self.device, self.world_size)
+        val = build_dataloader(cfg.data, self.tokenizer, preprocess, rank=self.rank, world_size=self.world_size,
+                               seed=cfg.seed, train=False) if cfg.data.val_manifest else None
+        self.validator = (Validator(val, self.method, self.engine, self.teacher, self.device, self.dtype, self.metrics)
+                          if val is not None else None)
         from open_clip import get_model_preprocess_cfg
 
         self.preprocess_cfg = get_model_preprocess_cfg(clip)
@@ -109,8 +114,11 @@ class Trainer:
 
     # ---- export, evaluation, checkpoints ------------------------------------------------------------------------
     def _epoch_end(self, label: str, export_epoch: int, run_eval: bool) -> None:
-        """Export `epoch_N.pt` (full fp32 weights, gathered under ZeRO-3) and evaluate it when due."""
+        """Validate (data.val_manifest), export `epoch_N.pt` (full fp32 weights, gathered under ZeRO-3) and evaluate
+        it when due."""
         self.exported_at, cfg = self.global_step, self.cfg
+        if self.validator is not None:
+            self.validator.run(self.global_step)
         if not cfg.log.export and not run_eval:
             return
         state, path = engine.full_state_dict(self.clip, self.engine), None  # collective under ZeRO-3

@@ -94,7 +94,7 @@ def test_c2lip_pickle_nounphrases_and_empty_fallback(tmp_path):
     assert batch["owner"].tolist() == [0, 0, 1]
     with open(tmp_path / "bad.pkl", "wb") as handle:
         pickle.dump([{"img": "0.jpg"}], handle)
-    with pytest.raises(ManifestError, match="bad.pkl:0"):
+    with pytest.raises(ManifestError, match="bad.pkl: item 0: no image"):
         import_c2lip(str(tmp_path / "bad.pkl"))
 
 

@@ -1,7 +1,8 @@
-"""End to end through the real launcher: `deepspeed --num_gpus 2 compclip/train.py` on the CPU (two gloo ranks).
+"""End to end through the real launcher: `deepspeed --num_gpus 2` on the CPU (two gloo ranks), every run in one
+launched world (tests/launch_runs.py runs `compclip.train.main` for each command line, so the ranks start once).
 
 One composite tiny config carries every loss term (negclip, cmr, imc, igc, tgc, distill, npc, xac: the terms of
-CLIP's baseline, NegCLIP, CE-CLIP, DeGLA and C2LIP), so one launch per ZeRO stage covers all methods:
+CLIP's baseline, NegCLIP, CE-CLIP, DeGLA and C2LIP), so one run per ZeRO stage covers all methods:
 * the loss curve is the same under ZeRO 1, 2 and 3 and in one process on the whole global batch;
 * kill-and-resume: 2 steps + `--resume` of the step-2 checkpoint reproduces steps 3-4 bit for bit (fp32, CPU);
 * C2LIP on the SigLIP-style tiny model (MAP-head visual tokens) under ZeRO-3, and its export loads in stock
@@ -29,12 +30,16 @@ def _env():
     return env
 
 
-def _launch(args, ranks, timeout=300):
+def _launch(runs, ranks, tmp_path, timeout=600):
+    """Every command line of `runs` in one world of `ranks` (`deepspeed --num_gpus` for 2, no launcher for 1)."""
+    spec = tmp_path / f"runs-{ranks}.json"
+    spec.write_text(json.dumps(runs))
+    driver = str(ROOT / "tests" / "launch_runs.py")
     if ranks == 1:
-        cmd = [sys.executable, str(TRAIN)] + args
+        cmd = [sys.executable, driver, str(spec)]
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN)] + args
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), driver, str(spec)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
@@ -53,19 +58,32 @@ def _common(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_zero_stages_single_process_and_resume_agree(tmp_path):
+def test_zero_stages_single_process_resume_and_the_map_head_agree(tmp_path):
+    """One 2-rank world (the real launcher) runs, in order: the composite under ZeRO 1, 2 and 3 (checkpoints every
+    2 steps under ZeRO 3), C2LIP's MAP head under ZeRO-3, and the ZeRO-3 composite resumed from its step-2
+    checkpoint into a new run folder; one process runs the composite on the whole global batch and C2LIP's
+    `init_from` of the 2-rank ZeRO-3 checkpoint."""
     config = str(ROOT / "configs" / "tiny" / "composite.yaml")
-    curves = {}
-    for stage in (1, 2, 3):
-        extra = ["--log.save_every_n_steps=2"] if stage == 3 else []
-        _launch(["--config", config, f"--deepspeed.zero_stage={stage}"] + extra
-                + _common(tmp_path, f"zero{stage}"), ranks=2)
-        curves[stage] = _metrics(tmp_path / f"zero{stage}")
-    # One process on the whole global batch (2 ranks x 4 = 8 samples).
-    _launch(["--config", config, "--deepspeed.zero_stage=0", "--data.batch_size=8"]
-            + _common(tmp_path, "single"), ranks=1)
+    c2lip = str(ROOT / "configs" / "tiny" / "c2lip.yaml")
+    checkpoint = tmp_path / "zero3" / "checkpoints" / "deepspeed" / "step2"
+    runs = [["--config", config, f"--deepspeed.zero_stage={stage}"]
+            + (["--log.save_every_n_steps=2"] if stage == 3 else []) + _common(tmp_path, f"zero{stage}")
+            for stage in (1, 2, 3)]
+    runs.append(["--config", c2lip] + _common(tmp_path, "c2lip"))
+    runs.append(["--resume", str(checkpoint), "--log.name=resumed"])  # the run's own config, from the checkpoint
+    _launch(runs, 2, tmp_path)
+    # One process on the whole global batch (2 ranks x 4 = 8 samples), and C2LIP from the ZeRO-3 checkpoint.
+    _launch([["--config", config, "--deepspeed.zero_stage=0", "--data.batch_size=8"] + _common(tmp_path, "single"),
+             ["--config", c2lip, "--deepspeed.zero_stage=0", "--optim.lr=0", "--optim.max_steps=1",
+              f"--init_from={tmp_path / 'c2lip' / 'checkpoints' / 'deepspeed'}"] + _common(tmp_path, "init_from")],
+            1, tmp_path)
+    curves = {stage: _metrics(tmp_path / f"zero{stage}") for stage in (1, 2, 3)}
     curves["single"] = _metrics(tmp_path / "single")
+    _check_zero_stages_and_resume(tmp_path, curves, checkpoint)
+    _check_map_head_export_and_init_from(tmp_path)
 
+
+def _check_zero_stages_and_resume(tmp_path, curves, checkpoint):
     terms = [k for k in curves[1][1] if k.startswith("loss/")]
     assert {t.split("/")[1] for t in terms} == {"negclip", "cmr", "imc", "igc", "tgc", "distill", "npc", "xac"}
     assert sorted(curves[1]) == [1, 2, 3, 4]
@@ -75,12 +93,7 @@ def test_zero_stages_single_process_and_resume_agree(tmp_path):
             values = torch.tensor([curves[other][s][key] for s in range(1, 5)], dtype=torch.float64)
             torch.testing.assert_close(values, reference, rtol=2e-4, atol=1e-6, msg=f"{key}: ZeRO-1 vs {other}")
     assert curves[1][4]["loss"] != curves[1][1]["loss"]  # it trained
-
-    # Kill-and-resume: continue the ZeRO-3 run from its step-2 checkpoint in a new run folder.
-    checkpoint = tmp_path / "zero3" / "checkpoints" / "deepspeed" / "step2"
-    assert checkpoint.is_dir()
-    _launch(["--config", config, "--deepspeed.zero_stage=3", f"--resume={checkpoint}"]
-            + _common(tmp_path, "resumed"), ranks=2)
+    # Kill-and-resume: the ZeRO-3 run continued from its step-2 checkpoint in a new run folder.
     resumed = _metrics(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
@@ -92,13 +105,13 @@ def test_zero_stages_single_process_and_resume_agree(tmp_path):
     assert client["compclip"]["config"]["deepspeed"]["zero_stage"] == 3
 
 
-@pytest.mark.slow
-def test_c2lip_map_head_under_zero3_and_export_loads_in_open_clip(tmp_path):
+def _check_map_head_export_and_init_from(tmp_path):
+    """C2LIP on the SigLIP-style tiny model: its export loads in stock open_clip with the same embeddings as the
+    DeepSpeed checkpoint consolidated by deepspeed.utils.zero_to_fp32; one process started from that checkpoint
+    with lr 0 exports the same weights bit for bit."""
     import open_clip
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    config = str(ROOT / "configs" / "tiny" / "c2lip.yaml")
-    _launch(["--config", config] + _common(tmp_path, "c2lip"), ranks=2)
     run = tmp_path / "c2lip"
     curve = _metrics(run)
     assert sorted(curve) == [1, 2, 3]
@@ -125,11 +138,6 @@ def test_c2lip_map_head_under_zero3_and_export_loads_in_open_clip(tmp_path):
         assert torch.equal(stock.encode_text(text), reference.encode_text(text))
         assert torch.equal(stock.logit_bias, reference.logit_bias)
     assert not torch.equal(stock.logit_bias, torch.tensor(-10.0))  # trained, not the init
-
-    # Another world size: one process starts from the 2-rank ZeRO-3 checkpoint's consolidated weights. With lr 0
-    # the weights stay put, so its export must equal the original export bit for bit.
-    _launch(["--config", config, "--deepspeed.zero_stage=0", "--optim.lr=0", "--optim.max_steps=1",
-             f"--init_from={run / 'checkpoints' / 'deepspeed'}"] + _common(tmp_path, "init_from"), ranks=1)
     again = torch.load(tmp_path / "init_from" / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
     for key, value in payload["state_dict"].items():
         assert torch.equal(again["state_dict"][key], value), key
