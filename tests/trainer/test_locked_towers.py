@@ -52,15 +52,21 @@ def test_locked_parameters_stay_through_training_and_the_export(case, tmp_path, 
         seen["teacher_initial"] = self.teacher.full_parameters()
         return original(self)
 
+    def close(self):  # the trained state, read before the engines are released
+        seen["live"], seen["teacher_live"] = full_state_dict(self.clip, self.engine), self.teacher.full_parameters()
+        return original_close(self)
+
+    original_close = Trainer.close
     monkeypatch.setattr(Trainer, "train", train)
+    monkeypatch.setattr(Trainer, "close", close)
     flags, locks = CASES[case]
     main(["--config", str(ROOT / "configs" / "degla.yaml"), "--config", str(ROOT / "configs" / "tiny.yaml"),
           "--optim.max_steps=3", "--loss.ema_decay=0.5", "--eval_synthetic=false", "--threads=1",
           f"--log.logs={tmp_path}", "--log.name=run", f"--data.synthetic.root={tmp_path.parent / 'synthetic-yaml'}",
           *flags])
     trainer = seen["trainer"]
-    live = full_state_dict(trainer.clip, trainer.engine)
-    live_teacher = {k[len("clip."):]: v for k, v in trainer.teacher.full_parameters().items()}
+    live = seen["live"]
+    live_teacher = {k[len("clip."):]: v for k, v in seen["teacher_live"].items()}
     initial_teacher = {k[len("clip."):]: v for k, v in seen["teacher_initial"].items()}
     frozen, names = _open_clip_locked(**locks)
     assert {n for n, p in trainer.clip.named_parameters() if not p.requires_grad} == frozen
