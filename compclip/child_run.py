@@ -111,16 +111,21 @@ def run_seconds(run_dir: str) -> Optional[float]:
     return None if record is None else record.get("seconds")
 
 
+def finished(cfg: Dict[str, Any], benchmark: Benchmark, runs: str) -> bool:
+    """Whether the run of `cfg` has finished before with the same inputs (`run_child` then reuses it)."""
+    record = _done_record(os.path.join(runs, cfg["log"]["name"]))
+    return record is not None and record.get("key") == fingerprint(cfg, benchmark)
+
+
 def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: bool) -> str:
     """Run compclip/train.py on `cfg` in a child process (reused when finished with the same inputs); returns the
     run folder `<runs>/<cfg.log.name>`."""
     name = cfg["log"]["name"]
     run_dir = os.path.join(runs, name)
-    key = fingerprint(cfg, benchmark)
-    record = _done_record(run_dir)
-    if record is not None and record.get("key") == key:
+    if finished(cfg, benchmark, runs):
         log.info("%s: finished before, reused", name)
         return run_dir
+    key = fingerprint(cfg, benchmark)
     shutil.rmtree(run_dir, ignore_errors=True)  # a changed or interrupted run starts over (runs are minutes long)
     os.makedirs(runs, exist_ok=True)
     config_file = os.path.join(runs, f"{name}.yaml")

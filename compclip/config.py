@@ -61,6 +61,33 @@ class ModelConfig(Section):
     with it, and running them with GELU silently costs accuracy), so the run's config.yaml and its exports say so."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass (open_clip's set_grad_checkpointing)."""
+    tf32: bool = True
+    """On a CUDA device, let float32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer; on
+    older GPUs the switch does nothing), as open_clip's training does; the fused kernels' float32 dots follow it.
+    False: IEEE float32 everywhere. bf16 / fp16 compute is unaffected, and so is the CPU."""
+    lock_image: bool = False
+    """Freeze the image tower (open_clip's `--lock-image`, as in LiT) through open_clip's `lock_image_tower`: its
+    parameters get no gradient, no optimizer state and no weight decay, and stay as they started (under bf16 /
+    fp16 they are held, and exported, in that precision: DeepSpeed keeps fp32 masters only of trained parameters)."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
+    `--lock-image-unlocked-groups`). For an open_clip ViT the groups are, first to last: the patch embedding with the
+    class and position embeddings and ln_pre, each residual block but the last, the last block with ln_post, and
+    the projection; timm towers use timm's own grouping."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: also freeze the BatchNorm running statistics of the locked layers (open_clip's
+    `--lock-image-freeze-bn-stats`; ResNet and timm convolutional towers; a ViT has none)."""
+    lock_text: bool = False
+    """Freeze the text tower (open_clip's `--lock-text`) through open_clip's `lock_text_tower`: token and position
+    embeddings, the transformer, the final LayerNorm and the text projection."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave the last N layer groups of the text tower trainable (open_clip's
+    `--lock-text-unlocked-layers`). For open_clip's own text transformer the groups are, first to last: the
+    embeddings, each residual block but the last, the last block with the final LayerNorm, and the projection."""
+    lock_text_freeze_layer_norm: bool = True
+    """With lock_text: freeze the LayerNorms of the locked layers too (open_clip's `--lock-text-freeze-layer-norm`).
+    Only Hugging Face text towers can leave them trainable; open_clip's own text transformer refuses false (the
+    default here is open_clip's `lock_text_tower` default, not its command line's)."""
 
 
 @dataclass
@@ -149,8 +176,25 @@ class LogConfig(Section):
     """Write metrics.jsonl / tensorboard every N optimizer steps (step 1 is always logged)."""
     tensorboard: bool = True
     """Write tensorboard events to <run>/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (open_clip's `--report-to wandb`; needs `pip install wandb`): the scalars
+    tensorboard gets, the resolved configuration, and every evaluation as a table and as an artifact (its folder
+    `eval/<label>/`). Rank 0 logs; its files go to `<run>/wandb/`, and a resumed run continues the same W&B run."""
+    wandb_project: str = "compclip"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty = the account's default."""
+    wandb_name: str = ""
+    """W&B run name; empty = the run folder's name (`log.name`)."""
+    wandb_tags: List[str] = field(default_factory=list)
+    """W&B tags of the run."""
+    wandb_mode: str = ""
+    """`online`, `offline` (everything written to `<run>/wandb/` with no network; upload later with `wandb sync
+    <run>/wandb/offline-run-*`) or `disabled`; empty = W&B's own choice (the WANDB_MODE environment variable, else
+    online)."""
     progress: bool = True
-    """tqdm progress bar on rank 0."""
+    """Progress of the run on rank 0: a tqdm bar in a terminal; in a log (a batch job), a plain line every
+    COMPCLIP_PROGRESS_INTERVAL seconds (30) with steps, rate, elapsed time and ETA."""
     save_every_n_steps: int = 0
     """Also write a DeepSpeed checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
     save_every_n_minutes: float = 0.0
@@ -656,6 +700,7 @@ def request(argv: Sequence[str]) -> Request:
         layers.append("command line")
     cfg = _build(TrainConfig, merged)
     validate(cfg)
+    check_installed(cfg)
     return Request(cfg, tuple(layers), flatten(named), args, resumed_from,
                    embedded_default=any(layer.startswith(f"configs/{EMBEDDED_DEFAULT}.yaml") for layer in layers))
 
@@ -666,9 +711,11 @@ def load_config(argv: Sequence[str] = ()) -> TrainConfig:
 
 
 RESUME_MAY_CHANGE = ("log.", "eval.", "eval_before", "eval_synthetic", "threads", "max_nonfinite",
-                     "data.num_workers", "data.pin_memory", "resume", "optim.max_steps", "optim.epochs")
-"""Keys a resumed run may be given with a new value: what is logged, saved and evaluated, how fast data loads,
-and a longer run (`optim.max_steps` / `optim.epochs` may only grow). Every other key is the run's."""
+                     "data.num_workers", "data.pin_memory", "resume", "optim.max_steps", "optim.epochs",
+                     "model.tf32")
+"""Keys a resumed run may be given with a new value: what is logged, saved and evaluated, how fast data loads
+and computes (TF32 on another GPU), and a longer run (`optim.max_steps` / `optim.epochs` may only grow). Every
+other key is the run's."""
 
 
 def _longer(key: str, saved: Any, given: Any) -> bool:
@@ -812,6 +859,34 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.format: expected auto, jsonl, csv, tsv or wds, got {cfg.data.format!r}")
     if cfg.resume and cfg.init_from:
         raise ConfigError("resume and init_from are exclusive")
+    _validate_locks(cfg.model)
+    if cfg.log.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"log.wandb_mode: expected online, offline, disabled or empty (W&B's choice), got "
+                          f"{cfg.log.wandb_mode!r}")
+
+
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+def _validate_locks(model: ModelConfig) -> None:
+    for tower, count in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+        value = getattr(model, count)
+        if value < 0:
+            raise ConfigError(f"model.{count}: must be >= 0, got {value}")
+        if value and not getattr(model, f"lock_{tower}"):
+            raise ConfigError(f"model.{count}={value} leaves layers of a locked {tower} tower trainable, but "
+                              f"model.lock_{tower} is false: set it too (open_clip ignores the count without it)")
+    if model.lock_image_freeze_bn_stats and not model.lock_image:
+        raise ConfigError("model.lock_image_freeze_bn_stats needs model.lock_image=true")
+
+
+def check_installed(cfg: TrainConfig) -> None:
+    """The optional packages a run to be trained needs are importable (not checked by `validate`: a saved config
+    must load anywhere, e.g. for an export on a machine without them)."""
+    import importlib.util
+
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -91,16 +91,65 @@ def create_model_and_transforms(arch: str, pretrained: Optional[str], force_quic
 
 
 def build_from_config(model_cfg, *, load_weights: bool = True, state: Optional[Dict[str, torch.Tensor]] = None):
-    """`build_model` for a `ModelConfig` (gradient checkpointing as configured). Without weights (the EMA
-    teacher's architecture, an evaluation copy) the activation is still the trained one: `pretrained` decides
-    QuickGELU. `state` is loaded into the model. Returns what build_model does."""
+    """`build_model` for a `ModelConfig` (gradient checkpointing as configured, towers locked as configured).
+    Without weights (the EMA teacher's architecture, an evaluation copy) the activation is still the trained one:
+    `pretrained` decides QuickGELU, and the locks are applied too (freezing BatchNorm statistics replaces modules,
+    which every copy must share). `state` is loaded into the model. Returns what build_model does."""
     clip, *rest = build_model(model_cfg.arch, model_cfg.pretrained, model_cfg.force_quick_gelu,
                               load_weights=load_weights)
     if model_cfg.grad_checkpointing and load_weights:
         clip.set_grad_checkpointing(True)
+    locked = lock_towers(clip, model_cfg)
+    if locked and load_weights:
+        logger.info("%s", locked)
     if state is not None:
         clip.load_state_dict(state)
     return (clip, *rest)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Locked towers (open_clip's --lock-image / --lock-text)
+
+
+def lock_problem(model_cfg) -> Optional[str]:
+    """What makes the configured locks impossible for this architecture (None when they are fine), found from its
+    model config without building it: open_clip's own text transformer cannot leave LayerNorms trainable."""
+    if not (model_cfg.lock_text and not model_cfg.lock_text_freeze_layer_norm):
+        return None
+    config = model_config_of(model_cfg.arch)
+    if config is None or config.get("text_cfg", {}).get("hf_model_name"):
+        return None  # a Hugging Face text tower (or not known here: lock_towers checks the built model)
+    return (f"model.lock_text_freeze_layer_norm=false: the text tower of {model_cfg.arch} is open_clip's own "
+            "transformer, whose lock_text_tower freezes its LayerNorms with the other weights; only Hugging Face "
+            "text towers can leave them trainable (set it to true)")
+
+
+def lock_towers(clip: nn.Module, model_cfg) -> str:
+    """Freeze what `model.lock_image` / `model.lock_text` ask for, with open_clip's own `lock_image_tower` /
+    `lock_text_tower` (the same layer groups as open_clip's training flags); returns a summary for the log ("" when
+    nothing is locked). Frozen parameters get `requires_grad = False`, so `parameter_groups` leaves them out of the
+    optimizer and DeepSpeed keeps no gradient, master copy or optimizer state for them."""
+    if not (model_cfg.lock_image or model_cfg.lock_text):
+        return ""
+    if model_cfg.lock_image:
+        clip.lock_image_tower(unlocked_groups=model_cfg.lock_image_unlocked_groups,
+                              freeze_bn_stats=model_cfg.lock_image_freeze_bn_stats)
+    if model_cfg.lock_text:
+        from open_clip.hf_model import HFTextEncoder
+
+        if not model_cfg.lock_text_freeze_layer_norm and not isinstance(getattr(clip, "text", None), HFTextEncoder):
+            raise ValueError(lock_problem(model_cfg)
+                             or "model.lock_text_freeze_layer_norm=false needs a Hugging Face text tower")
+        clip.lock_text_tower(unlocked_layers=model_cfg.lock_text_unlocked_layers,
+                             freeze_layer_norm=model_cfg.lock_text_freeze_layer_norm)
+    total = sum(p.numel() for p in clip.parameters())
+    frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
+    towers = [f"{tower} tower ({count} unlocked layer groups)" if count else f"{tower} tower"
+              for tower, locked, count in (("image", model_cfg.lock_image, model_cfg.lock_image_unlocked_groups),
+                                           ("text", model_cfg.lock_text, model_cfg.lock_text_unlocked_layers))
+              if locked]
+    return (f"locked {' and '.join(towers)}: {frozen:,} of {total:,} parameters frozen, "
+            f"{total - frozen:,} trained")
 
 
 def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
@@ -262,12 +311,39 @@ def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """AdamW's groups over the trainable parameters (frozen ones, e.g. of a locked tower, are left out): without
+    weight decay, then with it; a group left empty by locking is dropped."""
+    return [{"params": params, "weight_decay": decay}
+            for params, decay in zip(_grouped_parameters(model), (0.0, weight_decay)) if params]
+
+
+def _grouped_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if exclude_from_weight_decay(name, param) else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return no_decay, decay
+
+
+def parameter_group_names(model: nn.Module, prefix: str = "") -> List[List[str]]:
+    """The parameter names of each of `parameter_groups(model)`, in the optimizer's order, with `prefix` (what a
+    stage-0 DeepSpeed checkpoint's per-group fp32 masters are matched by)."""
+    names = {id(param): prefix + name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in parameter_groups(model, 0.0)]
+
+
+def load_trained_weights(clip: nn.Module, saved: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+    """Load weights saved under the trained Encoder's names (`clip.<key>`, 0-dim parameters as [1]:
+    `promote_zero_dim_parameters`) into the open_clip model `clip`; returns (its parameters `saved` lacks, the keys
+    it does not know). Buffers `saved` lacks keep their values (an EMA teacher stores parameters only)."""
+    shapes = {key: value.shape for key, value in clip.state_dict().items()}
+    state = {key[len("clip."):]: value for key, value in saved.items() if key.startswith("clip.")}
+    state = {key: value.reshape(shapes[key]) if key in shapes and value.numel() == shapes[key].numel() else value
+             for key, value in state.items()}
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    parameters = dict(clip.named_parameters())
+    return [key for key in missing if key in parameters], list(unexpected)
 
 
 def model_config_of(arch: str) -> Optional[Dict]:

@@ -313,9 +313,9 @@ def memory_at(plan: Plan, micro: int, contrastive: int, cached: Optional[bool] =
     """Per-rank bytes of a run with this micro-batch (chunk) and contrastive batch, with or without gradient caching
     (default: as the run is configured)."""
     run, cfg = plan.run, plan.run.config
-    world, k = run.world_size, cfg.data.num_negatives
+    world_size, k = run.world_size, cfg.data.num_negatives
     compute = BYTES[cfg.deepspeed.precision]
-    local = contrastive // world
+    local = contrastive // world_size
     act = plan.activations
     tokens, width = (act.tokens, act.width) if act else (0, 0)
     image = _image_pixels(cfg)
@@ -345,14 +345,14 @@ def largest_fit(plan: Plan, budget: int) -> Dict[str, Any]:
     """The largest micro-batch (chunk) whose plain step fits `budget` bytes per rank, and the largest contrastive
     batch (a multiple of chunk x world size) that fits with gradient caching at that chunk."""
     run = plan.run
-    world = run.world_size
-    plain = lambda micro: sum(memory_at(plan, micro, micro * world).values())  # noqa: E731
+    world_size = run.world_size
+    plain = lambda micro: sum(memory_at(plan, micro, micro * world_size).values())  # noqa: E731
     micro = _largest(lambda m: plain(m) <= budget)
     if micro == 0:
         return {"micro_batch": 0, "contrastive_batch": 0, "budget": budget}
     chunk = micro
     while True:  # the largest chunk that leaves room for caching at least two chunks' features
-        step = chunk * world
+        step = chunk * world_size
         cached = lambda n: sum(memory_at(plan, chunk, n * step, cached=True).values())  # noqa: E731
         chunks = _largest(lambda n: cached(n) <= budget)
         if chunks >= 2 or chunk == 1:

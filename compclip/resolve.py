@@ -171,12 +171,15 @@ def needs_negatives(cfg: TrainConfig) -> bool:
 
 
 def _model(cfg: TrainConfig, derived: Dict[str, Any], start) -> None:
-    from compclip.models import known_architecture, uses_quick_gelu
+    from compclip.models import known_architecture, lock_problem, uses_quick_gelu
 
     model = cfg.model
     problem = known_architecture(model.arch)
     if problem:
         raise ConfigError(f"model.arch: {problem}")
+    problem = lock_problem(model)
+    if problem:
+        raise ConfigError(problem)
     if start is not None:
         derived.setdefault("model", {})["pretrained"] = start.checkpoint
         return

@@ -105,7 +105,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (ConfigError, InputError) as error:  # found once ranks look together: a checkpoint that fails
         # verification; the data read at the start (every rank reads the same and stops here)
         fail(error)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
     if trainer.rank == 0 and not result["preempted"]:
         final_report(trainer.run, f"{trainer.method.describe()} — {result['steps']} steps in {time.time() - t0:.0f}s "
                      f"({trainer.world_size} rank{'s' * (trainer.world_size > 1)}, {trainer.device})", result)

@@ -184,3 +184,46 @@ def test_the_export_loads_as_a_local_folder_in_stock_open_clip(tmp_path, arch, q
         plain = open_clip.create_model_and_transforms(arch, pretrained=str(path))[0].eval()
         with torch.no_grad():
             assert not torch.allclose(plain.encode_image(images), loaded["image"], atol=1e-3)
+
+
+@pytest.mark.parametrize("locks, image, text", [
+    (dict(lock_image=True), 0, None),
+    (dict(lock_image=True, lock_image_unlocked_groups=2, lock_text=True, lock_text_unlocked_layers=1), 2, 1),
+    (dict(lock_text=True, lock_text_unlocked_layers=3), None, 3),
+])
+def test_locked_towers_are_open_clips_own_locks_and_stay_out_of_the_optimizer(locks, image, text):
+    """model.lock_* freeze exactly what open_clip's lock_image_tower / lock_text_tower freeze with the same counts,
+    and the optimizer's groups hold exactly the rest (an emptied group is dropped)."""
+    from compclip.config import ModelConfig
+    from compclip.models import build_from_config, lock_towers, parameter_group_names
+
+    torch.manual_seed(0)
+    ours = build_from_config(ModelConfig(arch="compclip-tiny", pretrained="", **locks), load_weights=False)[0]
+    reference = build_model("compclip-tiny")[0]
+    if image is not None:
+        reference.lock_image_tower(unlocked_groups=image)
+    if text is not None:
+        reference.lock_text_tower(unlocked_layers=text)
+    frozen = {name for name, param in reference.named_parameters() if not param.requires_grad}
+    assert frozen == {name for name, param in ours.named_parameters() if not param.requires_grad} != set()
+    grouped = [name for group in parameter_group_names(ours) for name in group]
+    assert sorted(grouped) == sorted(name for name, _ in ours.named_parameters() if name not in frozen)
+    assert "locked" in lock_towers(build_model("compclip-tiny")[0], ModelConfig(**locks))
+
+    both = build_from_config(ModelConfig(arch="compclip-tiny", pretrained="", lock_image=True, lock_text=True),
+                             load_weights=False)[0]
+    groups = parameter_groups(Encoder(both), 0.1)
+    # everything but the logit scale is frozen, and it is not decayed: one group is left
+    assert [[p.shape for p in group["params"]] for group in groups] == [[torch.Size([1])]]
+    assert groups[0]["weight_decay"] == 0.0
+
+
+def test_lock_problems_are_found_from_the_model_config():
+    from compclip.config import ModelConfig
+    from compclip.models import build_from_config, lock_problem
+
+    keep_norms = ModelConfig(arch="compclip-tiny", pretrained="", lock_text=True, lock_text_freeze_layer_norm=False)
+    assert "model.lock_text_freeze_layer_norm=false" in lock_problem(keep_norms)
+    assert lock_problem(ModelConfig(arch="compclip-tiny", lock_text=True)) is None
+    with pytest.raises(ValueError, match="lock_text_freeze_layer_norm"):
+        build_from_config(keep_norms, load_weights=False)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Dict, List, Sequence
 
 from compclip.bow import pretrain_config
-from compclip.child_run import Benchmark, final_eval, run_child, stage_config
+from compclip.child_run import Benchmark, final_eval, finished, run_child, stage_config
 from compclip.losses.modules import PUBLISHED_WEIGHTS
+from compclip.progress import Progress
 from compclip.study.protocol import COST, Profile
 
 log = logging.getLogger("compclip.study")
@@ -43,17 +43,44 @@ def finetune_config(benchmark: Benchmark, profile: Profile, method: str, seed: i
 
 def run_queue(configs: List[Dict[str, Any]], benchmark: Benchmark, runs: str, jobs: int, verbose: bool) -> None:
     """Every config as a child run, `jobs` at a time, the costliest methods first (so that the last runs of the
-    queue are short and no core idles at the end)."""
-    from tqdm import tqdm
-
-    configs = sorted(configs, key=lambda cfg: -COST.get(cfg["loss"]["method"], 1.0))
-    bar = tqdm(total=len(configs), desc="study runs", unit="run", disable=not sys.stderr.isatty())
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_child, cfg, benchmark, runs, verbose) for cfg in configs]
-        for future in futures:
+    queue are short and no core idles at the end), with the queue's progress and ETA (`QueueProgress`)."""
+    configs = sorted(configs, key=cost_of, reverse=True)
+    reused = [finished(cfg, benchmark, runs) for cfg in configs]
+    with QueueProgress(configs, reused) as progress, ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_child, cfg, benchmark, runs, verbose): cfg
+                   for cfg, old in zip(configs, reused) if not old}
+        for future in as_completed(futures):
             future.result()
-            bar.update()
-    bar.close()
+            progress.finished(futures[future])
+
+
+def cost_of(cfg: Dict[str, Any]) -> float:
+    """A fine-tune's cost in CLIP fine-tunes (COST; 1 for a method it does not list)."""
+    return COST.get(cfg["loss"]["method"], 1.0)
+
+
+class QueueProgress:
+    """The queue's progress in cost units (compclip.study.protocol.COST: one unit is a CLIP fine-tune), so that its
+    ETA is the cost left at the rate of the finished runs, whatever the mix of methods: a bar in a terminal, a line
+    every COMPCLIP_PROGRESS_INTERVAL seconds in a log (compclip.progress; `options`: Progress's). Runs `reused`
+    (finished before) count as done from the start and not in the rate."""
+
+    def __init__(self, configs: List[Dict[str, Any]], reused: Sequence[bool], **options: Any):
+        self.runs, self.done = len(configs), sum(reused)
+        initial = sum(cost_of(cfg) for cfg, old in zip(configs, reused) if old)
+        options = {"unit": "CLIP-runs", "logger": log, **options}
+        self.bar = Progress(sum(cost_of(cfg) for cfg in configs), "study", initial=initial, **options)
+        self.bar.set_postfix(runs=f"{self.done}/{self.runs}")
+
+    def finished(self, cfg: Dict[str, Any]) -> None:
+        self.done += 1
+        self.bar.update(cost_of(cfg), runs=f"{self.done}/{self.runs}")
+
+    def __enter__(self) -> "QueueProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def run_folder(runs: str, method: str, seed: int) -> str:

@@ -1,5 +1,6 @@
 """Training checkpoints: save (an atomic, durable commit), resume (bit-identical continuation), init-from (weights
-from any number of ranks), retention, and the open_clip export. Finding a tag in a run folder is
+from any number of ranks), retention, the open_clip export, and a tag's consolidated fp32 weights under any ZeRO
+stage (`consolidated_fp32`: init-from and `compclip-export` read them). Finding a tag in a run folder is
 `compclip.runfolder`'s (it needs no process group, so the checks before ranks start use it too).
 
 Layout of one checkpoint, `<run>/checkpoints/deepspeed/step<N>/` (a "tag"):
@@ -41,6 +42,7 @@ schedule and data order fresh.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -357,25 +359,14 @@ class Checkpointer:
     def init_from(self, clip: torch.nn.Module, located: Tuple[Path, str]) -> Optional[Dict[str, torch.Tensor]]:
         """Load the consolidated fp32 weights of the tag `located`, written by any number of ranks, into `clip`;
         returns the consolidated EMA teacher weights (None when the checkpoint has no teacher)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from compclip.trainer.ema import consolidate_shards
+        from compclip.models import load_trained_weights, parameter_group_names
 
         root, tag = located
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        shapes = {k: v.shape for k, v in clip.state_dict().items()}
-        clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
-        # 0-dim parameters were trained as [1] (compclip.models.promote_zero_dim_parameters)
-        clip_state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == shapes[k].numel() else v
-                      for k, v in clip_state.items()}
-        missing, unexpected = clip.load_state_dict(clip_state, strict=False)
-        if [m for m in missing if m in dict(clip.named_parameters())] or unexpected:
+        missing, unexpected = load_trained_weights(clip, consolidated_fp32(root, tag,
+                                                                           parameter_group_names(clip, "clip.")))
+        if missing or unexpected:
             raise ValueError(f"init_from {root / tag}: missing {missing}, unexpected {unexpected}")
-        files = sorted((root / tag).glob("compclip_rank*.pt"), key=lambda p: int(p.stem[len("compclip_rank"):]))
-        teacher_states = [read_extras(f).get("teacher") for f in files]
-        teacher = None
-        if teacher_states and teacher_states[0] is not None:
-            teacher = consolidate_shards(teacher_states)
+        teacher = consolidated_teacher(root / tag)
         logger.info("initialised weights from %s (consolidated fp32%s); optimizer, schedule and data order "
                     "start fresh", root / tag, " + EMA teacher" if teacher is not None else "")
         return teacher
@@ -499,3 +490,54 @@ def _abandoned_lines(ds_dir: Path) -> List[int]:
     folder = ds_dir / ABANDONED
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
     return [int(name[4:]) for name in names if name.startswith("line") and name[4:].isdigit()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Consolidated weights of a tag (init_from, compclip-export)
+
+
+def consolidated_fp32(root: Path, tag: str, group_names: List[List[str]]) -> Dict[str, torch.Tensor]:
+    """The fp32 weights of the tag `root/tag`, written by any number of ranks under any ZeRO stage, under the
+    names DeepSpeed saved (the Encoder's: `clip.` prefix):
+
+    * ZeRO 1-3: DeepSpeed's `zero_to_fp32` (the optimizer's fp32 partitions; frozen parameters from the fragments
+      DeepSpeed saves of them). DeepSpeed saves those fragments from stage 2 on only; under ZeRO-1 every rank holds
+      the frozen parameters whole, so they come from the module states.
+    * stage 0 (no optimizer partitions, which `zero_to_fp32` needs): the module states; with bf16, the optimizer's
+      per-parameter fp32 masters replace the trained parameters, matched by `group_names` (the parameter names of
+      each optimizer group in order: compclip.models.parameter_group_names).
+
+    A frozen parameter (a locked tower) has no fp32 master: its value is the compute copy."""
+    tag_dir = root / tag
+    module_states = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO 0-2 (ZeRO-3 writes one per rank)
+    if any(tag_dir.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        if module_states.is_file():
+            module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+            for key, value in module.items():
+                state.setdefault(key, value.float())
+        return state
+    saved = torch.load(module_states, map_location="cpu", weights_only=False)
+    state = {key: value.float() for key, value in saved["module"].items()}
+    optimizer = saved.get("optimizer")
+    masters = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    for names, tensors in zip(group_names, masters or ()):
+        if len(names) != len(tensors):
+            raise ValueError(f"{tag_dir}: an optimizer group holds {len(tensors)} fp32 masters, the model's has "
+                             f"{len(names)} parameters (another model or other locked towers?)")
+        for name, master in zip(names, tensors):
+            state[name] = master.float().reshape(state[name].shape)
+    return state
+
+
+def consolidated_teacher(tag_dir: Path) -> Optional[Dict[str, torch.Tensor]]:
+    """The EMA teacher's full fp32 parameters from every rank's `compclip_rank<r>.pt` of a tag (None when the run
+    has no teacher)."""
+    from compclip.trainer.ema import consolidate_shards
+
+    files = sorted(tag_dir.glob("compclip_rank*.pt"), key=lambda p: int(p.stem[len("compclip_rank"):]))
+    states = [read_extras(f).get("teacher") for f in files]
+    return consolidate_shards(states) if states and states[0] is not None else None

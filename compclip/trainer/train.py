@@ -20,10 +20,10 @@ from compclip.resolve import ResolvedRun
 from compclip.rng import rng_state, seed_everything
 from compclip.trainer import engine, optim
 from compclip.trainer.checkpoint import Checkpointer, ResumePoint, epoch_batches
-from compclip.trainer.evaluator import Evaluator
+from compclip.trainer.evaluator import Evaluator, draw_curves
 from compclip.trainer.gradcache import CachedStep
 from compclip.trainer.inputs import prepare_inputs
-from compclip.trainer.metrics import Metrics, Progress, log_kernel_backends, setup_logging, step_values
+from compclip.trainer.metrics import Metrics, log_kernel_backends, setup_logging, step_values, train_progress
 from compclip.trainer.preemption import SaveSchedule
 from compclip.trainer.step import NonFiniteGuard, StepOutput, finish_step
 from compclip.trainer.validate import Validator
@@ -51,9 +51,11 @@ class Trainer:
         # every rank checks a share of the checkpoint's files, and all take the same (first intact) tag
         self.resume_from = self.checkpoints.verified((run.resume, *run.resume_fallbacks)) if run.resume else None
         self.init_from = self.checkpoints.verified((run.init_from,), "init_from") if run.init_from else None
+        logger.info("%s", engine.configure_tf32(self.cfg.model.tf32, self.device))
         prepare_inputs(run)  # the synthetic world and the bag-of-words start, before the model
         self.checkpoints.write_run_files(run)
-        self.metrics = Metrics(run.run.root, self.rank, log.tensorboard)
+        self.metrics = Metrics(run.run.root, self.rank, self.cfg.log, to_dict(self.cfg),
+                               resumed=run.resume is not None)
         self.schedule = SaveSchedule(log.save_every_n_steps, log.save_every_n_minutes, self.rank)
         self._build()
         self.guard = NonFiniteGuard(self.cfg.max_nonfinite, self.metrics)
@@ -80,7 +82,7 @@ class Trainer:
         seed_everything(cfg.seed)
         clip, preprocess_train, preprocess, self.tokenizer = build_from_config(cfg.model)
         self.evaluator = Evaluator(preprocess, self.tokenizer, cfg.eval, self.device, run.run.root, self.rank,
-                                   self.metrics, self.schedule.on_rank0)
+                                   self.metrics, cfg.model, self.schedule.on_rank0)
         self.method = build_method(cfg.loss, num_negatives=cfg.data.num_negatives,
                                    has_logit_bias=getattr(clip, "logit_bias", None) is not None)
         if self.method.needs_tokens:
@@ -128,7 +130,7 @@ class Trainer:
             self.validator.run(self.global_step)
         if not cfg.log.export and not run_eval:
             return
-        state = engine.full_state_dict(self.clip)  # collective under ZeRO-3
+        state, path = engine.full_state_dict(self.clip, self.engine), None  # collective under ZeRO-3
         if cfg.log.export:
             path = self.checkpoints.export(state, export_epoch, cfg.model.arch, to_dict(cfg),
                                            quick_gelu=cfg.model.force_quick_gelu,
@@ -136,7 +138,7 @@ class Trainer:
             self.last_export = path if self.rank == 0 else self.last_export
         if run_eval:
             generators, stopped_before = rng_state(), self.schedule.stop
-            self.after = self.evaluator.state(state, cfg.model, label, self.global_step) or self.after
+            self.after = self.evaluator.state(state, cfg.model, label, self.global_step, path) or self.after
             if self.schedule.stop and not stopped_before:  # all ranks agree (SaveSchedule.on_rank0)
                 self.pending = {"label": label, "epoch": export_epoch, "rng": generators}
 
@@ -187,14 +189,14 @@ class Trainer:
             self.micro_in_epoch = 0
         return epoch_batches(self.loader, self.epoch, self.micro_in_epoch, point)
 
-    def _log(self, step: StepOutput, samples: int, elapsed: float) -> None:
+    def _log(self, step: StepOutput, samples: int, elapsed: float, timing) -> None:
         values = step_values(step, self.epoch, self.optimizer.param_groups[0]["lr"], samples / max(elapsed, 1e-9),
                              self.device, getattr(self.loader, "skipped", 0), self.method.log_values())
-        self.metrics.log_step(self.global_step, self.total_steps, self.epoch, values)
+        self.metrics.log_step(self.global_step, self.total_steps, self.epoch, values, timing)
 
     def train(self) -> Dict[str, Any]:
         cfg, last, schedule = self.cfg, {}, self.schedule.start()
-        progress = Progress(self.rank == 0 and cfg.log.progress, self.total_steps, self.global_step)
+        progress = train_progress(self.rank == 0 and cfg.log.progress, self.total_steps, self.global_step)
         self._pending_evaluation()
         self.engine.train()
         samples, window_start, logged_backends = 0, time.time(), False
@@ -208,9 +210,9 @@ class Trainer:
                     continue
                 self.global_step += 1
                 last = step.scalars()
-                progress.update(last["loss"], self.epoch)
+                progress.update(1, loss=last["loss"], epoch=self.epoch)
                 if self.global_step in (1, self.total_steps) or self.global_step % cfg.log.every_n_steps == 0:
-                    self._log(step, samples, time.time() - window_start)
+                    self._log(step, samples, time.time() - window_start, progress.stats())
                     samples, window_start = 0, time.time()
                 if schedule.due(self.global_step):  # every n steps / minutes, or SIGTERM; all ranks agree
                     self._save()
@@ -225,6 +227,18 @@ class Trainer:
             self._epoch_end(f"step_{self.global_step}", self.epoch + 1, cfg.eval.enabled())
         self._save()  # unless this step is saved already
         schedule.close()
+        if schedule.stop and self.rank == 0:  # preempted: no final report, but the curves so far
+            draw_curves(self.run.run.root)
         self.metrics.close()
         return {"before": self.before, "after": self.after, "export": self.last_export, "last": last,
                 "steps": self.global_step, "preempted": schedule.stop}
+
+    def close(self) -> None:
+        """Release the DeepSpeed engines (student, and a ZeRO-3 teacher's): their ZeRO optimizers keep gradient
+        hooks on the parameters, through autograd's C++ side, that hold the engine, its optimizer states and
+        buffers alive after the Trainer is gone. A process that trains again (several runs in one launched world,
+        a notebook) otherwise keeps every earlier run's memory."""
+        teacher_engine = getattr(self.teacher, "engine", None)
+        for held in (self.engine, teacher_engine):
+            if held is not None:
+                held.destroy()

@@ -249,3 +249,33 @@ def test_webdataset_shards_as_the_training_manifest(tmp_path):
     with open(shards[2], "ab") as handle:  # the last shard changes: finished runs are not reused
         handle.write(b"\0" * 512)
     assert fingerprint({"seed": 0, "threads": 1}, world) != before
+
+
+def test_the_queue_eta_comes_from_the_cost_table():
+    """The study's progress counts each run's cost (COST, in CLIP fine-tunes): a reused run is done from the start
+    and not in the rate; the ETA is the cost left at the rate of the finished ones (fake clock, no sleeping)."""
+    import io
+
+    from compclip.study.protocol import COST
+    from compclip.study.runs import QueueProgress, cost_of
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+
+    configs = [{"loss": {"method": method}} for method in ("degla", "ceclip", "clip")]
+    assert [cost_of(cfg) for cfg in configs] == [COST["degla"], COST["ceclip"], COST["clip"]] == [2.4, 1.8, 1.0]
+    clock, out = Clock(), io.StringIO()
+    with QueueProgress(configs, [False, True, False], logger=None, stream=out, tty=False, interval=0,
+                       clock=clock) as progress:
+        clock.now += 24  # DeGLA: 2.4 CLIP-runs in 24 s = 6 per minute; 1.0 left -> 10 s
+        progress.finished(configs[0])
+        clock.now += 10
+        progress.finished(configs[2])
+    assert out.getvalue().splitlines() == [
+        "study: 4.2/5.2 CLIP-runs (80.8%) | 6.0 CLIP-runs/min | elapsed 0:00:24 | ETA 0:00:10 | runs=2/3",
+        "study: 5.2/5.2 CLIP-runs (100.0%) | 6.0 CLIP-runs/min | elapsed 0:00:34 | ETA 0:00:00 | runs=3/3",
+        "study: 5.2/5.2 CLIP-runs (100.0%) | 6.0 CLIP-runs/min | elapsed 0:00:34 | done | runs=3/3",
+    ]
