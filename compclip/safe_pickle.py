@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-import random
 import struct
 from typing import Any, Dict
 

@@ -28,3 +28,23 @@ def one_process(monkeypatch):
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
         init_process_group()
     yield
+
+
+def pytest_configure(config):
+    """Under xdist (`-n 2`), tests are handed out one at a time as workers free up (`--maxschedchunk 1`) instead
+    of in chunks of a quarter of the suite, so that the order below decides who runs what."""
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Scheduling only. Tests marked `cost(seconds)` run first, the longest first (the rest keep their order): a
+    4-minute test started near the end would run alone while the other worker idles. Tests marked `one_worker` (the
+    rehearsal's two real-shape tests, each a 2-rank ViT-sized world) come first of all: under `-n 2` each worker
+    starts with two consecutive tests, so one worker runs them one after the other and the two worlds never hold
+    memory at the same time."""
+    def key(item):
+        marker = item.get_closest_marker("cost")
+        return (item.get_closest_marker("one_worker") is None, -(marker.args[0] if marker else 0.0))
+
+    items.sort(key=key)  # stable: every other test keeps its place

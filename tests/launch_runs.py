@@ -5,6 +5,9 @@ Each run is `compclip.train.main(argv)`, the entry point's own path, resolve and
 group is made once, here, so that every run keeps it (a caller's group stays) and the ranks pay the start-up of
 Python, torch and DeepSpeed once instead of once per run (the launcher and rehearsal tests).
 """
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import sys
@@ -21,3 +24,6 @@ if __name__ == "__main__":
     init_process_group()
     for argv in runs:
         main(argv)
+        gc.collect()  # the finished run's engines are released (Trainer.close); give their memory back to the
+        with contextlib.suppress(OSError, AttributeError):  # system before the next run (glibc keeps freed heap)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -105,6 +105,8 @@ def _files(tmp: Path) -> None:
     _benchmarks(tmp)
 
 
+@pytest.mark.cost(154)
+@pytest.mark.one_worker
 @pytest.mark.slow
 def test_the_readme_recipe_runs_as_written(tmp_path):
     _files(tmp_path)
@@ -127,9 +129,12 @@ def test_the_readme_recipe_runs_as_written(tmp_path):
     assert config["model_cfg"]["quick_gelu"] is True  # what stock open_clip loaded in the last command
 
 
-RECIPE_DATA = {"clip": "coco", "negclip": "negclip", "ceclip": "ceclip", "c2lip": "c2lip", "composite": "degla"}
+RECIPE_DATA = {"c2lip": "c2lip", "clip": "coco", "negclip": "negclip", "ceclip": "ceclip", "composite": "degla"}
+"""C2LIP's ViT-B-16 SigLIP first: the largest model in a fresh process."""
 
 
+@pytest.mark.cost(243)
+@pytest.mark.one_worker
 @pytest.mark.slow
 def test_every_bundled_recipe_trains_at_real_shapes_and_its_export_evaluates(tmp_path):
     from compclip.config import read_yaml

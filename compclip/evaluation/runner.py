@@ -5,8 +5,6 @@ import logging
 import os
 from typing import Callable, Dict, Optional
 
-import torch
-
 from .common import BenchmarkResult
 from .compositional import run_aro_vg, run_generic, run_order, run_sugarcrepe, run_valse
 from .config import EvalConfig
