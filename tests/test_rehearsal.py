@@ -138,13 +138,13 @@ RECIPE_DATA = {"c2lip": "c2lip", "clip": "coco", "negclip": "negclip", "ceclip":
 @pytest.mark.slow
 def test_every_bundled_recipe_trains_at_real_shapes_and_its_export_evaluates(tmp_path):
     from compclip.config import read_yaml
+    from compclip.data.prepare import main as prepare  # compclip-prepare's entry point, in this process
 
     runs, folders = [], []
     for name, kind in RECIPE_DATA.items():
         seed = fixtures.TRAINING_FORMATS[kind](str(tmp_path / name))
         manifest = tmp_path / f"{name}.jsonl"
-        _run(["compclip-prepare", *fixtures.prepare_args(seed), "--output", str(manifest), "--types", "",
-              "--no-concepts"], ROOT)
+        prepare([*fixtures.prepare_args(seed), "--output", str(manifest), "--types", "", "--no-concepts"])
         argv = ["--config", name, f"--data.train_manifest={manifest}", "--optim.max_steps=2", *REHEARSAL,
                 f"--log.logs={tmp_path / 'logs'}", f"--log.name={name}", "--log.save_deepspeed=false"]
         if name == "c2lip":
