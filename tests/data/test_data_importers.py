@@ -1,11 +1,9 @@
 """Importers of the published formats: tiny files written here in each format, imported, then loaded."""
 import json
-import os
 import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from compclip.data import DataConfig, ManifestError, build_dataloader, write_jsonl
 from compclip.data.importers import import_c2lip, import_ceclip, import_degla, import_negclip, import_rows

@@ -89,7 +89,7 @@ def mutated_shard(draw, members):
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("shards"))
-    seed = seed_fixtures.write_shards(folder)
+    seed_fixtures.write_shards(folder)
     return folder, read_members(os.path.join(folder, "shards", "shard-000000.tar"))
 
 

@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from compclip.kernels import aot
 
 
