@@ -5,11 +5,13 @@ training run.
     compclip-export logs/degla-run --tag step1200 --teacher --out degla-teacher-1200
 
 RUN is a run folder, its `checkpoints/deepspeed/` folder or a tag folder in it; `--tag` names a tag (`step<N>`, any
-committed one, mid-epoch included; default: the newest complete one, as `--resume latest` picks it). The weights are
-the fp32 ones of any number of ranks under any ZeRO stage (compclip.trainer.checkpoint.consolidated_fp32: DeepSpeed's
-`zero_to_fp32` for ZeRO 1-3), or with `--teacher` the EMA teacher's (each rank's shards in `compclip_rank<r>.pt`,
-compclip.trainer.ema.consolidate_shards). Written through compclip.models.export_checkpoint, as the trainer's
-epoch exports are:
+committed one, mid-epoch included; default: the newest complete one, as `--resume latest` picks it). Its files are
+checked against the completion marker first, as a resume checks them: a default tag that fails is passed over for
+the previous complete one of its line, with a warning naming the bad file; a `--tag` that fails is refused. The
+weights are the fp32 ones of any number of ranks under any ZeRO stage (compclip.trainer.checkpoint.consolidated_fp32:
+DeepSpeed's `zero_to_fp32` for ZeRO 1-3), or with `--teacher` the EMA teacher's (each rank's shards in
+`compclip_rank<r>.pt`, compclip.trainer.ema.consolidate_shards). Written through compclip.models.export_checkpoint,
+as the trainer's epoch exports are:
 
 * `DIR.pt`: open_clip's `epoch_N.pt` layout (`{"epoch", "name", "state_dict"}` + the run's resolved config), for
   `open_clip.create_model_and_transforms(arch, pretrained="DIR.pt")`;
@@ -30,8 +32,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
-
-import torch
 
 from compclip import durable, runfolder
 
@@ -68,18 +68,30 @@ def locate(path: str, tag: Optional[str]) -> Tuple[runfolder.RunFolder, Path, st
     if run is None or not run.config.is_file():
         raise ExportError(f"{path}: not a training run folder (no config.yaml), nor a checkpoint inside one")
     spec = str(run.deepspeed / tag) if tag else (path if run.root.resolve() != given.resolve() else "latest")
-    try:
-        root, name = runfolder.locate(spec, run, warn=True)
+    from compclip.config import ConfigError
+    from compclip.trainer.checkpoint import first_intact
+
+    try:  # the tag's files checked against its completion marker, falling back as a resume does
+        root, name = first_intact(runfolder.candidates(spec, run, warn=True), runfolder.verify, "export",
+                                  retry="export")
     except runfolder.CheckpointNotFound as error:
-        found = [name for _, name in runfolder.tags(run.deepspeed) if runfolder.is_complete(run.deepspeed / name)]
+        found = [name for _, name, _ in runfolder.complete_tags(run.deepspeed)]
         reason = str(error).removeprefix("resume: ").removeprefix("resume=")
         raise ExportError(f"{reason} (complete checkpoints of {run.root}: {', '.join(found) or 'none'})") from None
+    except ConfigError as error:
+        raise ExportError(str(error)) from None
     return run, root, name
 
 
 def _counters(tag_dir: Path) -> Dict[str, int]:
-    extras = torch.load(tag_dir / runfolder.EXTRAS.format(rank=0), map_location="cpu", weights_only=True)
-    return {key: int(extras[key]) for key in ("epoch", "micro_in_epoch", "global_step")}
+    from compclip.config import ConfigError
+    from compclip.trainer.checkpoint import COUNTERS, read_extras
+
+    try:
+        extras = read_extras(tag_dir / runfolder.EXTRAS.format(rank=0))
+    except ConfigError as error:
+        raise ExportError(str(error)) from None
+    return {key: extras[key] for key in COUNTERS}
 
 
 def load_model(cfg, root: Path, tag: str, teacher: bool):

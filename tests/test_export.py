@@ -159,6 +159,24 @@ def _tiny_model():
     return open_clip.create_model("compclip-tiny")
 
 
+def test_a_damaged_tag_is_passed_over_by_default_and_refused_when_named(zero3_run, tmp_path, capsys):
+    """The export checks a tag's files against its completion marker as a resume does (runfolder.verify)."""
+    import shutil
+
+    from compclip.export import export_run, main
+
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run / "run", run)
+    shard = sorted((run / "checkpoints" / "deepspeed" / "step3").glob("*optim_states.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    exported = export_run(str(run), out=str(tmp_path / "default"))
+    assert exported.tag == "step2" and exported.global_step == 2
+    with pytest.raises(SystemExit) as info:
+        main([str(run), "--tag", "step3", "--out", str(tmp_path / "named")])
+    error = capsys.readouterr().err
+    assert info.value.code == 2 and shard.name in error and "truncated" in error, error
+
+
 def test_export_errors_name_the_problem(tmp_path, capsys):
     from compclip.export import main
 

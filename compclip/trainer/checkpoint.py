@@ -49,7 +49,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -220,28 +220,19 @@ class Checkpointer:
 
     # ---- resume: verification and the line of descent ---------------------------------------------------------
     def verified(self, located: Sequence[Tuple[Path, str]], key: str = "resume") -> Tuple[Path, str]:
-        """The first tag of `located` (compclip.runfolder.candidates) whose files match its completion marker.
-        Collective: rank 0's list is the one tried, each rank checks its share of a tag's files and every rank
-        sees every verdict, so all ranks take the same tag. A tag that fails is passed over with a warning naming
-        the bad file; ConfigError when none is left (an explicit tag: the one asked for)."""
+        """The first tag of `located` (compclip.runfolder.candidates) whose files match its completion marker
+        (`first_intact`). Collective: rank 0's list is the one tried, each rank checks its share of a tag's files
+        and every rank sees every verdict, so all ranks take the same tag; rank 0 logs the fallbacks."""
         holder = [list(located)]
         torch.distributed.broadcast_object_list(holder, src=0)
-        located, failures = [Path(root) / tag for root, tag in holder[0]], []
-        for index, tag_dir in enumerate(located):
-            problems = runfolder.verify(tag_dir, (self.rank, self.world_size))
+
+        def problems(tag_dir: Path) -> List[str]:
+            mine = runfolder.verify(tag_dir, (self.rank, self.world_size))
             everyone: List[Optional[List[str]]] = [None] * self.world_size
-            torch.distributed.all_gather_object(everyone, problems)
-            problems = sorted({problem for share in everyone for problem in share})
-            if not problems:
-                return tag_dir.parent, tag_dir.name
-            failures.append(f"{tag_dir}: {'; '.join(problems)}")
-            if self.rank == 0 and index + 1 < len(located):
-                logger.warning("%s: %s fails verification (%s); falling back to %s, the previous complete tag of its "
-                               "line", key, tag_dir, "; ".join(problems), located[index + 1])
-        if len(located) == 1:
-            raise ConfigError(f"{key}: {failures[0]}. The checkpoint does not match its completion marker; resume "
-                              f"another tag of {located[0].parent} (or `latest`)")
-        raise ConfigError(f"{key}: no intact checkpoint on the current line:\n  " + "\n  ".join(failures))
+            torch.distributed.all_gather_object(everyone, mine)
+            return sorted({problem for share in everyone for problem in share})
+
+        return first_intact(holder[0], problems, key, warn=self.rank == 0)
 
     def begin_line(self, resumed: Optional[Tuple[Path, str]]) -> None:
         """Make `resumed` (None: a fresh run) the head of the current line, before the run commits anything.
@@ -370,6 +361,28 @@ class Checkpointer:
         logger.info("initialised weights from %s (consolidated fp32%s); optimizer, schedule and data order "
                     "start fresh", root / tag, " + EMA teacher" if teacher is not None else "")
         return teacher
+
+
+def first_intact(located: Sequence[Tuple[Path, str]], problems: Callable[[Path], List[str]], key: str,
+                 warn: bool = True, retry: str = "resume") -> Tuple[Path, str]:
+    """The first (folder, tag) of `located` (compclip.runfolder.candidates: a line's newest complete tag, then its
+    ancestors; or one explicit tag) for which `problems(tag_dir)` (compclip.runfolder.verify, or its collective form
+    in Checkpointer.verified) finds nothing. A tag that fails is passed over with a warning naming the bad file;
+    ConfigError when none is left (an explicit tag: the one asked for). `key` names the option in the messages,
+    `retry` the command to run on another tag."""
+    located, failures = [Path(root) / tag for root, tag in located], []
+    for index, tag_dir in enumerate(located):
+        found = problems(tag_dir)
+        if not found:
+            return tag_dir.parent, tag_dir.name
+        failures.append(f"{tag_dir}: {'; '.join(found)}")
+        if warn and index + 1 < len(located):
+            logger.warning("%s: %s fails verification (%s); falling back to %s, the previous complete tag of its "
+                           "line", key, tag_dir, "; ".join(found), located[index + 1])
+    if len(located) == 1:
+        raise ConfigError(f"{key}: {failures[0]}. The checkpoint does not match its completion marker; {retry} "
+                          f"another tag of {located[0].parent} (or `latest`)")
+    raise ConfigError(f"{key}: no intact checkpoint on the current line:\n  " + "\n  ".join(failures))
 
 
 # --------------------------------------------------------------------------------------------------------------
