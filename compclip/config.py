@@ -255,7 +255,7 @@ class TrainConfig(Section):
     max_nonfinite: int = 5
     """Consecutive non-finite losses (each step is skipped) that stop the run."""
     threads: int = 0
-    """torch CPU threads per rank (0 = cores / local ranks)."""
+    """torch CPU threads per rank (0 = OMP_NUM_THREADS when set, else cores / local ranks)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

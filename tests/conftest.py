@@ -1,8 +1,20 @@
 """Test-wide setup. Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on
-before any kernel module is imported."""
+before any kernel module is imported.
+
+Under xdist (`-n N`) the cores are divided among the N workers: OMP_NUM_THREADS, read by torch in each worker, by
+every child process a test starts, and by the trainer's `threads: 0` (compclip.distributed.cpu_threads). With
+torch's default of a thread per core in every worker, the workers' OpenMP threads would spin on each other's
+cores."""
 import os
 
-import torch
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

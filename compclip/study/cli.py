@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from compclip.distributed import cpu_threads
 from compclip.losses.modules import PUBLISHED_WEIGHTS
 from compclip.plots import read_metrics
 from compclip.runfolder import RunFolder
@@ -73,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except StudyError as error:
         raise SystemExit(f"python -m compclip.study: {error}")
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = cpu_threads(jobs)
     log.info("world %s; %d method(s) x %d seed(s), %d run(s) at a time", world.train_manifest, len(methods), seeds,
              jobs)
 

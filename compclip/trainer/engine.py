@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from compclip.distributed import free_port
+from compclip.distributed import cpu_threads, free_port
 
 logger = logging.getLogger("compclip")
 
@@ -77,7 +77,7 @@ def init_distributed(cfg) -> Tuple[int, int, torch.device]:
         accelerator.set_device(local_rank)
     if device.type == "cpu":
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world_size))
+        torch.set_num_threads(cfg.threads or cpu_threads(local_world_size))
     return rank, world_size, device
 
 
