@@ -92,6 +92,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             return {"plan": True}
     except ConfigError as error:  # in the YAML / command line, or found in the files a run names
         fail(error)
+    from compclip.heap import freeze_startup_objects
     from compclip.trainer import Trainer, engine
     from compclip.trainer.evaluator import final_report
     from compclip.trainer.preemption import PREEMPTED
@@ -100,6 +101,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     engine.single_process_environment()
     engine.init_process_group()
+    freeze_startup_objects()  # what the imports made (torch, DeepSpeed, open_clip) out of every later collection
     try:
         trainer = Trainer(_agreed(run))
     except (ConfigError, InputError) as error:  # found once ranks look together: a checkpoint that fails

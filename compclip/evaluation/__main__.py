@@ -183,8 +183,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "--zeroshot, --retrieval")
     import torch
 
+    import compclip.models  # noqa: F401  (open_clip, imported before the freeze)
+    from compclip.heap import freeze_startup_objects
+
     from .report import format_table, json_safe, plot_comparison, write_tables
     from .runner import evaluate
+
+    freeze_startup_objects()
 
     out = args.out or "eval_out"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -36,6 +36,9 @@ import matplotlib.pyplot  # noqa: E402,F401  (the final report's curves)
 
 get_accelerator()
 from compclip.distributed import free_port  # noqa: E402
+from compclip.heap import freeze_startup_objects  # noqa: E402
+
+freeze_startup_objects()  # before the forks: the children neither collect nor copy the parent's objects
 
 GRACE_S = 60.0
 
