@@ -5,11 +5,13 @@ functions, classes). CPython's collector walks all of them at every full collect
 trigger full collections again and again: measured on the tiny CE-CLIP run (6 steps, one CPU thread), 1.6 s of
 its 10 s went there. `freeze_startup_objects` moves what is alive once the imports are done into the collector's
 permanent generation (`gc.freeze`), which collections skip; the run's own objects (model, engine, batches) are
-made afterwards and are collected as usual. The same call before `os.fork` keeps the children from touching, and
+made afterwards and are collected as usual. `startup()` also pauses the collector while the imports run (they
+make no garbage cycles worth a collection, but trigger hundreds of collections over a growing heap). The same call before `os.fork` keeps the children from touching, and
 so copying, the parent's pages.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 
 _frozen = False
@@ -24,3 +26,18 @@ def freeze_startup_objects() -> None:
     gc.collect()
     gc.freeze()
     _frozen = True
+
+
+@contextlib.contextmanager
+def startup():
+    """Around a process's imports and set-up: the collector paused, then, unless the block raised (a configuration
+    error: the process is about to exit, or a caller goes on), what was made frozen. The collector's own switch is
+    restored either way."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+    freeze_startup_objects()

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 
 from compclip.config import ConfigError, help_text, request  # noqa: E402
 from compclip.data.inputs import InputError  # noqa: E402
+from compclip.heap import startup  # noqa: E402
 from compclip.resolve import ResolvedRun, launcher_world_size, resolve  # noqa: E402
 
 CONFIG_ERROR = 2  # exit status of a configuration mistake
@@ -81,27 +82,26 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if "--help" in argv or "-h" in argv:
         raise SystemExit(print(__doc__.strip() + "\n\n" + help_text()))
     t0 = time.time()
-    try:
-        asked = request(argv)
-        world_size = asked.args.plan_world_size or launcher_world_size()
-        run = resolve(asked.config, world_size, layers=asked.layers)
-        if asked.args.plan:
-            from compclip.plan import print_plan
+    with startup():  # compclip.heap: no collections while the imports run; then what they made is frozen
+        try:
+            asked = request(argv)
+            world_size = asked.args.plan_world_size or launcher_world_size()
+            run = resolve(asked.config, world_size, layers=asked.layers)
+            if asked.args.plan:
+                from compclip.plan import print_plan
 
-            print_plan(run, asked, rank=_launcher_rank())
-            return {"plan": True}
-    except ConfigError as error:  # in the YAML / command line, or found in the files a run names
-        fail(error)
-    from compclip.heap import freeze_startup_objects
-    from compclip.trainer import Trainer, engine
-    from compclip.trainer.evaluator import final_report
-    from compclip.trainer.preemption import PREEMPTED
+                print_plan(run, asked, rank=_launcher_rank())
+                return {"plan": True}
+        except ConfigError as error:  # in the YAML / command line, or found in the files a run names
+            fail(error)
+        from compclip.trainer import Trainer, engine
+        from compclip.trainer.evaluator import final_report
+        from compclip.trainer.preemption import PREEMPTED
 
-    # A caller's process group (a test, a notebook) stays: DeepSpeed caches groups derived from it.
-    owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    engine.single_process_environment()
-    engine.init_process_group()
-    freeze_startup_objects()  # what the imports made (torch, DeepSpeed, open_clip) out of every later collection
+        # A caller's process group (a test, a notebook) stays: DeepSpeed caches groups derived from it.
+        owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        engine.single_process_environment()
+        engine.init_process_group()
     try:
         trainer = Trainer(_agreed(run))
     except (ConfigError, InputError) as error:  # found once ranks look together: a checkpoint that fails

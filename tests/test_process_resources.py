@@ -67,3 +67,27 @@ print("ok")
 def test_the_startup_freeze_happens_once_and_freezes_no_garbage():
     out = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+STARTUP = """
+import gc
+from compclip.heap import startup
+
+try:
+    with startup():
+        assert not gc.isenabled()
+        raise ValueError("a configuration error")
+except ValueError:
+    pass
+assert gc.isenabled() and gc.get_freeze_count() == 0  # restored, nothing frozen
+gc.disable()
+with startup():
+    pass
+assert not gc.isenabled() and gc.get_freeze_count() > 0  # a caller's switch stays as it was; frozen
+print("ok")
+"""
+
+
+def test_startup_pauses_the_collector_and_freezes_only_when_the_block_succeeds():
+    out = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -181,15 +181,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("no benchmark given: pass at least one of --sugarcrepe, --aro-vg-relation, "
                          "--aro-vg-attribution, --aro-coco-order, --aro-flickr-order, --valse, --generic-jsonl, "
                          "--zeroshot, --retrieval")
-    import torch
+    from compclip.heap import startup
 
-    import compclip.models  # noqa: F401  (open_clip, imported before the freeze)
-    from compclip.heap import freeze_startup_objects
+    with startup():  # no collections while the imports run; then what they made is frozen
+        import torch
 
-    from .report import format_table, json_safe, plot_comparison, write_tables
-    from .runner import evaluate
+        import compclip.models  # noqa: F401  (open_clip)
 
-    freeze_startup_objects()
+        from .report import format_table, json_safe, plot_comparison, write_tables
+        from .runner import evaluate
 
     out = args.out or "eval_out"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -127,11 +127,14 @@ def _worker(rank, port, tmp):
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(1)
     tmp = Path(tmp)
-    from compclip.trainer import gradcache
-    from compclip.trainer.engine import init_process_group
-    from compclip.models import register_model_configs
+    from compclip.heap import startup
 
-    init_process_group()
+    with startup():  # as compclip/train.py's main: the imports frozen out of the collector's walks
+        from compclip.trainer import gradcache
+        from compclip.trainer.engine import init_process_group
+        from compclip.models import register_model_configs
+
+        init_process_group()
     register_model_configs()
     _drop_path_config(tmp / f"model_configs-{rank}")
     cached = [f"--optim.contrastive_batch={CONTRASTIVE}", f"--data.batch_size={CHUNK}"]
