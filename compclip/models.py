@@ -395,8 +395,9 @@ def export_checkpoint(state_dict: Dict[str, torch.Tensor], path: str, epoch: int
     building.mkdir(parents=True)
     (building / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg or {})}, indent=1), encoding="utf-8")
-    save_file({key: value.detach().contiguous() for key, value in state_dict.items()},
-              str(building / "open_clip_model.safetensors"))
+    weights = building / "open_clip_model.safetensors"
+    save_file({key: value.detach().contiguous() for key, value in state_dict.items()}, str(weights))
+    os.chmod(weights, Path(path).stat().st_mode & 0o777)  # safetensors creates it 0600; as readable as the .pt
     inner = getattr(tokenizer, "tokenizer", None)
     if inner is not None and hasattr(inner, "save_pretrained"):  # open_clip's HFTokenizer: local-dir reads it here
         inner.save_pretrained(str(building))

@@ -60,3 +60,11 @@ def pytest_collection_modifyitems(config, items):
         return (item.get_closest_marker("one_worker") is None, -(marker.args[0] if marker else 0.0))
 
     items.sort(key=key)  # stable: every other test keeps its place
+
+
+def pytest_collection_finish(session):
+    """What collection imported (torch, DeepSpeed, open_clip, every test module) out of the garbage collector's
+    full walks for the rest of the session, as the trainer does for its run (compclip.heap)."""
+    from compclip.heap import freeze_startup_objects
+
+    freeze_startup_objects()

@@ -1,5 +1,7 @@
 """compclip.models: visual tokens, one-forward encoding, parameter groups, logit-scale clamp, export round trip."""
 import math
+import os
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -169,6 +171,10 @@ def test_the_export_loads_as_a_local_folder_in_stock_open_clip(tmp_path, arch, q
     path = tmp_path / "checkpoints" / "epoch_1.pt"
     folder = export_checkpoint(state, str(path), 1, arch, quick_gelu=quick_gelu,
                                preprocess_cfg=get_model_preprocess_cfg(model), tokenizer=tokenizer)
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (path, *Path(folder).iterdir()):  # as readable as the process's umask allows (shared clusters)
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written
     size = model.visual.image_size
     images = torch.randn(2, 3, *(size if isinstance(size, tuple) else (size, size)))
     captions = ["a red circle left of a blue square", "a photo of a dog"]
