@@ -7,19 +7,19 @@ torch's default of a thread per core in every worker, the workers' OpenMP thread
 cores."""
 import os
 
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
-if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
-
-import torch  # noqa: E402
-
-if _WORKERS > 1:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    from compclip.distributed import cpu_threads
+
+    os.environ["OMP_NUM_THREADS"] = str(cpu_threads(_WORKERS))  # a valid value of the caller's wins
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 import pytest  # noqa: E402
