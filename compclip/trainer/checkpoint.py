@@ -9,8 +9,9 @@ Layout of one checkpoint, `<run>/checkpoints/deepspeed/step<N>/` (a "tag"):
   ZeRO stage shards them, plus the client state `{"compclip": {epoch, micro_in_epoch, global_step, world_size,
   config}}`.
 * `compclip_rank<r>.pt` per rank: what DeepSpeed does not know: the RNG state (python, numpy, torch, cuda), the
-  method's state (CE-CLIP's threshold), the EMA teacher's local storage (full tensors, or this rank's ZeRO-3
-  shard), the non-finite counter, and the rank's data position (`loader.state_dict()`: skip count, streams).
+  method's state (CE-CLIP's threshold), the EMA teacher's local storage (this rank's ZeRO-3 shard; under ZeRO
+  0/1/2, where every rank holds the same full tensors, rank 0's file alone holds them and a resume sends them to the
+  other ranks), the non-finite counter, and the rank's data position (`loader.state_dict()`: skip count, streams).
 * `compclip_complete.json` (rank 0, last): the completion marker, with every file of the tag and its size and
   CRC-32 (compclip.durable.checksum), the world size, the tag's lineage (`id`, `parent`, `line`: compclip.runfolder)
   and the run's requested configuration (what `--resume` restores and compares against). A tag without it is

@@ -15,7 +15,8 @@ Design under DeepSpeed (under ZeRO-3 the teacher is updated shard by shard, with
   bit-identical. Cost per optimizer step: one fp32 all-reduce of the model size (ViT-B/32: 0.6 GB; half that with
   an all-gather of the flat partitions, which would need the teacher stored in DeepSpeed's padded flat layout)
   and a transient fp32 buffer of the model size. Keeping the teacher partition-local and gathering it when used
-  saves nothing here: it is used by every step's forward.
+  saves nothing here: it is used by every step's forward. A checkpoint holds the teacher once, in rank 0's file
+  (`state_dict`); a resume loads it there and broadcasts it (`load_state_dict`).
 * ZeRO-3: the teacher is itself a ZeRO-3 module — a second DeepSpeed engine without optimizer (ZeRO-Inference),
   fp32. Parameter partitioning in ZeRO-3 depends only on the parameter's shape and the world size, so teacher and
   student shards cover the same elements, and each rank updates its teacher shard (`ds_tensor`) from the fp32
@@ -32,6 +33,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+
+from compclip.distributed import get_rank, get_world_size
 
 
 def _is_zero3(param: torch.nn.Parameter) -> bool:
@@ -137,20 +140,31 @@ class EMATeacher:
 
     # ----------------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict:
-        """This rank's teacher storage (full tensors, or this rank's ZeRO-3 shards)."""
+        """This rank's teacher storage: its ZeRO-3 shards, or under ZeRO 0/1/2, where every rank holds the same full
+        tensors, rank 0's only (`storage` is None on the other ranks: one copy on disk, not one per rank).
+        The tensors are the teacher's own on the CPU (as `Module.state_dict` gives them), copies from a GPU."""
+        replica = not self.partitioned and get_rank() > 0
         return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
-                "storage": [s.detach().cpu().clone() for s in self._teacher_storage()],
+                "storage": None if replica else [s.detach().cpu() for s in self._teacher_storage()],
                 "names": [n for n, _ in self.module.named_parameters()],
                 "shapes": [tuple(getattr(p, "ds_shape", p.shape)) for p in self.module.parameters()]}
 
     @torch.no_grad()
     def load_state_dict(self, state: Dict) -> None:
+        """Load `state_dict()`'s result. Under ZeRO 0/1/2 a collective: rank 0 loads its saved tensors and sends
+        them to every rank (a rank's own file holds none; one written before holds the same tensors)."""
         if state["partitioned"] != self.partitioned:
             raise ValueError("EMA teacher checkpoint was written with a different ZeRO layout; use init_from")
-        for storage, saved in zip(self._teacher_storage(), state["storage"]):
+        replicated = not self.partitioned and get_world_size() > 1
+        if state["storage"] is None and not (replicated and get_rank() > 0):
+            raise ValueError("EMA teacher checkpoint holds no teacher tensors (another rank's file?)")
+        for storage, saved in zip(self._teacher_storage(), state["storage"] or ()):
             if storage.numel() != saved.numel():
                 raise ValueError("EMA teacher checkpoint shard sizes differ (different world size?); use init_from")
             storage.copy_(saved.reshape(storage.shape))
+        if replicated:
+            for storage in self._teacher_storage():
+                torch.distributed.broadcast(storage, src=0)
         self.num_updates = state["num_updates"]
 
     @torch.no_grad()
