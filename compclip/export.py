@@ -100,7 +100,7 @@ def load_model(cfg, root: Path, tag: str, teacher: bool):
     from compclip.models import build_from_config, load_trained_weights, parameter_group_names
     from compclip.trainer.checkpoint import consolidated_fp32, consolidated_teacher
 
-    clip, _, _, tokenizer = build_from_config(cfg.model, load_weights=False)
+    clip, _, _, tokenizer = build_from_config(cfg.model, load_weights=False, initialize=False)  # all loaded below
     if teacher:
         saved = consolidated_teacher(root / tag)
         if saved is None:

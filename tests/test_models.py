@@ -233,3 +233,34 @@ def test_lock_problems_are_found_from_the_model_config():
     assert lock_problem(ModelConfig(arch="compclip-tiny", lock_text=True)) is None
     with pytest.raises(ValueError, match="lock_text_freeze_layer_norm"):
         build_from_config(keep_norms, load_weights=False)
+
+
+@pytest.mark.parametrize("arch", ["compclip-tiny", "compclip-tiny-map"])
+def test_a_model_built_for_loaded_weights_skips_only_the_random_draws(tmp_path, arch):
+    """A checkpoint loaded at build time (or a state dict given) skips torch.nn.init's random draws; the loaded
+    model equals one built the ordinary way and given the same weights, buffers included, and the initialisers
+    are themselves again afterwards (also after an error inside)."""
+    from compclip.models import create_model_and_transforms, register_model_configs, uninitialized_parameters
+
+    register_model_configs()
+    normal = torch.nn.init.normal_
+    with pytest.raises(RuntimeError), uninitialized_parameters():
+        marker = torch.full((4,), 7.0)
+        assert torch.nn.init.normal_(marker) is marker and torch.equal(marker, torch.full((4,), 7.0))
+        raise RuntimeError("inside")
+    assert torch.nn.init.normal_ is normal
+    reference = build_model(arch)[0]
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": arch, "state_dict": reference.state_dict()}, path)
+    drawn = []
+    original = torch.Tensor.normal_
+    torch.Tensor.normal_ = lambda self, *a, **k: (drawn.append(self.shape), original(self, *a, **k))[1]
+    try:
+        loaded = create_model_and_transforms(arch, str(path), False)[0]
+    finally:
+        torch.Tensor.normal_ = original
+    assert drawn == []  # nothing drawn at random: every parameter came from the file
+    expected, actual = reference.state_dict(), loaded.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert all(torch.equal(a, b) for a, b in zip(reference.buffers(), loaded.buffers()))
