@@ -63,8 +63,8 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
 
     `pretrained`: an open_clip tag, a local file (open_clip state dict, `{"state_dict": ...}` checkpoint such as
     our `epoch_N.pt`), or "" for random init. `load_weights=False` builds the architecture only (EMA teacher,
-    whose weights are copied from the student). `initialize`: draw the random initial weights; by default only
-    when no weights are loaded here. A caller that loads every parameter afterwards passes False
+    whose weights are copied from the student). `initialize`: draw the random initial weights; by default unless
+    `pretrained` is a checkpoint file loaded here. A caller that writes every parameter afterwards passes False
     (`uninitialized_parameters`).
     """
     problem = known_architecture(arch)
@@ -75,7 +75,7 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
     if source and os.path.sep in source and not os.path.exists(source):
         raise FileNotFoundError(f"model.pretrained: no such file {source}")
     model, preprocess_train, preprocess_val = create_model_and_transforms(
-        arch, source, quick, initialize=not source if initialize is None else initialize)
+        arch, source, quick, initialize=initialize)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess_train, preprocess_val, tokenizer
 
@@ -84,10 +84,12 @@ def create_model_and_transforms(arch: str, pretrained: Optional[str], force_quic
                                 initialize: Optional[bool] = None):
     """open_clip's `create_model_and_transforms`, also for a checkpoint file on an `hf-hub:` / `local-dir:`
     architecture (open_clip ignores `pretrained` there and would silently keep the folder's own or random weights:
-    the file is loaded after the model is built). `initialize` (default: without `pretrained`) draws the random
-    initial weights; a checkpoint file is loaded strictly, so with one they are not drawn."""
+    the file is loaded after the model is built). `initialize` draws the random initial weights; by default not
+    when `pretrained` is a checkpoint file (loaded strictly, every parameter written). A hub tag (`openai`) keeps
+    them: next to a download they cost nothing, and nothing here sees what the download holds."""
     schema = arch.startswith(("hf-hub:", "local-dir:"))
-    initialize = not pretrained if initialize is None else initialize
+    if initialize is None:
+        initialize = not (pretrained and os.path.isfile(pretrained))
     with contextlib.nullcontext() if initialize else uninitialized_parameters():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             arch, pretrained=None if schema else pretrained, force_quick_gelu=force_quick_gelu, device=device,
@@ -102,11 +104,10 @@ def uninitialized_parameters():
     """Build modules without drawing their random initial weights, for weights that are loaded right after: every
     in-place initialiser of `torch.nn.init` (what `nn.Linear`, `nn.LayerNorm`, ... and open_clip's
     `init_parameters` call) leaves its tensor as allocated. A ViT-B builds in about 0.15 s instead of 0.9 s. Only
-    for callers that then load every parameter with a strict load (a checkpoint file, an evaluation's state dict,
-    compclip-export); buffers computed at construction (attention masks, position ids) are unaffected. The EMA
-    teacher keeps its draws: built without them, its losses went NaN in the ZeRO-3 and locked-tower tests, so
-    something its copy of the student's parameters does not reach (not traced) keeps a drawn value. Not
-    thread-safe (it patches `torch.nn.init` for the duration)."""
+    for callers that then write every parameter: a strict load (a checkpoint file, an evaluation's state dict,
+    compclip-export) or the EMA teacher's copy of the student (`EMATeacher.copy_from`, a copy, not 0 x teacher +
+    student: 0 x NaN is NaN); buffers computed at construction (attention masks, position ids) are unaffected.
+    Not thread-safe (it patches `torch.nn.init` for the duration)."""
     init = torch.nn.init
     names = [name for name in dir(init) if name.endswith("_") and not name.startswith("_")
              and callable(getattr(init, name))]

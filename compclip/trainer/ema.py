@@ -101,7 +101,10 @@ class EMATeacher:
             if source.kind == "fragment":
                 continue
             value = source.tensor.detach().to(device=storage.device, dtype=torch.float32).reshape(storage.shape)
-            storage.mul_(alpha).add_(value, alpha=1.0 - alpha)
+            if alpha == 0.0:  # a copy, not 0 x storage + value: the storage may hold anything (even NaN) before
+                storage.copy_(value)
+            else:
+                storage.mul_(alpha).add_(value, alpha=1.0 - alpha)
         if not fragments:
             return
         # ZeRO 1/2: the owned fragments blended into a zero-filled flat buffer, summed over the data-parallel
@@ -114,8 +117,12 @@ class EMATeacher:
             if source.tensor is not None:
                 lo, n = source.start, source.tensor.numel()
                 piece = flat[offset + lo:offset + lo + n]
-                piece.copy_(storage[lo:lo + n]).mul_(alpha)
-                piece.add_(source.tensor.detach().to(device=flat.device, dtype=torch.float32), alpha=1.0 - alpha)
+                master = source.tensor.detach().to(device=flat.device, dtype=torch.float32)
+                if alpha == 0.0:
+                    piece.copy_(master)
+                else:
+                    piece.copy_(storage[lo:lo + n]).mul_(alpha)
+                    piece.add_(master, alpha=1.0 - alpha)
             offset += size
         group = sources[fragments[0]].group
         if torch.distributed.is_initialized() and torch.distributed.get_world_size(group=group) > 1:
@@ -125,7 +132,9 @@ class EMATeacher:
 
     @torch.no_grad()
     def copy_from(self, student: nn.Module | None = None) -> None:
-        """The teacher becomes the student's fp32 master (a collective under ZeRO 1/2: call on every rank)."""
+        """The teacher becomes the student's fp32 master (a collective under ZeRO 1/2: call on every rank). Every
+        element is written, whatever the teacher held: it is built without random draws
+        (compclip.models.uninitialized_parameters)."""
         self._blend(0.0)
 
     @torch.no_grad()

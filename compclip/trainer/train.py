@@ -102,7 +102,7 @@ class Trainer:
         optimizer, scheduler = optim.build(encoder, cfg.optim, self.total_steps)
         self.engine, self.optimizer, self.scheduler = engine.build_engine(encoder, optimizer, scheduler, run.deepspeed)
         self.clip = self.engine.module.clip
-        untrained = lambda: Encoder(build_from_config(cfg.model, load_weights=False)[0])  # noqa: E731
+        untrained = lambda: Encoder(build_from_config(cfg.model, load_weights=False, initialize=False)[0])  # noqa: E731
         self.teacher = (build_teacher(self.engine, untrained, cfg.loss.ema_decay, run.deepspeed, init_teacher)
                         if self.method.needs_teacher else None)
         self.cached = CachedStep.build(cfg, self.engine, self.method, self.teacher, self.device, self.world_size)
