@@ -12,7 +12,8 @@
   the composite (DeGLA's JSON, spaCy concepts on the fly). C2LIP's SigLIP tokenizer comes from the Hugging Face hub,
   which CI cannot reach: the architecture is open_clip's ViT-B-16-SigLIP config as installed, in a local folder
   (`local-dir:`), with a tokenizer built offline over the same vocabulary size.
-* Then `compclip-eval` of every export on SugarCrepe- and ARO-format files.
+* Then `compclip-eval` of every export on SugarCrepe- and ARO-format files (its entry point in the test's process, as
+  `compclip-prepare`'s above; the README block runs both as commands).
 """
 import json
 import os
@@ -169,11 +170,13 @@ def test_every_bundled_recipe_trains_at_real_shapes_and_its_export_evaluates(tmp
                  if '"loss"' in line]
         assert steps[-1] == 2, (name, output[-3000:])
     bench = _benchmarks(tmp_path)
-    evaluation = ["compclip-eval", *[arg for folder in folders for arg in ("--checkpoint", str(folder))],
+    evaluation = [*[arg for folder in folders for arg in ("--checkpoint", str(folder))],
                   "--sugarcrepe", bench["sugarcrepe"].path,
                   "--sugarcrepe-image-root", bench["sugarcrepe"].image_root,
                   "--aro-vg-relation", bench["relation"].path, "--aro-vg-attribution", bench["attribution"].path,
                   "--aro-vg-image-root", bench["relation"].image_root, "--out", str(tmp_path / "eval"), "--no-progress"]
-    _run(evaluation, ROOT)
+    from compclip.evaluation.__main__ import main as evaluate  # compclip-eval's entry point, in this process
+
+    assert evaluate(evaluation) == 0
     table = (tmp_path / "eval" / "results.csv").read_text()
     assert all(name in table for name in RECIPE_DATA), table
