@@ -237,7 +237,7 @@ def test_lock_problems_are_found_from_the_model_config():
 
 @pytest.mark.parametrize("arch", ["compclip-tiny", "compclip-tiny-map"])
 def test_a_model_built_for_loaded_weights_skips_only_the_random_draws(tmp_path, arch):
-    """A checkpoint loaded at build time (or a state dict given) skips torch.nn.init's random draws; the loaded
+    """A checkpoint file loaded at build time skips torch.nn.init's random draws; the loaded
     model equals one built the ordinary way and given the same weights, buffers included, and the initialisers
     are themselves again afterwards (also after an error inside)."""
     from compclip.models import create_model_and_transforms, register_model_configs, uninitialized_parameters

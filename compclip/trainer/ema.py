@@ -41,6 +41,15 @@ def _is_zero3(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
 
 
+def _mix(out: torch.Tensor, old: torch.Tensor, new: torch.Tensor, alpha: float) -> None:
+    """out ← α old + (1 − α) new (`out` may be `old`). α = 0 is a copy of `new`, not 0 × old + new: `old` may hold
+    anything before the teacher's first copy, even NaN."""
+    if alpha == 0.0:
+        out.copy_(new)
+    else:
+        out.copy_(old).mul_(alpha).add_(new, alpha=1.0 - alpha)
+
+
 class EMATeacher:
     """`module` is the teacher (call it under no_grad); `update()` after every optimizer step.
 
@@ -101,10 +110,7 @@ class EMATeacher:
             if source.kind == "fragment":
                 continue
             value = source.tensor.detach().to(device=storage.device, dtype=torch.float32).reshape(storage.shape)
-            if alpha == 0.0:  # a copy, not 0 x storage + value: the storage may hold anything (even NaN) before
-                storage.copy_(value)
-            else:
-                storage.mul_(alpha).add_(value, alpha=1.0 - alpha)
+            _mix(storage, storage, value, alpha)
         if not fragments:
             return
         # ZeRO 1/2: the owned fragments blended into a zero-filled flat buffer, summed over the data-parallel
@@ -116,13 +122,8 @@ class EMATeacher:
             source, storage = sources[i], storages[i].reshape(-1)
             if source.tensor is not None:
                 lo, n = source.start, source.tensor.numel()
-                piece = flat[offset + lo:offset + lo + n]
                 master = source.tensor.detach().to(device=flat.device, dtype=torch.float32)
-                if alpha == 0.0:
-                    piece.copy_(master)
-                else:
-                    piece.copy_(storage[lo:lo + n]).mul_(alpha)
-                    piece.add_(master, alpha=1.0 - alpha)
+                _mix(flat[offset + lo:offset + lo + n], storage[lo:lo + n], master, alpha)
             offset += size
         group = sources[fragments[0]].group
         if torch.distributed.is_initialized() and torch.distributed.get_world_size(group=group) > 1:
