@@ -42,6 +42,17 @@ def one_process(monkeypatch):
     yield
 
 
+def pytest_report_header(config):
+    """The free disk where the tests write: the real-shape rehearsal holds about 4 GB at once (a ViT-B/32 DeepSpeed
+    tag and an export), the rest of the suite under 1.5 GB per test, each deleted when its test passes
+    (pytest.ini). A full disk shows up as errors of unrelated tests; this line tells it at a glance."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    return f"disk: {shutil.disk_usage(folder).free / 2**30:.1f} GiB free in {folder} (the suite needs about 6)"
+
+
 def pytest_configure(config):
     """Under xdist (`-n 2`), tests are handed out one at a time as workers free up (`--maxschedchunk 1`) instead
     of in chunks of a quarter of the suite, so that the order below decides who runs what."""

@@ -40,9 +40,9 @@ def register_model_config(path: str, arch: Optional[str] = None) -> str:
         return stem
     with open(path, encoding="utf-8") as handle:
         json.load(handle)  # fail here, naming the file, on a broken JSON
-    folder = tempfile.mkdtemp(prefix="compclip-model-config-")
-    shutil.copyfile(path, os.path.join(folder, f"{arch}.json"))
-    open_clip.add_model_config(os.path.join(folder, f"{arch}.json"))
+    with tempfile.TemporaryDirectory(prefix="compclip-model-config-") as folder:  # open_clip reads it at once
+        shutil.copyfile(path, os.path.join(folder, f"{arch}.json"))
+        open_clip.add_model_config(os.path.join(folder, f"{arch}.json"))
     return arch
 
 
