@@ -84,8 +84,24 @@ def _embeddings(folder):
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
-    """The 2-rank ZeRO-3 run (3 steps, checkpoints at steps 2 and 3), its probe and its rank logs."""
-    tmp = tmp_path_factory.mktemp("export")
+    """The 2-rank ZeRO-3 run (3 steps, checkpoints at steps 2 and 3), its probe and its rank logs: made once per
+    session, under `-n 2` by the first worker to need it (the other waits on a lock, then reads the same folder).
+    The tests only read it: their exports go to their own tmp_path."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above the workers' own
+    with FileLock(str(shared / "zero3_run.lock")):
+        done = shared / "zero3_run.path"
+        if done.exists():
+            return Path(done.read_text())
+        tmp = _run_zero3(tmp_path_factory.mktemp("export"))
+        done.write_text(str(tmp))
+        return tmp
+
+
+def _run_zero3(tmp: Path) -> Path:
     (tmp / "probe").mkdir()
     # Nothing stays gathered between forwards, as for a model above DeepSpeed's persistence threshold (the frozen
     # parameters' export then needs a real gather).
@@ -110,13 +126,14 @@ def zero3_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_export_of_a_mid_run_zero3_tag_gives_the_live_embeddings(zero3_run):
+def test_export_of_a_mid_run_zero3_tag_gives_the_live_embeddings(zero3_run, tmp_path):
     from compclip.export import main
 
     run = zero3_run / "run"
     probe = torch.load(zero3_run / "probe" / "probe.pt", weights_only=True)
     for teacher in (False, True):
-        exported = main([str(run), "--tag", f"step{PROBE_STEP}"] + (["--teacher"] if teacher else []))
+        exported = main([str(run), "--tag", f"step{PROBE_STEP}", "--out", str(tmp_path / f"teacher{teacher}")]
+                        + (["--teacher"] if teacher else []))
         assert exported.global_step == PROBE_STEP and exported.epoch == 1  # mid-epoch: 4 steps per epoch
         image, text = _embeddings(exported.folder)
         live_image, live_text = probe["teacher" if teacher else "student"]
@@ -129,14 +146,15 @@ def test_export_of_a_mid_run_zero3_tag_gives_the_live_embeddings(zero3_run):
 
 
 @pytest.mark.slow
-def test_locked_parameters_stay_and_the_last_tag_equals_the_trainers_export(zero3_run):
+def test_locked_parameters_stay_and_the_last_tag_equals_the_trainers_export(zero3_run, tmp_path):
     from compclip.export import export_run
 
     run = zero3_run / "run"
     initial = torch.load(zero3_run / "probe" / "initial.pt", weights_only=True)
     trainer_export = torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
-    student = torch.load(export_run(str(run)).checkpoint, weights_only=True)["state_dict"]
-    teacher = torch.load(export_run(str(run), teacher=True).checkpoint, weights_only=True)["state_dict"]
+    student = export_run(str(run), out=str(tmp_path / "student")).checkpoint
+    teacher = export_run(str(run), out=str(tmp_path / "teacher"), teacher=True).checkpoint
+    student, teacher = (torch.load(path, weights_only=True)["state_dict"] for path in (student, teacher))
     assert student.keys() == trainer_export.keys() == initial.keys()
     for key in student:  # the consolidated tag step3 is the trainer's own gathered export of step 3
         assert torch.equal(student[key], trainer_export[key]), key
