@@ -14,7 +14,8 @@ fine-tuned from it with the same data, budget and seeds.
    where. That is the bag-of-words behaviour Yuksekgonul et al. (ICLR 2023) measured in web-trained CLIP, where the
    retrieval objective rarely needs order; here it is reached on purpose, in the world's own vocabulary.
 2. **Fine-tuning**: each method x seed from that checkpoint with ordered captions, the manifest's hard negatives and
-   the same schedule, through `compclip/train.py` (one process per run; `--jobs` in parallel on CPU cores).
+   the same schedule, through `compclip/train.py` (one process per run, forked from a server that imported the
+   trainer once, its console in `runs/<name>.console.log`; `--jobs` in parallel on CPU cores).
 3. **Evaluation**: every SugarCrepe-format `<subset>.json` of the evaluation folder (binary choice between the
    caption and its negative) and, with a retrieval file, image<->text R@1 (the mean of both directions).
 

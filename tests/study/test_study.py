@@ -282,3 +282,20 @@ def test_the_queue_eta_comes_from_the_cost_table():
         "study: 5.2/5.2 CLIP-runs (100.0%) | 6.0 CLIP-runs/min | elapsed 0:00:34 | ETA 0:00:00 | runs=3/3",
         "study: 5.2/5.2 CLIP-runs (100.0%) | 6.0 CLIP-runs/min | elapsed 0:00:34 | done | runs=3/3",
     ]
+
+
+def test_a_forked_child_run_that_fails_names_its_error_and_keeps_its_console(tmp_path):
+    """A quiet child comes from the fork server (compclip.child_run): a config mistake ends it with exit 2, and the
+    parent's error carries the child's own message, read from `<runs>/<name>.console.log`."""
+    from compclip.child_run import run_child, stage_config
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("")
+    benchmark = Benchmark(str(manifest), str(tmp_path), str(tmp_path), ("swap_att",))
+    cfg = stage_config(benchmark, "compclip-tiny", 4, 1, {"lr": 1e-3, "warmup_steps": 0, "epochs": 1}, threads=1)
+    cfg["log"].update(logs=str(tmp_path / "runs"), name="broken")
+    cfg["optim"]["lr_typo"] = 1.0
+    with pytest.raises(RuntimeError) as info:
+        run_child(cfg, benchmark, str(tmp_path / "runs"), verbose=False)
+    console = (tmp_path / "runs" / "broken.console.log").read_text()
+    assert "exit 2" in str(info.value) and "optim.lr_typo" in console and "optim.lr_typo" in str(info.value), console
