@@ -140,7 +140,7 @@ RECIPE_DATA = {"c2lip": "c2lip", "clip": "coco", "negclip": "negclip", "ceclip":
 """C2LIP's ViT-B-16 SigLIP first: the largest model in a fresh process."""
 
 
-@pytest.mark.cost(243)
+@pytest.mark.cost(184)
 @pytest.mark.one_worker
 @pytest.mark.slow
 def test_every_bundled_recipe_trains_at_real_shapes_and_its_export_evaluates(tmp_path):

@@ -105,6 +105,7 @@ def test_every_mistake_is_one_message_naming_the_key_before_any_process_group(tm
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # and no run folder was made
 
 
+@pytest.mark.cost(22)
 @pytest.mark.slow
 def test_under_the_launcher_the_message_appears_once(tmp_path, manifest):
     """Two ranks, each finding the mistake: one message, exit status 2 from the launcher."""

@@ -44,7 +44,7 @@ def _independent_accuracy(arch: str, checkpoint: str, annotations: str, image_ro
             float((pos @ mean_image > neg @ mean_image).double().mean()))
 
 
-@pytest.mark.cost(94)
+@pytest.mark.cost(44)
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
@@ -197,7 +197,7 @@ def test_external_world_errors_name_the_flag_or_file(tmp_path):
         study.parse_args(["--methods", "clip,blip"])
 
 
-@pytest.mark.cost(64)
+@pytest.mark.cost(13)
 @pytest.mark.slow
 def test_external_world_through_the_flags(tmp_path):
     """A world the study has not built itself (another seed and size, its retrieval file inside the evaluation

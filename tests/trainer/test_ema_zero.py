@@ -141,6 +141,7 @@ def spawn_ranks(worker, world=2):
     return results
 
 
+@pytest.mark.cost(14)
 @pytest.mark.slow
 def test_ema_teacher_matches_closed_form_under_zero_1_2_3():
     results = spawn_ranks(_worker)

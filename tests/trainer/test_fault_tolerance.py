@@ -125,7 +125,7 @@ def _plan(tmp_path):
     return plan
 
 
-@pytest.mark.cost(104)
+@pytest.mark.cost(85)
 def test_faults_of_two_zero3_ranks_continue_the_straight_run(tmp_path):
     worlds = _run_worlds(tmp_path, _plan(tmp_path))
     (straight_codes, _), chain = worlds[0], worlds[1:1 + len(CHAIN)]

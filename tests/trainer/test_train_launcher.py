@@ -59,7 +59,7 @@ def _common(tmp_path, name):
             f"--data.synthetic.root={tmp_path.parent / 'synthetic-launcher'}"]
 
 
-@pytest.mark.cost(62)
+@pytest.mark.cost(72)
 @pytest.mark.slow
 def test_zero_stages_single_process_resume_and_the_map_head_agree(tmp_path):
     """One 2-rank world (the real launcher) runs, in order: the composite under ZeRO 1, 2 and 3 (checkpoints every

@@ -192,7 +192,7 @@ def test_a_prepared_manifest_of_the_synthetic_world_trains(tmp_path, one_process
     assert result["steps"] == 2
 
 
-@pytest.mark.cost(25)
+@pytest.mark.cost(23)
 def test_training_on_the_triton_kernels_follows_the_reference(tmp_path):
     """Every kernel-backed term in a real training run (the composite config: contrastive, grouped and XAC kernels)
     on backend=triton, in Triton's interpreter, gives the loss curve of backend=torch. Separate processes: Triton
