@@ -271,8 +271,8 @@ def _parameters(cfg) -> Tuple[int, int]:
     """(trainable parameters, the largest single parameter tensor) of the architecture."""
     from compclip.models import build_model
 
-    clip = build_model(cfg.model.arch, "", cfg.model.force_quick_gelu, load_weights=False)[0]
-    sizes = [p.numel() for p in clip.parameters() if p.requires_grad]
+    clip = build_model(cfg.model.arch, "", cfg.model.force_quick_gelu, load_weights=False, initialize=False)[0]
+    sizes = [p.numel() for p in clip.parameters() if p.requires_grad]  # shapes only: no random draws
     return sum(sizes), max(sizes)
 
 
