@@ -43,15 +43,22 @@ def finetune_config(benchmark: Benchmark, profile: Profile, method: str, seed: i
 
 def run_queue(configs: List[Dict[str, Any]], benchmark: Benchmark, runs: str, jobs: int, verbose: bool) -> None:
     """Every config as a child run, `jobs` at a time, the costliest methods first (so that the last runs of the
-    queue are short and no core idles at the end), with the queue's progress and ETA (`QueueProgress`)."""
+    queue are short and no core idles at the end), with the queue's progress and ETA (`QueueProgress`). A failed
+    run or an interrupt (Ctrl-C) stops the queue: the runs not yet started never start, the finished ones are
+    reused when the study is run again."""
     configs = sorted(configs, key=cost_of, reverse=True)
     reused = [finished(cfg, benchmark, runs) for cfg in configs]
     with QueueProgress(configs, reused) as progress, ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(run_child, cfg, benchmark, runs, verbose): cfg
                    for cfg, old in zip(configs, reused) if not old}
-        for future in as_completed(futures):
-            future.result()
-            progress.finished(futures[future])
+        try:
+            for future in as_completed(futures):
+                future.result()
+                progress.finished(futures[future])
+        except BaseException:
+            for future in futures:
+                future.cancel()  # a queued run; a running one ends on its own (Ctrl-C reaches its process too)
+            raise
 
 
 def cost_of(cfg: Dict[str, Any]) -> float:

@@ -299,3 +299,24 @@ def test_a_forked_child_run_that_fails_names_its_error_and_keeps_its_console(tmp
         run_child(cfg, benchmark, str(tmp_path / "runs"), verbose=False)
     console = (tmp_path / "runs" / "broken.console.log").read_text()
     assert "exit 2" in str(info.value) and "optim.lr_typo" in console and "optim.lr_typo" in str(info.value), console
+
+
+def test_a_failed_run_stops_the_queue(monkeypatch, tmp_path):
+    """run_queue after a failure (or Ctrl-C): the runs still queued never start. With one job, at most the run the
+    worker had already taken starts after the failed one (without the cancel, all five ran)."""
+    from compclip.study import runs as study_runs
+
+    started = []
+
+    def fake_run_child(cfg, benchmark, runs, verbose):
+        started.append(cfg["log"]["name"])
+        if len(started) == 1:
+            raise RuntimeError("run failed")
+        return str(tmp_path / cfg["log"]["name"])
+
+    monkeypatch.setattr(study_runs, "run_child", fake_run_child)
+    monkeypatch.setattr(study_runs, "finished", lambda cfg, benchmark, runs: False)
+    configs = [{"loss": {"method": "clip"}, "log": {"name": f"clip-seed{seed}"}} for seed in range(5)]
+    with pytest.raises(RuntimeError, match="run failed"):
+        study_runs.run_queue(configs, None, str(tmp_path), jobs=1, verbose=False)
+    assert 1 <= len(started) <= 2, started
