@@ -34,6 +34,10 @@ log = logging.getLogger("compclip.child_run")
 
 DONE = "child_done.json"
 LEGACY_DONE = "study_done.json"  # what finished runs wrote before this module had its own name
+FORK_SERVER = "forkserver"
+PRELOAD = ["compclip.train", "compclip.trainer", "compclip.trainer.evaluator", "compclip.models",
+           "compclip.evaluation", "deepspeed", "torch.utils.tensorboard"]
+"""What the fork server imports once for all its children (a module that fails to import is skipped there)."""
 
 
 @dataclass(frozen=True)
@@ -164,11 +168,6 @@ def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: boo
     return run_dir
 
 
-FORK_SERVER = "forkserver"
-PRELOAD = ["compclip.train", "compclip.trainer", "compclip.trainer.evaluator", "compclip.models",
-           "compclip.evaluation", "deepspeed", "torch.utils.tensorboard"]
-"""What the fork server imports once for all its children (a module that fails to import is skipped there)."""
-
 
 def _forked(config_file: str, env: Dict[str, str], console: str) -> int:
     """`compclip.train --config config_file` in a child of the fork server; its exit code. An interrupt of this
@@ -188,7 +187,8 @@ def _forked(config_file: str, env: Dict[str, str], console: str) -> int:
 
 def _child_main(config_file: str, env: Dict[str, str], console: str) -> None:
     """In the forked child: the environment a `python -m compclip.train` process would have had, stdout and stderr
-    into `console`, then the entry point (its SystemExit is the exit code)."""
+    into `console`, then the entry point (its SystemExit is the exit code; multiprocessing flushes the streams
+    when the child ends)."""
     os.environ.clear()
     os.environ.update(env)
     handle = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -200,5 +200,3 @@ def _child_main(config_file: str, env: Dict[str, str], console: str) -> None:
     from compclip.train import main
 
     main(["--config", config_file])
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
