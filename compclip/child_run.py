@@ -7,12 +7,19 @@ the child's own layering never adds anything (the config names its data). It run
 free port, whatever launcher the parent is under. When it ends, `<run>/child_done.json` records the inputs' key
 (config and training data), the folder of its last evaluation and its duration; a later call with the same key
 returns at once.
+
+A quiet child (the study's runs) is forked from a multiprocessing fork server that has imported the trainer's
+modules once (torch, DeepSpeed, open_clip: about 5 s of a CPU per process), so that a queue of short
+runs does not pay them per run; it is still a process of its own (its memory returns, a crash fails only its run),
+and its console output goes to `<runs>/<name>.console.log`. A verbose child (its output live on this terminal, as
+the bag-of-words start's) is a plain `python -m compclip.train` process.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -27,6 +34,10 @@ log = logging.getLogger("compclip.child_run")
 
 DONE = "child_done.json"
 LEGACY_DONE = "study_done.json"  # what finished runs wrote before this module had its own name
+FORK_SERVER = "forkserver"
+PRELOAD = ["compclip.train", "compclip.trainer", "compclip.trainer.evaluator", "compclip.models",
+           "compclip.evaluation", "deepspeed", "torch.utils.tensorboard"]
+"""What the fork server imports once for all its children (a module that fails to import is skipped there)."""
 
 
 @dataclass(frozen=True)
@@ -111,16 +122,21 @@ def run_seconds(run_dir: str) -> Optional[float]:
     return None if record is None else record.get("seconds")
 
 
+def finished(cfg: Dict[str, Any], benchmark: Benchmark, runs: str) -> bool:
+    """Whether the run of `cfg` has finished before with the same inputs (`run_child` then reuses it)."""
+    record = _done_record(os.path.join(runs, cfg["log"]["name"]))
+    return record is not None and record.get("key") == fingerprint(cfg, benchmark)
+
+
 def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: bool) -> str:
-    """Run compclip/train.py on `cfg` in a child process (reused when finished with the same inputs); returns the
-    run folder `<runs>/<cfg.log.name>`."""
+    """Run compclip/train.py on `cfg` in a child process (reused when finished with the same inputs; module
+    docstring); returns the run folder `<runs>/<cfg.log.name>`."""
     name = cfg["log"]["name"]
     run_dir = os.path.join(runs, name)
-    key = fingerprint(cfg, benchmark)
-    record = _done_record(run_dir)
-    if record is not None and record.get("key") == key:
+    if finished(cfg, benchmark, runs):
         log.info("%s: finished before, reused", name)
         return run_dir
+    key = fingerprint(cfg, benchmark)
     shutil.rmtree(run_dir, ignore_errors=True)  # a changed or interrupted run starts over (runs are minutes long)
     os.makedirs(runs, exist_ok=True)
     config_file = os.path.join(runs, f"{name}.yaml")
@@ -129,14 +145,19 @@ def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: boo
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), PYTHONUNBUFFERED="1")
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(variable, None)  # a world of one of its own (compclip.trainer.engine.single_process_environment)
-    command = [sys.executable, "-m", "compclip.train", "--config", config_file]
     t0 = time.time()
-    result = subprocess.run(command, env=env, stdout=None if verbose else subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    if result.returncode != 0:
-        tail = (result.stdout or "")[-3000:]
-        raise RuntimeError(f"run {name} failed (exit {result.returncode}); config {config_file}, log "
-                           f"{os.path.join(run_dir, 'out.log')}\n{tail}")
+    if verbose or FORK_SERVER not in multiprocessing.get_all_start_methods():
+        result = subprocess.run([sys.executable, "-m", "compclip.train", "--config", config_file], env=env,
+                                stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        code, output = result.returncode, result.stdout or ""
+    else:
+        console = os.path.join(runs, f"{name}.console.log")
+        code = _forked(config_file, env, console)
+        with open(console, encoding="utf-8", errors="replace") as handle:
+            output = handle.read()
+    if code != 0:
+        raise RuntimeError(f"run {name} failed (exit {code}); config {config_file}, log "
+                           f"{os.path.join(run_dir, 'out.log')}\n{output[-3000:]}")
     evals = [os.path.join(run_dir, "eval", f) for f in os.listdir(os.path.join(run_dir, "eval"))
              if f not in ("before", "curve")]  # curve: the periodic evaluations of eval.every_n_steps
     if not evals:
@@ -146,3 +167,37 @@ def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: boo
                   handle)
     log.info("%s: %.0fs", name, time.time() - t0)
     return run_dir
+
+
+
+def _forked(config_file: str, env: Dict[str, str], console: str) -> int:
+    """`compclip.train --config config_file` in a child of the fork server; its exit code. An interrupt of this
+    process (Ctrl-C, SIGTERM raised as an exception) terminates the child before it propagates."""
+    context = multiprocessing.get_context(FORK_SERVER)
+    context.set_forkserver_preload(PRELOAD)  # the server starts at the first child and keeps its imports
+    child = context.Process(target=_child_main, args=(config_file, env, console), name="compclip-child-run")
+    child.start()
+    try:
+        child.join()
+    except BaseException:
+        child.terminate()
+        child.join()
+        raise
+    return child.exitcode
+
+
+def _child_main(config_file: str, env: Dict[str, str], console: str) -> None:
+    """In the forked child: the environment a `python -m compclip.train` process would have had, stdout and stderr
+    into `console`, then the entry point (its SystemExit is the exit code; multiprocessing flushes the streams
+    when the child ends)."""
+    os.environ.clear()
+    os.environ.update(env)
+    handle = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(handle, 1)
+    os.dup2(handle, 2)
+    os.close(handle)
+    from compclip.train import main
+
+    main(["--config", config_file])

@@ -21,6 +21,8 @@ Mapping fields also take one key at a time: ``--loss.terms.igc=0.1``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from compclip import durable
 from compclip.data import DataConfig
 from compclip.evaluation import EvalConfig
 from compclip.fields import Section, field_docstrings
@@ -58,6 +61,33 @@ class ModelConfig(Section):
     with it, and running them with GELU silently costs accuracy), so the run's config.yaml and its exports say so."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass (open_clip's set_grad_checkpointing)."""
+    tf32: bool = True
+    """On a CUDA device, let float32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer; on
+    older GPUs the switch does nothing), as open_clip's training does; the fused kernels' float32 dots follow it.
+    False: IEEE float32 everywhere. bf16 / fp16 compute is unaffected, and so is the CPU."""
+    lock_image: bool = False
+    """Freeze the image tower (open_clip's `--lock-image`, as in LiT) through open_clip's `lock_image_tower`: its
+    parameters get no gradient, no optimizer state and no weight decay, and stay as they started (under bf16 /
+    fp16 they are held, and exported, in that precision: DeepSpeed keeps fp32 masters only of trained parameters)."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave the last N layer groups of the image tower trainable (open_clip's
+    `--lock-image-unlocked-groups`). For an open_clip ViT the groups are, first to last: the patch embedding with the
+    class and position embeddings and ln_pre, each residual block but the last, the last block with ln_post, and
+    the projection; timm towers use timm's own grouping."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: also freeze the BatchNorm running statistics of the locked layers (open_clip's
+    `--lock-image-freeze-bn-stats`; ResNet and timm convolutional towers; a ViT has none)."""
+    lock_text: bool = False
+    """Freeze the text tower (open_clip's `--lock-text`) through open_clip's `lock_text_tower`: token and position
+    embeddings, the transformer, the final LayerNorm and the text projection."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave the last N layer groups of the text tower trainable (open_clip's
+    `--lock-text-unlocked-layers`). For open_clip's own text transformer the groups are, first to last: the
+    embeddings, each residual block but the last, the last block with the final LayerNorm, and the projection."""
+    lock_text_freeze_layer_norm: bool = True
+    """With lock_text: freeze the LayerNorms of the locked layers too (open_clip's `--lock-text-freeze-layer-norm`).
+    Only Hugging Face text towers can leave them trainable; open_clip's own text transformer refuses false (the
+    default here is open_clip's `lock_text_tower` default, not its command line's)."""
 
 
 @dataclass
@@ -106,8 +136,8 @@ class OptimConfig(Section):
     contrastive_batch: int = 0
     """Samples one loss sees, over all ranks (0 = data.batch_size x world size). Larger than what fits: one step
     caches the features of every chunk of data.batch_size per rank without autograd, takes the global-batch loss's
-    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.gradcache; ~1.3-1.5x
-    the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
+    gradient w.r.t. them, then re-forwards each chunk with autograd (gradient caching, compclip.trainer.gradcache;
+    ~1.3-1.5x the time of a plain step). Must be a multiple of data.batch_size x world size; not with grad_accumulation > 1.
     Cached per rank: B/world x (2 + K + concepts/sample) x D features and, for C2LIP's XAC, the visual tokens
     B/world x L x D in the compute dtype (e.g. ViT-B/32 at 224 px, B/world = 4096: 4096 x 49 x 512 x 2 bytes = 206
     MB in bf16), each twice (values and gradients)."""
@@ -146,16 +176,38 @@ class LogConfig(Section):
     """Write metrics.jsonl / tensorboard every N optimizer steps (step 1 is always logged)."""
     tensorboard: bool = True
     """Write tensorboard events to <run>/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (open_clip's `--report-to wandb`; needs `pip install wandb`): the scalars
+    tensorboard gets, the resolved configuration, and every evaluation as a table and as an artifact (its folder
+    `eval/<label>/`). Rank 0 logs; its files go to `<run>/wandb/`, and a resumed run continues the same W&B run."""
+    wandb_project: str = "compclip"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty = the account's default."""
+    wandb_name: str = ""
+    """W&B run name; empty = the run folder's name (`log.name`)."""
+    wandb_tags: List[str] = field(default_factory=list)
+    """W&B tags of the run."""
+    wandb_mode: str = ""
+    """`online`, `offline` (everything written to `<run>/wandb/` with no network; upload later with `wandb sync
+    <run>/wandb/offline-run-*`) or `disabled`; empty = W&B's own choice (the WANDB_MODE environment variable, else
+    online)."""
     progress: bool = True
-    """tqdm progress bar on rank 0."""
+    """Progress of the run on rank 0: a tqdm bar in a terminal; in a log (a batch job), a plain line every
+    COMPCLIP_PROGRESS_INTERVAL seconds (30) with steps, rate, elapsed time and ETA."""
     save_every_n_steps: int = 0
     """Also write a DeepSpeed checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
     save_every_n_minutes: float = 0.0
     """Also write a DeepSpeed checkpoint when N minutes of wall clock have passed since the last such save, at
     the same optimizer step on every rank (0 = off). For preemptible jobs; SIGTERM always saves."""
     keep_checkpoints: int = 0
-    """Keep the newest N complete DeepSpeed checkpoints; older ones are deleted once a newer one is complete
-    (0 = keep all)."""
+    """Keep the newest N complete DeepSpeed checkpoints of the current line (README, 'Long runs'); older ones are
+    deleted once a newer one is complete (0 = keep all)."""
+    keep_abandoned: bool = True
+    """When a run resumes a tag other than the newest of its line (or falls back from a damaged one, or starts
+    afresh in a folder with checkpoints), the tags it leaves behind are moved to
+    `checkpoints/deepspeed/abandoned/line<L>/` (true) or deleted (false). True by default: they may be hours of
+    work, and a resume of the wrong tag should cost disk space, not the work."""
     keep_exports: int = 0
     """Keep the newest N exports epoch_N.pt (0 = keep all)."""
     save_deepspeed: bool = True
@@ -203,20 +255,28 @@ class TrainConfig(Section):
     max_nonfinite: int = 5
     """Consecutive non-finite losses (each step is skipped) that stop the run."""
     threads: int = 0
-    """torch CPU threads per rank (0 = cores / local ranks)."""
+    """torch CPU threads per rank (0 = OMP_NUM_THREADS when set, else cores / local ranks)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Type checking and conversion
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> Dict[str, Any]:
-    # Modules with `from __future__ import annotations` store field types as strings.
+    # Modules with `from __future__ import annotations` store field types as strings; evaluating them is most of
+    # the cost of reading a config, and a class's hints never change.
     return typing.get_type_hints(cls)
 
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters (a 1 MB value makes a useless message)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -255,18 +315,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a bool (true/false), got {value!r} ({type(value).__name__})")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2 ** 63 <= value < 2 ** 63:  # torch, numpy and the C libraries below take 64-bit integers
+                raise ConfigError(f"{key}: {_shown(value)} does not fit in 64 bits")
             return value
-        raise ConfigError(f"{key}: expected an int, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected an int, got {_shown(value)} ({type(value).__name__})")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads `1e-5` (no dot) as a string.
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 2 ** 1024 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a float, got {value!r} ({type(value).__name__})")
+        if number is None:
+            raise ConfigError(f"{key}: expected a float, got {_shown(value)} ({type(value).__name__})")
+        if not math.isfinite(number):  # no setting means NaN or infinity; it would only show up as a NaN loss
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -397,6 +463,8 @@ class Args:
 
 def _flag_value(key: str, raw: str):
     if key == "local_rank":
+        if not raw.isdigit():
+            raise ConfigError(f"--local_rank: expected a rank number, got {_shown(raw)}")
         return int(raw)
     if key == "plan_world_size":
         if not raw.isdigit() or int(raw) < 1:
@@ -473,9 +541,10 @@ def recipe_table() -> Dict[str, Dict[str, Any]]:
 
 
 def config_path(name: str) -> str:
-    """`--config` value -> YAML file: an existing path as given, else a bundled name (`degla`, `tiny/c2lip`,
-    with or without `.yaml`). An unknown name is returned as is (the caller reports the missing file)."""
-    if os.path.exists(name):
+    """`--config` value -> YAML file: an existing file as given, else a bundled name (`degla`, `tiny/c2lip`,
+    with or without `.yaml`; a folder of that name in the working directory does not hide it). An unknown name is
+    returned as is (the caller reports the missing file)."""
+    if os.path.isfile(name):
         return name
     stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
     for root in BUNDLED_CONFIG_DIRS:
@@ -485,20 +554,76 @@ def config_path(name: str) -> str:
     return name
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""A config file (YAML or DeepSpeed JSON) larger than this is refused unread: configs are kilobytes, and a file
+this size named by mistake (a checkpoint, a dataset) would be read whole before it failed."""
+
+
+def read_config_bytes(path: str, what: str) -> bytes:
+    """The content of the config file `path`; ConfigError naming `what` and the file for anything that is not a
+    readable regular file of at most MAX_CONFIG_BYTES (a FIFO or a device would block or never end a read)."""
+    shown = path if len(path) <= 200 and "\x00" not in path else _shown(path)
+    try:
+        return durable.read_bounded(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {shown}: no such file") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"{what} {shown}: {getattr(error, 'strerror', None) or error}") from None
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when there is one: 50x faster
+    """YAML's safe loader, refusing a key repeated within one mapping: YAML forbids it, and PyYAML would keep the
+    last value and drop the first without a word."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    first: Dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_shown(key)} repeated (first at line {first[key] + 1}): one of the two values "
+                    "would be lost", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: SafeConstructor reports it
+            pass
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(path: str, what: str) -> Any:
+    """The YAML document of the file `path` (read_config_bytes); errors name `what`, the file and the line."""
+    data = read_config_bytes(path, what)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start})"
+                          ) from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = str(getattr(error, "problem", None) or error)
+        raise ConfigError(f"{what} {path}: {where}not valid YAML: {problem[:200]}") from None
+
+
 def read_yaml(name: str) -> Dict[str, Any]:
     """The mapping of a `--config` file (a path or a bundled name); errors name the file."""
     path = config_path(name)
-    if Path(path).resolve() == Path(config_path(RECIPE_TABLE)).resolve():
+    if os.path.exists(path) and Path(path).resolve() == Path(config_path(RECIPE_TABLE)).resolve():
         raise ConfigError(f"--config {name}: {path} is the published-recipe table, not a run config; use one of "
                           f"{', '.join(bundled_configs())}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config {name}: no such file, nor a bundled config "
-                          f"({', '.join(bundled_configs())})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if not os.path.lexists(path):
+        raise ConfigError(f"--config {_shown(name)}: no such file, nor a bundled config "
+                          f"({', '.join(bundled_configs())})")
+    loaded = load_yaml(path, "--config")
+    if loaded is None:  # empty, or comments only: most likely a file cut short, never a run anyone meant
+        raise ConfigError(f"--config {path}: holds no settings (an empty or truncated file?)")
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
     return loaded
@@ -561,9 +686,10 @@ def request(argv: Sequence[str]) -> Request:
     resumed_from = ""
     if named.get("resume"):
         saved, resumed_from = saved_request(named)
-        check_resume_changes(saved, named)
+        changed = check_resume_changes(saved, named)
         merged = merge_dicts(saved, named)
-        layers = [f"{resumed_from}/config.requested (resume)"]
+        layers = [f"the request saved in {resumed_from} (resume"
+                  + (f"; changed {', '.join(changed)})" if changed else ")")]
     elif uses_embedded_default(args):
         merged = merge_dicts(read_yaml(EMBEDDED_DEFAULT), named)
         layers.append(f"configs/{EMBEDDED_DEFAULT}.yaml (embedded default: no --config and no data named)")
@@ -574,6 +700,7 @@ def request(argv: Sequence[str]) -> Request:
         layers.append("command line")
     cfg = _build(TrainConfig, merged)
     validate(cfg)
+    check_installed(cfg)
     return Request(cfg, tuple(layers), flatten(named), args, resumed_from,
                    embedded_default=any(layer.startswith(f"configs/{EMBEDDED_DEFAULT}.yaml") for layer in layers))
 
@@ -584,9 +711,11 @@ def load_config(argv: Sequence[str] = ()) -> TrainConfig:
 
 
 RESUME_MAY_CHANGE = ("log.", "eval.", "eval_before", "eval_synthetic", "threads", "max_nonfinite",
-                     "data.num_workers", "data.pin_memory", "resume", "optim.max_steps", "optim.epochs")
-"""Keys a resumed run may be given with a new value: what is logged, saved and evaluated, how fast data loads,
-and a longer run (`optim.max_steps` / `optim.epochs` may only grow). Every other key is the run's."""
+                     "data.num_workers", "data.pin_memory", "resume", "optim.max_steps", "optim.epochs",
+                     "model.tf32")
+"""Keys a resumed run may be given with a new value: what is logged, saved and evaluated, how fast data loads
+and computes (TF32 on another GPU), and a longer run (`optim.max_steps` / `optim.epochs` may only grow). Every
+other key is the run's."""
 
 
 def _longer(key: str, saved: Any, given: Any) -> bool:
@@ -618,7 +747,7 @@ def saved_request(named: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         path = folder.config if folder is not None else None
         if path is None or not path.is_file():
             raise ConfigError(f"resume: {root / tag} records no configuration and {path} is missing")
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        saved = load_yaml(str(path), "resume:") or {}
     return saved, str(root / tag)
 
 
@@ -626,24 +755,60 @@ def _typed(values: Dict[str, Any]) -> Dict[str, Any]:
     return flatten(to_dict(_build(TrainConfig, values)))
 
 
-def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> None:
-    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one."""
+def check_resume_changes(saved: Dict[str, Any], named: Dict[str, Any]) -> List[str]:
+    """Refuse a resume whose YAMLs / command line give a key of the run a value other than the saved one; returns
+    the accepted changes (`key before -> after`; a longer run recomputes its lr schedule over the new length)."""
     saved_flat, given = _typed(saved), _typed(named)  # typed alike: 1e-5 == 0.00001
-    differing = []
+    differing, accepted = [], []
     for key in flatten(named):
         before, after = saved_flat.get(key), given.get(key)
-        if before == after:
+        if before == after or key == "resume":
             continue
         if key in ("optim.max_steps", "optim.epochs"):
             if _longer(key, before, after):
+                accepted.append(f"{key} {before!r} -> {after!r}, the lr schedule spans the new length")
                 continue
             differing.append(f"{key}: {before!r} -> {after!r} (a resumed run may only get longer)")
         elif not key.startswith(RESUME_MAY_CHANGE):
             differing.append(f"{key}: saved {before!r}, given {after!r}")
+        else:
+            accepted.append(f"{key} {before!r} -> {after!r}")
     if differing:
         raise ConfigError("resume: the run was started with other values for these keys; drop them from the "
                           "command line (the run's saved config is restored) or start a new run with init_from:\n  "
                           + "\n  ".join(differing))
+    return accepted
+
+
+def _value(cfg: TrainConfig, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+AT_LEAST_ONE = ("optim.grad_accumulation", "optim.epochs", "data.batch_size", "data.num_negatives",
+                "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.image_size", "log.every_n_steps")
+NOT_NEGATIVE = ("optim.max_steps", "optim.warmup_steps", "optim.contrastive_batch", "optim.lr", "optim.weight_decay",
+                "optim.eps", "optim.grad_clip", "loss.cmr_upper", "global_batch_size", "threads", "max_nonfinite",
+                "seed", "data.synthetic.seed", "data.num_workers", "data.max_concepts", "data.shuffle_buffer",
+                "data.train_num_samples", "eval.num_workers", "eval.every_n_epochs", "eval.aro_attribution_min_count",
+                "eval.aro_order_seed", "log.save_every_n_steps", "log.save_every_n_minutes", "log.keep_checkpoints",
+                "log.keep_exports")
+"""Numeric keys and their lower bounds (0 means off where a key has an off; a seed is a non-negative integer, as
+numpy's generators require). Non-finite floats and integers beyond 64 bits are refused when the config is read."""
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for bound, keys in ((1, AT_LEAST_ONE), (0, NOT_NEGATIVE)):
+        for key in keys:
+            if not _value(cfg, key) >= bound:
+                raise ConfigError(f"{key}: must be >= {bound}, got {_value(cfg, key)}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    if not all(0.0 <= beta < 1.0 for beta in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: each must be in [0, 1), got {cfg.optim.betas}")
+    if cfg.eval.max_items is not None and cfg.eval.max_items < 1:
+        raise ConfigError(f"eval.max_items: must be >= 1 (or unset: every item), got {cfg.eval.max_items}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -671,22 +836,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.schedule: expected cosine or constant, got {cfg.optim.schedule!r}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
-    for key in ("optim.grad_accumulation", "optim.epochs", "data.batch_size", "data.num_negatives"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key}: must be >= 1")
-    for key in ("optim.max_steps", "optim.warmup_steps", "optim.contrastive_batch", "global_batch_size",
-                "data.num_workers", "data.max_concepts", "threads"):
-        section, _, name = key.rpartition(".")
-        if getattr(getattr(cfg, section) if section else cfg, name) < 0:
-            raise ConfigError(f"{key}: must be >= 0")
+    _check_ranges(cfg)
     if cfg.optim.contrastive_batch and cfg.optim.grad_accumulation > 1:
         raise ConfigError("optim.contrastive_batch and optim.grad_accumulation > 1 do not combine: the contrastive "
                           "batch already accumulates its chunks; make it larger instead")
     if cfg.optim.logit_scale_max <= 1.0:
         raise ConfigError("optim.logit_scale_max: must be > 1 (it bounds exp(logit_scale))")
-    if not cfg.optim.lr >= 0:
-        raise ConfigError(f"optim.lr: must be >= 0, got {cfg.optim.lr}")
     if cfg.loss.backend not in BACKENDS:
         raise ConfigError(f"loss.backend: expected one of {', '.join(BACKENDS)}, got {cfg.loss.backend!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):
@@ -702,13 +857,36 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.caption_order: expected keep or shuffle, got {cfg.data.caption_order!r}")
     if cfg.data.format not in ("auto", "jsonl", "csv", "tsv", "wds"):
         raise ConfigError(f"data.format: expected auto, jsonl, csv, tsv or wds, got {cfg.data.format!r}")
-    for key in ("save_every_n_steps", "save_every_n_minutes", "keep_checkpoints", "keep_exports"):
-        if getattr(cfg.log, key) < 0:
-            raise ConfigError(f"log.{key}: must be >= 0 (0 = off), got {getattr(cfg.log, key)}")
-    if cfg.log.every_n_steps < 1:
-        raise ConfigError(f"log.every_n_steps: must be >= 1, got {cfg.log.every_n_steps}")
     if cfg.resume and cfg.init_from:
         raise ConfigError("resume and init_from are exclusive")
+    _validate_locks(cfg.model)
+    if cfg.log.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"log.wandb_mode: expected online, offline, disabled or empty (W&B's choice), got "
+                          f"{cfg.log.wandb_mode!r}")
+
+
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+def _validate_locks(model: ModelConfig) -> None:
+    for tower, count in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+        value = getattr(model, count)
+        if value < 0:
+            raise ConfigError(f"model.{count}: must be >= 0, got {value}")
+        if value and not getattr(model, f"lock_{tower}"):
+            raise ConfigError(f"model.{count}={value} leaves layers of a locked {tower} tower trainable, but "
+                              f"model.lock_{tower} is false: set it too (open_clip ignores the count without it)")
+    if model.lock_image_freeze_bn_stats and not model.lock_image:
+        raise ConfigError("model.lock_image_freeze_bn_stats needs model.lock_image=true")
+
+
+def check_installed(cfg: TrainConfig) -> None:
+    """The optional packages a run to be trained needs are importable (not checked by `validate`: a saved config
+    must load anywhere, e.g. for an export on a machine without them)."""
+    import importlib.util
+
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ all_gather, skipped when the caller passes ``sizes``) and unequal shards are zer
 """
 from __future__ import annotations
 
+import os
 import socket
 from typing import List, Optional, Sequence
 
@@ -33,6 +34,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "free_port",
+    "cpu_threads",
     "gather_sizes",
     "global_row_offset",
     "all_gather_with_grad",
@@ -68,6 +70,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cpu_threads(processes: int = 1) -> int:
+    """torch CPU threads for each of `processes` processes sharing this machine: the environment's
+    OMP_NUM_THREADS when it is set to a positive integer (the user's or a scheduler's choice), else the cores
+    divided among the processes. Oversubscribed OpenMP threads spin rather than sleep, so a shared core costs far
+    more than its share."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def barrier(group=None) -> None:

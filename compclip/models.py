@@ -57,13 +57,15 @@ def uses_quick_gelu(arch: str, pretrained: str, force_quick_gelu: bool) -> bool:
     return force_quick_gelu or (pretrained.lower() == "openai" and not arch.endswith("-quickgelu"))
 
 
-def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False, *, load_weights: bool = True
-                ) -> Tuple[nn.Module, object, object, object]:
+def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False, *, load_weights: bool = True,
+                initialize: Optional[bool] = None) -> Tuple[nn.Module, object, object, object]:
     """(model, train preprocess, eval preprocess, tokenizer), fp32 on the CPU.
 
     `pretrained`: an open_clip tag, a local file (open_clip state dict, `{"state_dict": ...}` checkpoint such as
     our `epoch_N.pt`), or "" for random init. `load_weights=False` builds the architecture only (EMA teacher,
-    whose weights are copied from the student).
+    whose weights are copied from the student). `initialize`: draw the random initial weights; by default unless
+    `pretrained` is a checkpoint file loaded here. A caller that writes every parameter afterwards passes False
+    (`uninitialized_parameters`).
     """
     problem = known_architecture(arch)
     if problem:
@@ -72,23 +74,121 @@ def build_model(arch: str, pretrained: str = "", force_quick_gelu: bool = False,
     source = pretrained if (pretrained and load_weights) else None
     if source and os.path.sep in source and not os.path.exists(source):
         raise FileNotFoundError(f"model.pretrained: no such file {source}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=source, force_quick_gelu=quick, device="cpu", precision="fp32")
+    model, preprocess_train, preprocess_val = create_model_and_transforms(
+        arch, source, quick, initialize=initialize)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess_train, preprocess_val, tokenizer
 
 
-def build_from_config(model_cfg, *, load_weights: bool = True, state: Optional[Dict[str, torch.Tensor]] = None):
-    """`build_model` for a `ModelConfig` (gradient checkpointing as configured). Without weights (the EMA
-    teacher's architecture, an evaluation copy) the activation is still the trained one: `pretrained` decides
-    QuickGELU. `state` is loaded into the model. Returns what build_model does."""
+def create_model_and_transforms(arch: str, pretrained: Optional[str], force_quick_gelu: bool, device="cpu",
+                                initialize: Optional[bool] = None):
+    """open_clip's `create_model_and_transforms`, also for a checkpoint file on an `hf-hub:` / `local-dir:`
+    architecture (open_clip ignores `pretrained` there and would silently keep the folder's own or random weights:
+    the file is loaded after the model is built). `initialize` draws the random initial weights; by default not
+    when `pretrained` is a checkpoint file (loaded strictly, every parameter written). A hub tag (`openai`) keeps
+    them: next to a download they cost nothing, and nothing here sees what the download holds."""
+    schema = arch.startswith(("hf-hub:", "local-dir:"))
+    if initialize is None:
+        initialize = not (pretrained and os.path.isfile(pretrained))
+    with contextlib.nullcontext() if initialize else uninitialized_parameters():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            arch, pretrained=None if schema else pretrained, force_quick_gelu=force_quick_gelu, device=device,
+            precision="fp32")
+    if schema and pretrained:
+        open_clip.load_checkpoint(model, pretrained, device=device)
+    return model, preprocess_train, preprocess_val
+
+
+@contextlib.contextmanager
+def uninitialized_parameters():
+    """Build modules without drawing their random initial weights, for weights that are loaded right after: every
+    in-place initialiser of `torch.nn.init` (what `nn.Linear`, `nn.LayerNorm`, ... and open_clip's
+    `init_parameters` call) leaves its tensor as allocated. A ViT-B builds in about 0.15 s instead of 0.9 s. Only
+    for callers that then write every parameter: a strict load (a checkpoint file, an evaluation's state dict,
+    compclip-export) or the EMA teacher's copy of the student (`EMATeacher.copy_from`, a copy, not 0 x teacher +
+    student: 0 x NaN is NaN); buffers computed at construction (attention masks, position ids) are unaffected.
+    Not thread-safe (it patches `torch.nn.init` for the duration)."""
+    init = torch.nn.init
+    names = [name for name in dir(init) if name.endswith("_") and not name.startswith("_")
+             and callable(getattr(init, name))]
+    saved = {name: getattr(init, name) for name in names}
+
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in names:
+            setattr(init, name, keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+
+
+def build_from_config(model_cfg, *, load_weights: bool = True, state: Optional[Dict[str, torch.Tensor]] = None,
+                      initialize: Optional[bool] = None):
+    """`build_model` for a `ModelConfig` (gradient checkpointing as configured, towers locked as configured).
+    Without weights (the EMA teacher's architecture, an evaluation copy) the activation is still the trained one:
+    `pretrained` decides QuickGELU, and the locks are applied too (freezing BatchNorm statistics replaces modules,
+    which every copy must share). `state` is loaded into the model (strictly: no random weights are drawn for it).
+    `initialize` as in build_model. Returns what build_model does."""
+    if state is not None:
+        initialize = False
     clip, *rest = build_model(model_cfg.arch, model_cfg.pretrained, model_cfg.force_quick_gelu,
-                              load_weights=load_weights)
+                              load_weights=load_weights, initialize=initialize)
     if model_cfg.grad_checkpointing and load_weights:
         clip.set_grad_checkpointing(True)
+    locked = lock_towers(clip, model_cfg)
+    if locked and load_weights:
+        logger.info("%s", locked)
     if state is not None:
         clip.load_state_dict(state)
     return (clip, *rest)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Locked towers (open_clip's --lock-image / --lock-text)
+
+
+def lock_problem(model_cfg) -> Optional[str]:
+    """What makes the configured locks impossible for this architecture (None when they are fine), found from its
+    model config without building it: open_clip's own text transformer cannot leave LayerNorms trainable."""
+    if not (model_cfg.lock_text and not model_cfg.lock_text_freeze_layer_norm):
+        return None
+    config = model_config_of(model_cfg.arch)
+    if config is None or config.get("text_cfg", {}).get("hf_model_name"):
+        return None  # a Hugging Face text tower (or not known here: lock_towers checks the built model)
+    return (f"model.lock_text_freeze_layer_norm=false: the text tower of {model_cfg.arch} is open_clip's own "
+            "transformer, whose lock_text_tower freezes its LayerNorms with the other weights; only Hugging Face "
+            "text towers can leave them trainable (set it to true)")
+
+
+def lock_towers(clip: nn.Module, model_cfg) -> str:
+    """Freeze what `model.lock_image` / `model.lock_text` ask for, with open_clip's own `lock_image_tower` /
+    `lock_text_tower` (the same layer groups as open_clip's training flags); returns a summary for the log ("" when
+    nothing is locked). Frozen parameters get `requires_grad = False`, so `parameter_groups` leaves them out of the
+    optimizer and DeepSpeed keeps no gradient, master copy or optimizer state for them."""
+    if not (model_cfg.lock_image or model_cfg.lock_text):
+        return ""
+    if model_cfg.lock_image:
+        clip.lock_image_tower(unlocked_groups=model_cfg.lock_image_unlocked_groups,
+                              freeze_bn_stats=model_cfg.lock_image_freeze_bn_stats)
+    if model_cfg.lock_text:
+        from open_clip.hf_model import HFTextEncoder
+
+        if not model_cfg.lock_text_freeze_layer_norm and not isinstance(getattr(clip, "text", None), HFTextEncoder):
+            raise ValueError(lock_problem(model_cfg)
+                             or "model.lock_text_freeze_layer_norm=false needs a Hugging Face text tower")
+        clip.lock_text_tower(unlocked_layers=model_cfg.lock_text_unlocked_layers,
+                             freeze_layer_norm=model_cfg.lock_text_freeze_layer_norm)
+    total = sum(p.numel() for p in clip.parameters())
+    frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
+    towers = [f"{tower} tower ({count} unlocked layer groups)" if count else f"{tower} tower"
+              for tower, locked, count in (("image", model_cfg.lock_image, model_cfg.lock_image_unlocked_groups),
+                                           ("text", model_cfg.lock_text, model_cfg.lock_text_unlocked_layers))
+              if locked]
+    return (f"locked {' and '.join(towers)}: {frozen:,} of {total:,} parameters frozen, "
+            f"{total - frozen:,} trained")
 
 
 def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
@@ -98,7 +198,7 @@ def promote_zero_dim_parameters(model: nn.Module) -> List[str]:
     tests/test_packaging.py), and even the pinned version's non-ZeRO gradient clipping multiplies their gradient
     by a [1]-shaped coefficient in place, which raises. open_clip itself offers [1]-shaped scales
     (`nonscalar_logit_scale`) and its loader reshapes them, but our export restores the stock 0-dim shape
-    anyway (`compclip.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
+    anyway (`compclip.trainer.engine.full_state_dict`), so a checkpoint is indistinguishable from one of a stock model.
     """
     promoted = []
     for name, param in list(model.named_parameters()):
@@ -240,7 +340,7 @@ class Encoder(nn.Module):
 
 # --------------------------------------------------------------------------------------------------------------
 # Parameter groups and the export (the logit-scale clamp and the full fp32 gather are DeepSpeed's side:
-# compclip.engine)
+# compclip.trainer.engine)
 
 
 def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -250,12 +350,39 @@ def exclude_from_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """AdamW's groups over the trainable parameters (frozen ones, e.g. of a locked tower, are left out): without
+    weight decay, then with it; a group left empty by locking is dropped."""
+    return [{"params": params, "weight_decay": decay}
+            for params, decay in zip(_grouped_parameters(model), (0.0, weight_decay)) if params]
+
+
+def _grouped_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if exclude_from_weight_decay(name, param) else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return no_decay, decay
+
+
+def parameter_group_names(model: nn.Module, prefix: str = "") -> List[List[str]]:
+    """The parameter names of each of `parameter_groups(model)`, in the optimizer's order, with `prefix` (what a
+    stage-0 DeepSpeed checkpoint's per-group fp32 masters are matched by)."""
+    names = {id(param): prefix + name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in parameter_groups(model, 0.0)]
+
+
+def load_trained_weights(clip: nn.Module, saved: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+    """Load weights saved under the trained Encoder's names (`clip.<key>`, 0-dim parameters as [1]:
+    `promote_zero_dim_parameters`) into the open_clip model `clip`; returns (its parameters `saved` lacks, the keys
+    it does not know). Buffers `saved` lacks keep their values (an EMA teacher stores parameters only)."""
+    shapes = {key: value.shape for key, value in clip.state_dict().items()}
+    state = {key[len("clip."):]: value for key, value in saved.items() if key.startswith("clip.")}
+    state = {key: value.reshape(shapes[key]) if key in shapes and value.numel() == shapes[key].numel() else value
+             for key, value in state.items()}
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    parameters = dict(clip.named_parameters())
+    return [key for key in missing if key in parameters], list(unexpected)
 
 
 def model_config_of(arch: str) -> Optional[Dict]:
@@ -307,8 +434,9 @@ def export_checkpoint(state_dict: Dict[str, torch.Tensor], path: str, epoch: int
     building.mkdir(parents=True)
     (building / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg or {})}, indent=1), encoding="utf-8")
-    save_file({key: value.detach().contiguous() for key, value in state_dict.items()},
-              str(building / "open_clip_model.safetensors"))
+    weights = building / "open_clip_model.safetensors"
+    save_file({key: value.detach().contiguous() for key, value in state_dict.items()}, str(weights))
+    os.chmod(weights, Path(path).stat().st_mode & 0o777)  # safetensors creates it 0600; as readable as the .pt
     inner = getattr(tokenizer, "tokenizer", None)
     if inner is not None and hasattr(inner, "save_pretrained"):  # open_clip's HFTokenizer: local-dir reads it here
         inner.save_pretrained(str(building))

@@ -2,7 +2,8 @@
 
     python -m compclip.plots logs/run_a [logs/run_b ...] --out curves.png
 
-Reads each run's ``metrics.jsonl``. Panels: the total and per-term losses, the learning rate and logit scale,
+Reads each run's ``metrics.jsonl``. Panels: the total and per-term losses, the training loss against the validation
+loss and the validation retrieval R@1 (``val/...``, when the run validates), the learning rate and logit scale,
 throughput, and every periodic evaluation metric (``eval/<benchmark>/<metric>``). The trainer writes
 ``<run>/curves.png`` at the end of a run.
 """
@@ -39,13 +40,15 @@ def read_metrics(run_dir: str) -> Series:
 def _panels(keys: Sequence[str]) -> List[Tuple[str, List[str]]]:
     losses = [k for k in keys if k == "loss" or k.startswith("loss/")]
     evals = sorted(k for k in keys if k.startswith("eval/"))
-    panels = [("loss", losses), ("learning rate", ["lr"]), ("logit scale", ["logit_scale"]),
-              ("samples/s", ["samples_per_s"])]
+    panels = [("loss", losses), ("train vs validation loss", ["loss", "val/loss"]),
+              ("validation retrieval R@1", ["val/image_to_text_R@1", "val/text_to_image_R@1"]),
+              ("learning rate", ["lr"]), ("logit scale", ["logit_scale"]), ("samples/s", ["samples_per_s"])]
     benchmarks = defaultdict(list)
     for key in evals:
         benchmarks[key.split("/")[1]].append(key)
     panels += [(f"eval: {name}", names) for name, names in sorted(benchmarks.items())]
-    return [(title, [k for k in names if k in keys]) for title, names in panels if any(k in keys for k in names)]
+    return [(title, [k for k in names if k in keys]) for title, names in panels
+            if any(k in keys for k in names) and (not title.startswith("train vs") or "val/loss" in keys)]
 
 
 def plot_runs(run_dirs: Sequence[str], out: str) -> str:
@@ -67,7 +70,8 @@ def plot_runs(run_dirs: Sequence[str], out: str) -> str:
             for name in names:
                 if name in series:
                     steps, values = zip(*series[name])
-                    label = name.split("/")[-1] if len(runs) == 1 else f"{run}: {name.split('/')[-1]}"
+                    short = "validation" if name == "val/loss" else name.split("/")[-1]
+                    label = short if len(runs) == 1 else f"{run}: {short}"
                     axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
         axis.set_title(title)
         axis.set_xlabel("optimizer step")

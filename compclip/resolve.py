@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from compclip import runfolder
-from compclip.config import ConfigError, TrainConfig, from_dict, merge_dicts, to_dict
+from compclip.config import ConfigError, TrainConfig, from_dict, merge_dicts, read_config_bytes, to_dict
 from compclip.fields import seal
 
 logger = logging.getLogger("compclip")
@@ -69,6 +69,9 @@ class ResolvedRun:
     """The bag-of-words start (compclip.bow.BowStart) to train before the model is built."""
     resume: Optional[Tuple[Path, str]] = None
     """(DeepSpeed checkpoint folder, tag) to continue from."""
+    resume_fallbacks: Tuple[Tuple[Path, str], ...] = ()
+    """The tags to try in order when `resume` fails verification (its ancestors on the current line; none for an
+    explicit tag). The trainer verifies them with every rank (compclip.trainer.checkpoint.Checkpointer.verified)."""
     init_from: Optional[Tuple[Path, str]] = None
     """(DeepSpeed checkpoint folder, tag) whose weights start the run."""
     layers: Tuple[str, ...] = ()
@@ -111,16 +114,17 @@ def resolve(cfg: TrainConfig, world_size: int = 1, *, run_name: Optional[str] = 
     derived = merge_dicts(derived, {"data": {"batch_size": micro}})
     _model(cfg, derived, start)
     _evaluation(cfg, derived, synthetic)
-    run, resume = _run_folder(cfg, derived, run_name)
+    run, located = _run_folder(cfg, derived, run_name)
+    resume, fallbacks = (located[0], tuple(located[1:])) if located else (None, ())
     config = from_dict(merge_dicts(to_dict(cfg), derived))
     ds_config, overrides = deepspeed_config(config, world_size, accumulation)
     if resume is not None:
         _check_resume_world(resume, world_size)
-    init = _locate("init_from", config.init_from) if config.init_from else None
+    init = _locate("init_from", config.init_from)[0] if config.init_from else None
     seal(config)
     seal(requested)
     return ResolvedRun(config, requested, world_size, run, accumulation, contrastive, loader_batch, ds_config,
-                       tuple(overrides), synthetic, start, resume, init, tuple(layers))
+                       tuple(overrides), synthetic, start, resume, fallbacks, init, tuple(layers))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,12 +171,15 @@ def needs_negatives(cfg: TrainConfig) -> bool:
 
 
 def _model(cfg: TrainConfig, derived: Dict[str, Any], start) -> None:
-    from compclip.models import known_architecture, uses_quick_gelu
+    from compclip.models import known_architecture, lock_problem, uses_quick_gelu
 
     model = cfg.model
     problem = known_architecture(model.arch)
     if problem:
         raise ConfigError(f"model.arch: {problem}")
+    problem = lock_problem(model)
+    if problem:
+        raise ConfigError(problem)
     if start is not None:
         derived.setdefault("model", {})["pretrained"] = start.checkpoint
         return
@@ -218,7 +225,11 @@ def _data(cfg: TrainConfig, derived: Dict[str, Any], micro: int):
         if data.val_manifest:
             _check_source("data.val_manifest", cfg, data.val_manifest, negatives=False)
         return None, None
-    paths = synthetic_world.paths_of(data.synthetic)
+    try:
+        paths = synthetic_world.paths_of(data.synthetic)
+    except (KeyError, IndexError, ValueError) as error:  # str.format of a placeholder it does not know
+        raise ConfigError(f"data.synthetic.root: {data.synthetic.root[:200]!r} is not a folder with the placeholders "
+                          f"{{seed}}, {{num_train}}, {{num_val}}, {{image_size}}, {{variant}} ({error!r})") from None
     derived["data"] = {"train_manifest": paths.train, "val_manifest": data.val_manifest or paths.val,
                        "synthetic": {"root": paths.root}}
     if data.val_manifest:
@@ -351,11 +362,9 @@ def _with_file(cfg: TrainConfig, generated: Dict[str, Any], world_size: int,
     """`generated` overlaid with `deepspeed.config_file`, checked against the data loader's batch arithmetic."""
     micro, path = cfg.data.batch_size, cfg.deepspeed.config_file
     try:
-        with open(path, encoding="utf-8") as fh:
-            explicit = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.config_file {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        explicit = json.loads(read_config_bytes(path, "deepspeed.config_file").decode("utf-8"),
+                              object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ConfigError(f"deepspeed.config_file {path}: not valid JSON: {exc}") from None
     if not isinstance(explicit, dict):
         raise ConfigError(f"deepspeed.config_file {path}: the top level must be an object")
@@ -379,6 +388,19 @@ def _with_file(cfg: TrainConfig, generated: Dict[str, Any], world_size: int,
     return merged, differences
 
 
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """A JSON object whose keys are unique (json keeps the last of two and drops the first without a word)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key {repeated[0]!r} repeated: one of the two values would be lost")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a DeepSpeed setting can take")
+
+
 def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "") -> List[str]:
     out = []
     for key, value in theirs.items():
@@ -387,7 +409,7 @@ def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "")
             out.extend(_differences(ours[key], value, dotted + "."))
         elif key not in ours:
             out.append(f"{dotted}: set to {value!r} by the file (not generated by compclip)")
-        elif ours[key] != value:
+        elif ours[key] != value and value != "auto":  # "auto": filled in with ours
             out.append(f"{dotted}: file {value!r} overrides generated {ours[key]!r}")
     return out
 
@@ -396,15 +418,16 @@ def _differences(ours: Dict[str, Any], theirs: Dict[str, Any], prefix: str = "")
 # The run folder and the checkpoints it continues from
 
 
-def _locate(key: str, spec: str, run: Optional[runfolder.RunFolder] = None) -> Tuple[Path, str]:
+def _locate(key: str, spec: str, run: Optional[runfolder.RunFolder] = None) -> List[Tuple[Path, str]]:
+    """The tags a resume (init_from) of `spec` tries, in order (compclip.runfolder.candidates)."""
     try:
-        return runfolder.locate(spec, run, warn=False)
+        return runfolder.candidates(spec, run, warn=False)
     except runfolder.CheckpointNotFound as error:
         raise ConfigError(f"{key}: {error}") from None
 
 
 def _run_folder(cfg: TrainConfig, derived: Dict[str, Any],
-                run_name: Optional[str]) -> Tuple[runfolder.RunFolder, Optional[Tuple[Path, str]]]:
+                run_name: Optional[str]) -> Tuple[runfolder.RunFolder, List[Tuple[Path, str]]]:
     log, resume = cfg.log, cfg.resume
     logs, name = log.logs, log.name
     if resume and resume != "latest" and not name:
@@ -416,13 +439,32 @@ def _run_folder(cfg: TrainConfig, derived: Dict[str, Any],
     if resume == "latest" and not name:
         raise ConfigError("resume=latest needs log.name (the run folder to continue)")
     name = name or run_name or default_run_name(cfg)
+    for key, value in (("log.logs", logs), ("log.name", name)):
+        _check_path(key, value)
     derived.setdefault("log", {}).update(logs=logs, name=name)
     run = runfolder.RunFolder(Path(logs) / name)
-    return run, (_locate("resume", resume, run) if resume else None)
+    return run, (_locate("resume", resume, run) if resume else [])
+
+
+NAME_MAX = 255
+"""The longest file or folder name most file systems take, in bytes."""
+
+
+def _check_path(key: str, value: str) -> None:
+    """A path the run will create: no NUL byte, no name longer than NAME_MAX (both fail only at the first write)."""
+    if "\x00" in value:
+        raise ConfigError(f"{key}: a path cannot hold a NUL byte ({value[:200]!r})")
+    long = [part for part in Path(value).parts if len(os.fsencode(part)) > NAME_MAX]
+    if long:
+        raise ConfigError(f"{key}: the name {long[0][:60]!r}... is {len(os.fsencode(long[0]))} bytes long; file "
+                          f"systems take at most {NAME_MAX}")
 
 
 def _check_resume_world(resume: Tuple[Path, str], world_size: int) -> None:
-    saved = runfolder.marker(resume[0] / resume[1]).get("world_size")
+    try:
+        saved = runfolder.marker(resume[0] / resume[1]).get("world_size")
+    except runfolder.CheckpointNotFound as error:
+        raise ConfigError(f"resume: {error}") from None
     if saved is not None and saved != world_size:
         raise ConfigError(f"resume: {resume[0] / resume[1]} was written by {saved} ranks, this run has {world_size}; "
                           "use init_from to continue on a different number of ranks")

@@ -9,7 +9,8 @@
 
 The entry point: parse the command line (compclip.config.request), resolve the run (compclip.resolve), then train
 it (compclip.trainer.Trainer). A configuration mistake is one message that names the key and exit status 2, before
-any process group starts, printed once under the launcher (by rank 0; the other ranks exit 2 silently).
+any process group starts (a checkpoint to resume that fails verification: once the ranks have checked it
+together), printed once under the launcher (by rank 0; the other ranks exit 2 silently).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import time  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 from compclip.config import ConfigError, help_text, request  # noqa: E402
+from compclip.data.inputs import InputError  # noqa: E402
+from compclip.heap import startup  # noqa: E402
 from compclip.resolve import ResolvedRun, launcher_world_size, resolve  # noqa: E402
 
 CONFIG_ERROR = 2  # exit status of a configuration mistake
@@ -37,9 +40,11 @@ def _launcher_rank() -> int:
 
 
 def fail(error: Exception) -> None:
-    """One message naming the key, printed by rank 0 only; every rank exits with CONFIG_ERROR."""
+    """One message naming the key (or the file, line and field), printed by rank 0 only; every rank exits with
+    CONFIG_ERROR."""
     if _launcher_rank() == 0:
-        print(f"compclip/train.py: configuration error: {error}", file=sys.stderr, flush=True)
+        kind = "configuration error" if isinstance(error, ConfigError) else "input error"
+        print(f"compclip/train.py: {kind}: {error}", file=sys.stderr, flush=True)
     raise SystemExit(CONFIG_ERROR)
 
 
@@ -77,27 +82,35 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if "--help" in argv or "-h" in argv:
         raise SystemExit(print(__doc__.strip() + "\n\n" + help_text()))
     t0 = time.time()
+    with startup():  # compclip.heap: no collections while the imports run; then what they made is frozen
+        try:
+            asked = request(argv)
+            world_size = asked.args.plan_world_size or launcher_world_size()
+            run = resolve(asked.config, world_size, layers=asked.layers)
+            if asked.args.plan:
+                from compclip.plan import print_plan
+
+                print_plan(run, asked, rank=_launcher_rank())
+                return {"plan": True}
+        except ConfigError as error:  # in the YAML / command line, or found in the files a run names
+            fail(error)
+        from compclip.trainer import Trainer, engine
+        from compclip.trainer.evaluator import final_report
+        from compclip.trainer.preemption import PREEMPTED
+
+        # A caller's process group (a test, a notebook) stays: DeepSpeed caches groups derived from it.
+        owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        engine.single_process_environment()
+        engine.init_process_group()
     try:
-        asked = request(argv)
-        world_size = asked.args.plan_world_size or launcher_world_size()
-        run = resolve(asked.config, world_size, layers=asked.layers)
-        if asked.args.plan:
-            from compclip.plan import print_plan
-
-            print_plan(run, asked, rank=_launcher_rank())
-            return {"plan": True}
-    except ConfigError as error:  # in the YAML / command line, or found in the files a run names
+        trainer = Trainer(_agreed(run))
+    except (ConfigError, InputError) as error:  # found once ranks look together: a checkpoint that fails
+        # verification; the data read at the start (every rank reads the same and stops here)
         fail(error)
-    from compclip.trainer import Trainer, engine
-    from compclip.trainer.evaluator import final_report
-    from compclip.trainer.preemption import PREEMPTED
-
-    # A caller's process group (a test, a notebook) stays: DeepSpeed caches groups derived from it.
-    owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    engine.single_process_environment()
-    engine.init_process_group()
-    trainer = Trainer(_agreed(run))
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
     if trainer.rank == 0 and not result["preempted"]:
         final_report(trainer.run, f"{trainer.method.describe()} — {result['steps']} steps in {time.time() - t0:.0f}s "
                      f"({trainer.world_size} rank{'s' * (trainer.world_size > 1)}, {trainer.device})", result)

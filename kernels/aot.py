@@ -1,6 +1,7 @@
 """Ahead-of-time resource gate for every Triton launch the public ops make (project issue #10, item 1).
 
 ``python -m compclip.kernels.aot [--full] [--arch 80|90] [--json out.json] [--md out.md]``
+``python -m compclip.kernels.aot --waves [--md out.md]``  (grids only: CTAs per launch against the SM count)
 
 How: each public op (``contrastive_row_loss``, ``grouped_scores``, ``grouped_contrast_row_loss``,
 ``concept_attention_pool``, ``xac_loss_sum``) runs forward and backward on **meta-device** tensors of the real
@@ -16,7 +17,18 @@ sm_80 166,912 B). TTGIR tells whether each 16-bit ``tt.dot`` got a tensor-core l
 wgmma on sm_90, ``nvidia_mma`` = mma.sync).
 
 Fails (exit 1) on: a compile error, shared memory over the limit, spill bytes in a bf16/fp16 row, a 16-bit dot
-without tensor cores. The meta tensors have data_ptr 0, i.e. aligned, like fresh CUDA allocations.
+without tensor cores. The meta tensors have data_ptr 0, i.e. aligned, like fresh CUDA allocations; the full
+matrix adds views one element into their storage (pointers not 16-byte aligned, as a slice of a larger tensor
+gives), sizes that are not multiples of 16 (Triton specialises integers divisible by 16), the ``deterministic=False``
+atomic path, the local batch of an 8-GPU run (M = B/8: the split kernels and their combines) and inputs that need
+no gradient (the kernels' HAS_* variants). Each architecture records its own launches: the launchers read
+``_common.device_arch`` and ``_common.sm_count``, which the gate sets to the target (sm_80: an A100's 108 SMs,
+sm_90: an H100's 132), so a tile or split that depends on the GPU is compiled as that GPU would pick it.
+
+Waves: ``--waves`` records the launches of every op at the target shapes of docs/kernels.md, at the global batch
+and at an 8-GPU rank's local batch (M = B/8; for XAC B/8 local images against all 2,304 concepts), for sm_80 and
+sm_90, and reports CTAs per launch against the SM count. ``WAVES_FLOOR`` = 2 is asserted by
+tests/kernels/test_kernel_waves.py.
 
 Must run with TRITON_INTERPRET unset/0 (under the interpreter the kernels are not JIT functions and
 ``dot_config`` would choose float32 dots); the test runs it as a subprocess.
@@ -100,25 +112,37 @@ class Case:
     run: Callable[[], None]
 
 
-def _t(*shape, dtype, grad=True):
+def _t(*shape, dtype, grad=True, unaligned=False):
+    """A meta tensor (no storage); ``unaligned``: a view one element into a larger one, so its data pointer is
+    not a multiple of 16 bytes (what Triton's launcher would see for a slice)."""
+    if unaligned:
+        numel = 1
+        for extent in shape:
+            numel *= extent
+        base = torch.empty(numel + 1, dtype=dtype, device="meta", requires_grad=grad)
+        return base[1:].view(*shape)
     return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
 
 
-def _contrastive(B, N, D, dtype, extra):
+def _contrastive(M, N, D, dtype, extra=False, deterministic=True, frozen=(), unaligned=False):
+    """``frozen``: inputs without a gradient ("anchors", "columns")."""
     def run():
         from . import contrastive_row_loss
-        a, c = _t(B, D, dtype=dtype), _t(N, D, dtype=dtype)
-        targets = torch.empty(B, dtype=torch.long, device="meta")
-        e = _t(B, dtype=torch.float32) if extra else None
+        a = _t(M, D, dtype=dtype, grad="anchors" not in frozen, unaligned=unaligned)
+        c = _t(N, D, dtype=dtype, grad="columns" not in frozen, unaligned=unaligned)
+        targets = torch.empty(M, dtype=torch.long, device="meta")
+        e = _t(M, dtype=torch.float32) if extra else None
         scale = _t((), dtype=torch.float32)
-        contrastive_row_loss(a, c, scale, targets, e).sum().backward()
+        contrastive_row_loss(a, c, scale, targets, e, deterministic=deterministic).sum().backward()
     return run
 
 
-def _grouped(B, K, D, dtype, loss):
+def _grouped(B, K, D, dtype, loss, frozen=(), unaligned=False):
     def run():
         from . import grouped_contrast_row_loss, grouped_scores
-        a, p, n = _t(B, D, dtype=dtype), _t(B, D, dtype=dtype), _t(B, K, D, dtype=dtype)
+        a = _t(B, D, dtype=dtype, unaligned=unaligned)
+        p = _t(B, D, dtype=dtype, unaligned=unaligned)
+        n = _t(B, K, D, dtype=dtype, grad="negatives" not in frozen, unaligned=unaligned)
         scale = _t((), dtype=torch.float32)
         if loss:
             grouped_contrast_row_loss(a, p, n, scale).sum().backward()
@@ -128,10 +152,12 @@ def _grouped(B, K, D, dtype, loss):
     return run
 
 
-def _xattn(B, P, L, D, dtype, xac):
+def _xattn(B, P, L, D, dtype, xac, frozen=(), unaligned=False):
+    """``frozen``: "tokens", "concepts" (both: only the scalars' gradients)."""
     def run():
         from . import concept_attention_pool, xac_loss_sum
-        u, c = _t(B, L, D, dtype=dtype), _t(P, D, dtype=dtype)
+        u = _t(B, L, D, dtype=dtype, grad="tokens" not in frozen, unaligned=unaligned)
+        c = _t(P, D, dtype=dtype, grad="concepts" not in frozen, unaligned=unaligned)
         if xac:
             owner = torch.empty(P, dtype=torch.long, device="meta")
             xac_loss_sum(u, c, owner, _t((), dtype=torch.float32), _t((), dtype=torch.float32)).backward()
@@ -140,27 +166,77 @@ def _xattn(B, P, L, D, dtype, xac):
     return run
 
 
+B_TARGET, K_TARGET = 32768, 4                 # contrastive / grouped target batch (docs/kernels.md)
+XAC_TARGET = dict(B=768, P=2304, L=196, D=768)
+RANKS = 8                                     # the local batch of an 8-GPU data-parallel run: B / 8 rows
+
+
 def cases(full: bool) -> List[Case]:
-    """Reduced (CI): bf16, the target rows of docs/kernels.md (contrastive/grouped D=512, XAC/pooling L=196 D=768). Full: D ∈ {512, 768, 1024} (contrastive/grouped), D ∈ {512, 768} ×
-    L ∈ {50, 196, 257, 577, 1024} (XAC/pooling), bf16 + fp16 + fp32."""
+    """Reduced (CI): bf16, the target rows of docs/kernels.md (contrastive/grouped D=512 at the global batch and
+    an 8-GPU rank's local batch, XAC/pooling L=196 D=768; a rank's 96 images compile the same kernels). Full: D ∈ {512, 768, 1024} (contrastive/grouped),
+    D ∈ {512, 768} × L ∈ {50, 196, 257, 577, 1024} (XAC/pooling), bf16 + fp16 + fp32, and per dtype the atomic
+    path, ragged sizes, unaligned views and frozen inputs."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     dims = (512, 768, 1024) if full else (512,)
     x_dims = (512, 768) if full else (768,)
     lengths = (50, 196, 257, 577, 1024) if full else (196,)
+    N, local = B_TARGET * (1 + K_TARGET), B_TARGET // RANKS
+    xb, xp = XAC_TARGET["B"], XAC_TARGET["P"]
     out: List[Case] = []
     for dt in dtypes:
         for D in dims:
             for extra in (False, True):
                 out.append(Case("contrastive_row_loss" + ("+extra" if extra else ""), dt,
-                                f"M=32768 N=163840 D={D}", _contrastive(32768, 163840, D, dt, extra)))
-            out.append(Case("grouped_scores", dt, f"B=32768 K=4 D={D}", _grouped(32768, 4, D, dt, False)))
-            out.append(Case("grouped_contrast_row_loss", dt, f"B=32768 K=4 D={D}", _grouped(32768, 4, D, dt, True)))
+                                f"M={B_TARGET} N={N} D={D}", _contrastive(B_TARGET, N, D, dt, extra)))
+            out.append(Case("contrastive_row_loss", dt, f"M={local} N={N} D={D}", _contrastive(local, N, D, dt)))
+            out.append(Case("grouped_scores", dt, f"B={B_TARGET} K={K_TARGET} D={D}",
+                            _grouped(B_TARGET, K_TARGET, D, dt, False)))
+            out.append(Case("grouped_contrast_row_loss", dt, f"B={B_TARGET} K={K_TARGET} D={D}",
+                            _grouped(B_TARGET, K_TARGET, D, dt, True)))
+            if full:
+                # one rank of 32 (a combine of two rows per CTA), and the atomic path at both batches
+                out.append(Case("contrastive_row_loss", dt, f"M=1024 N={N} D={D}", _contrastive(1024, N, D, dt)))
+                for M in (B_TARGET, local):
+                    out.append(Case("contrastive_row_loss[atomic]", dt, f"M={M} N={N} D={D}",
+                                    _contrastive(M, N, D, dt, deterministic=False)))
         for D in x_dims:
             for L in lengths:
-                out.append(Case("concept_attention_pool", dt, f"B=768 P=2304 L={L} D={D}",
-                                _xattn(768, 2304, L, D, dt, False)))
-                out.append(Case("xac_loss_sum", dt, f"B=768 P=2304 L={L} D={D}", _xattn(768, 2304, L, D, dt, True)))
+                for op, xac in (("concept_attention_pool", False), ("xac_loss_sum", True)):
+                    out.append(Case(op, dt, f"B={xb} P={xp} L={L} D={D}", _xattn(xb, xp, L, D, dt, xac)))
+                    if full:   # a rank's 96 images: the same kernels as 768 at the target (tests/…/waves)
+                        out.append(Case(op, dt, f"B={xb // RANKS} P={xp} L={L} D={D}",
+                                        _xattn(xb // RANKS, xp, L, D, dt, xac)))
+        if full:
+            out.extend(_edge_cases(dt))
     return out
+
+
+def _edge_cases(dt) -> List[Case]:
+    """Ragged sizes (no extent a multiple of 16), unaligned views and frozen inputs, for one dtype."""
+    M, D = 12345, 500
+    return [
+        Case("contrastive_row_loss", dt, f"M={M} N={5 * M} D={D} ragged", _contrastive(M, 5 * M, D, dt, True)),
+        Case("contrastive_row_loss[atomic]", dt, f"M={M} N={5 * M} D={D} ragged",
+             _contrastive(M, 5 * M, D, dt, deterministic=False)),
+        Case("contrastive_row_loss", dt, f"M=4096 N=163840 D=512 unaligned",
+             _contrastive(4096, 163840, 512, dt, unaligned=True)),
+        Case("contrastive_row_loss", dt, "M=4096 N=163840 D=512 anchors frozen",
+             _contrastive(4096, 163840, 512, dt, frozen=("anchors",))),
+        Case("contrastive_row_loss", dt, "M=4096 N=163840 D=512 columns frozen",
+             _contrastive(4096, 163840, 512, dt, frozen=("columns",))),
+        Case("grouped_contrast_row_loss", dt, f"B={M} K=3 D={D} ragged unaligned",
+             _grouped(M, 3, D, dt, True, unaligned=True)),
+        Case("grouped_contrast_row_loss", dt, "B=32768 K=4 D=512 negatives frozen",
+             _grouped(32768, 4, 512, dt, True, frozen=("negatives",))),
+        Case("xac_loss_sum", dt, f"B=77 P=2303 L=197 D={D} ragged unaligned",
+             _xattn(77, 2303, 197, D, dt, True, unaligned=True)),
+        Case("concept_attention_pool", dt, f"B=77 P=2303 L=197 D={D} ragged unaligned",
+             _xattn(77, 2303, 197, D, dt, False, unaligned=True)),
+        Case("xac_loss_sum", dt, "B=96 P=2304 L=196 D=768 tokens frozen",
+             _xattn(96, 2304, 196, 768, dt, True, frozen=("tokens",))),
+        Case("xac_loss_sum", dt, "B=96 P=2304 L=196 D=768 both frozen",
+             _xattn(96, 2304, 196, 768, dt, True, frozen=("tokens", "concepts"))),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,6 +324,8 @@ class Row:
     shape: str
     kernel: str
     arch: int
+    ctas: int = 0
+    waves: float = 0.0
     num_warps: int = 0
     constexprs: str = ""
     shared: int = 0
@@ -283,7 +361,7 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     shown = {fn.arg_names[k[0]]: v for k, v in constexprs.items()
              if fn.arg_names[k[0]].isupper() and not str(fn.arg_names[k[0]]).startswith("DOT")}
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options.__dict__)
+        ck = _compile_to_ptx(src, cc, options)
         info = ptxas_info(ck.asm["ptx"], cc)
         n16, tc, kind = dot_report(ck.asm["ttgir"])
         out = dict(num_warps=options.num_warps, shared=max(int(ck.metadata.shared), info["static_smem"]),
@@ -300,6 +378,28 @@ def compile_launch(launch: Launch, cc: int) -> dict:
             json.dump(out, f)
         os.replace(tmp, cache_file)
     return out
+
+
+def _ptx_only(*args):
+    """Triton's ``add_stages_inspection_hook``: the gate assembles the PTX itself (``ptxas -v``, for registers and
+    spills), so Triton's own ptxas run, whose cubin nobody loads, is skipped. Called without arguments it returns
+    the (key, hash) that keeps these artefacts apart in Triton's cache; with (backend, stages, options, language,
+    capability) it edits the stages."""
+    if not args:
+        return "compclip-aot-ptx-only", "compclip-aot-ptx-only"
+    stages = args[1]
+    stages["cubin"] = lambda src, metadata: b""
+
+
+def _compile_to_ptx(src, cc: int, options):
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    previous, knobs.runtime.add_stages_inspection_hook = knobs.runtime.add_stages_inspection_hook, _ptx_only
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options.__dict__)
+    finally:
+        knobs.runtime.add_stages_inspection_hook = previous
 
 
 def _cache_dir() -> str:
@@ -322,23 +422,45 @@ def evaluate(row: Row) -> Row:
     return row
 
 
+def record_for(case_run: Callable[[], None], cc: int) -> List[Launch]:
+    """The launches ``case_run`` makes on a GPU of compute capability ``cc`` (×10): the launchers pick tiles and
+    splits from ``_common.device_arch`` / ``sm_count``, which read this target off the GPU."""
+    from . import _common
+    previous, _common._TARGET_ARCH["cc"] = _common._TARGET_ARCH["cc"], cc
+    # The host code must decide as on a GPU (16-bit dot dtypes, and the workspace chunks they size) even in a
+    # process that runs the kernels in the interpreter (the tests): nothing is executed here.
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return record(case_run)
+    finally:
+        _common._TARGET_ARCH["cc"] = previous
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+def _ctas(grid) -> int:
+    ctas = 1
+    for extent in grid:
+        ctas *= extent
+    return ctas
+
+
+def _kernel_name(kernel) -> str:
+    return kernel.__name__ if hasattr(kernel, "__name__") else str(kernel)
+
+
 def run_gate(full: bool = False, archs=ARCHS, log=print) -> List[Row]:
     rows: List[Row] = []
-    from . import _common
+    from ._common import TARGET_SMS
     for case in cases(full):
         seen = set()
         for cc in archs:
-            # launchers pick tiles per architecture (device_arch): record the launches each target would get
-            previous, _common._TARGET_ARCH["cc"] = _common._TARGET_ARCH["cc"], cc
-            try:
-                launches = record(case.run)
-            finally:
-                _common._TARGET_ARCH["cc"] = previous
-            for ln in launches:
-                name = ln.kernel.__name__ if hasattr(ln.kernel, "__name__") else str(ln.kernel)
+            for ln in record_for(case.run, cc):
+                name = _kernel_name(ln.kernel)
                 res = compile_launch(ln, cc)
-                row = Row(case.op, str(case.dtype).replace("torch.", ""), case.shape, name, cc,
-                          smem_limit=SMEM_LIMIT[cc], **res)
+                ctas = _ctas(ln.grid)
+                row = Row(case.op, str(case.dtype).replace("torch.", ""), case.shape, name, cc, ctas=ctas,
+                          waves=round(ctas / TARGET_SMS[cc], 2), smem_limit=SMEM_LIMIT[cc], **res)
                 k = (name, cc, row.constexprs, row.num_warps)
                 if k in seen:
                     continue
@@ -349,8 +471,8 @@ def run_gate(full: bool = False, archs=ARCHS, log=print) -> List[Row]:
     return rows
 
 
-COLUMNS = ("op", "dtype", "shape", "kernel", "arch", "num_warps", "shared", "smem_limit", "registers", "spill",
-           "dots16", "dots_tc", "dot_kind", "constexprs", "failures")
+COLUMNS = ("op", "dtype", "shape", "kernel", "arch", "ctas", "waves", "num_warps", "shared", "smem_limit",
+           "registers", "spill", "dots16", "dots_tc", "dot_kind", "constexprs", "failures")
 
 
 def format_row(r: Row) -> str:
@@ -376,6 +498,84 @@ def summary(rows: List[Row]) -> str:
     return f"{len(rows)} rows, {len(bad)} failing"
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Waves: CTAs per launch against the SM count, at the target shapes
+# --------------------------------------------------------------------------------------------------------------
+WAVES_FLOOR = 2.0
+
+
+def wave_cases() -> List[Case]:
+    """The target shapes of docs/kernels.md (bf16) at the global batch and at the local batch of one of RANKS
+    ranks: contrastive image→[texts; negatives] (N = 5B) and text→image (N = B) rows at B = 32,768 and 8,192
+    (local M from 1,024 to 32,768), both backward paths; grouped; XAC and pooling at B = 768 images (local 96)
+    against all 2,304 concepts."""
+    out: List[Case] = []
+    bf16 = torch.bfloat16
+    for B in (B_TARGET, 8192):
+        for ranks in (1, RANKS):
+            M = B // ranks
+            for N, direction in ((B * (1 + K_TARGET), "i2t"), (B, "t2i")):
+                out.append(Case(f"contrastive_row_loss {direction}", bf16, f"M={M} N={N} D=512",
+                                _contrastive(M, N, 512, bf16)))
+            out.append(Case("contrastive_row_loss[atomic] i2t", bf16, f"M={M} N={B * (1 + K_TARGET)} D=512",
+                            _contrastive(M, B * (1 + K_TARGET), 512, bf16, deterministic=False)))
+    out.append(Case("contrastive_row_loss i2t", bf16, f"M=1024 N={B_TARGET * (1 + K_TARGET)} D=512",
+                    _contrastive(1024, B_TARGET * (1 + K_TARGET), 512, bf16)))
+    for ranks in (1, RANKS):
+        B = B_TARGET // ranks
+        out.append(Case("grouped_contrast_row_loss", bf16, f"B={B} K={K_TARGET} D=512",
+                        _grouped(B, K_TARGET, 512, bf16, True)))
+        images, x = XAC_TARGET["B"] // ranks, XAC_TARGET
+        for op, xac in (("xac_loss_sum", True), ("concept_attention_pool", False)):
+            out.append(Case(op, bf16, f"B={images} P={x['P']} L={x['L']} D={x['D']}",
+                            _xattn(images, x["P"], x["L"], x["D"], bf16, xac)))
+    return out
+
+
+@dataclass
+class WaveRow:
+    op: str
+    shape: str
+    kernel: str
+    arch: int
+    grid: str
+    ctas: int
+    sms: int
+    waves: float
+
+
+def waves(archs=ARCHS, wave_cases_=None) -> List[WaveRow]:
+    """Every launch (no deduplication) of ``wave_cases()`` per architecture, with its CTAs and waves."""
+    from ._common import TARGET_SMS
+    rows = []
+    for case in (wave_cases_ or wave_cases()):
+        for cc in archs:
+            for ln in record_for(case.run, cc):
+                ctas = _ctas(ln.grid)
+                rows.append(WaveRow(case.op, case.shape, _kernel_name(ln.kernel), cc, "×".join(map(str, ln.grid)),
+                                    ctas, TARGET_SMS[cc], round(ctas / TARGET_SMS[cc], 2)))
+    return rows
+
+
+def waves_markdown(rows: List[WaveRow]) -> str:
+    """One line per (op, shape, kernel), with the CTAs and waves of sm_90 (H100, 132 SMs) and sm_80 (A100, 108):
+    of its smallest launch, where a kernel is launched more than once (per chunk of images)."""
+    table: Dict[tuple, Dict[int, WaveRow]] = {}
+    for r in rows:
+        by_arch = table.setdefault((r.op, r.shape, r.kernel), {})
+        if r.arch not in by_arch or r.ctas < by_arch[r.arch].ctas:
+            by_arch[r.arch] = r
+    out = ("| op | shape | kernel | grid (sm_90) | CTAs (sm_90) | waves H100 | grid (sm_80) | CTAs (sm_80) | "
+           "waves A100 |\n|---|---|---|---|---|---|---|---|---|\n")
+    for (op, shape, kernel), by_arch in table.items():
+        cells = []
+        for cc in (90, 80):
+            r = by_arch.get(cc)
+            cells += [r.grid, str(r.ctas), f"{r.waves:.2f}"] if r else ["-", "-", "-"]
+        out += f"| {op} | {shape} | {kernel} | " + " | ".join(cells) + " |\n"
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compclip.kernels.aot", description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="every D, L and dtype (default: reduced CI set)")
@@ -383,7 +583,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="write the rows as JSON")
     ap.add_argument("--md", help="write the rows as a Markdown table")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--waves", action="store_true", help="only the waves table (records grids, compiles nothing)")
     args = ap.parse_args(argv)
+    if args.waves:
+        rows = waves(tuple(args.arch or ARCHS))
+        text = waves_markdown(rows)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(text)
+        low = [r for r in rows if r.waves < WAVES_FLOOR]
+        print(text if not args.quiet else "", end="")
+        print(f"waves: {len(rows)} launches, {len(low)} below {WAVES_FLOOR:g} waves")
+        return 1 if low else 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot: TRITON_INTERPRET=1 is set; the gate needs compiled (not interpreted) kernels", file=sys.stderr)
         return 2

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.cost(26)
 def test_bench_runs_and_renders(tmp_path):
     results = tmp_path / "results.json"
     # A clean pytest: no interpreter (the Triton cases must skip), no xdist worker state inherited from this run.

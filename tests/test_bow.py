@@ -21,6 +21,7 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.cost(14)
 def test_the_bow_start_is_trained_once_recorded_and_started_from(tmp_path, one_process):
     from compclip.train import main
 

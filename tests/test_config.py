@@ -1,5 +1,6 @@
 """Configuration: the layers (defaults < embedded default < YAML < command line), errors that name the key, the
 command line's flags, --help."""
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,41 @@ def test_the_embedded_default_takes_another_method():
 
     cfg = load_config(["--loss.method=degla"])
     assert cfg.model.pretrained == "synthetic-bow:1" and published_terms(cfg) == PUBLISHED_WEIGHTS["degla"]
+
+
+def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "degla").mkdir()  # e.g. where a user keeps DeGLA's release files
+    assert load_config(["--config", "degla"]).loss.method == "degla"
+    (tmp_path / "mine.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"--config mine\.yaml"):
+        load_config(["--config", "mine.yaml"])
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--model.lock_image_unlocked_groups=2"], "model.lock_image_unlocked_groups=2 leaves"),
+    (["--model.lock_text=true", "--model.lock_text_unlocked_layers=-1"], "model.lock_text_unlocked_layers: must"),
+    (["--model.lock_image_freeze_bn_stats=true"], "model.lock_image_freeze_bn_stats needs model.lock_image"),
+    (["--log.wandb_mode=cloud"], "log.wandb_mode"),
+])
+def test_lock_and_wandb_errors_name_the_key(argv, names):
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        load_config(argv)
+
+
+def test_wandb_is_needed_only_when_log_wandb_is_on(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed: importing it fails
+    with pytest.raises(ConfigError, match=r"log\.wandb=true needs the wandb package: pip install wandb"):
+        load_config(["--log.wandb=true"])
+    assert load_config(["--log.wandb=false", "--log.wandb_project=p"]).log.wandb_project == "p"
+
+
+def test_a_run_resolved_with_a_lock_its_text_tower_cannot_do_names_the_key():
+    from compclip.resolve import resolve
+
+    cfg = load_config(["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.lock_text=true",
+                       "--model.lock_text_freeze_layer_norm=false"])
+    with pytest.raises(ConfigError, match=r"model\.lock_text_freeze_layer_norm=false: the text tower of compclip-tiny"):
+        resolve(cfg, 1)

@@ -1,5 +1,7 @@
 """compclip.models: visual tokens, one-forward encoding, parameter groups, logit-scale clamp, export round trip."""
 import math
+import os
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -137,3 +139,128 @@ def test_sincos_tiny_has_a_fixed_2d_sincos_position_embedding_outside_the_optimi
     torch.testing.assert_close(table.double(), expected, rtol=0, atol=1e-6)
     grouped = {id(p) for group in parameter_groups(model, 0.1) for p in group["params"]}
     assert id(table) not in grouped
+
+
+LOAD_LOCAL_DIR = """
+import sys, torch, open_clip
+folder, inputs, out = sys.argv[1:]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+images, captions = torch.load(inputs)
+model.eval()
+with torch.no_grad():
+    torch.save({"image": model.encode_image(images), "text": model.encode_text(tokenizer(captions)),
+                "quick_gelu": type(model.visual.transformer.resblocks[0].mlp.gelu).__name__}, out)
+"""
+
+
+@pytest.mark.parametrize("arch, quick_gelu", [("compclip-tiny", False), ("ViT-B-32", True)])
+def test_the_export_loads_as_a_local_folder_in_stock_open_clip(tmp_path, arch, quick_gelu):
+    """`open_clip.create_model_and_transforms("local-dir:epoch_N")` in a fresh process that never imported compclip
+    (so neither its architecture configs nor its QuickGELU rule): the embeddings equal the trained model's. For a
+    QuickGELU ViT-B-32 (how OpenAI weights run), the `.pt` loaded with the plain architecture name would not."""
+    import subprocess
+    import sys
+
+    from open_clip import get_model_preprocess_cfg
+
+    torch.manual_seed(3)
+    model, _, preprocess, tokenizer = build_model(arch, force_quick_gelu=quick_gelu)
+    model.eval()
+    state = full_state_dict(Encoder(model).clip)
+    path = tmp_path / "checkpoints" / "epoch_1.pt"
+    folder = export_checkpoint(state, str(path), 1, arch, quick_gelu=quick_gelu,
+                               preprocess_cfg=get_model_preprocess_cfg(model), tokenizer=tokenizer)
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (path, *Path(folder).iterdir()):  # as readable as the process's umask allows (shared clusters)
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written
+    size = model.visual.image_size
+    images = torch.randn(2, 3, *(size if isinstance(size, tuple) else (size, size)))
+    captions = ["a red circle left of a blue square", "a photo of a dog"]
+    torch.save((images, captions), tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", LOAD_LOCAL_DIR, folder, str(tmp_path / "inputs.pt"), str(tmp_path / "o.pt")],
+                   check=True, cwd=tmp_path, timeout=300)
+    loaded = torch.load(tmp_path / "o.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["image"], model.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded["text"], model.encode_text(tokenizer(captions)), rtol=0, atol=1e-6)
+    assert loaded["quick_gelu"] == ("QuickGELU" if quick_gelu else "GELU")
+    if quick_gelu:  # the pitfall the folder removes: the same weights with the architecture's own GELU
+        plain = open_clip.create_model_and_transforms(arch, pretrained=str(path))[0].eval()
+        with torch.no_grad():
+            assert not torch.allclose(plain.encode_image(images), loaded["image"], atol=1e-3)
+
+
+@pytest.mark.parametrize("locks, image, text", [
+    (dict(lock_image=True), 0, None),
+    (dict(lock_image=True, lock_image_unlocked_groups=2, lock_text=True, lock_text_unlocked_layers=1), 2, 1),
+    (dict(lock_text=True, lock_text_unlocked_layers=3), None, 3),
+])
+def test_locked_towers_are_open_clips_own_locks_and_stay_out_of_the_optimizer(locks, image, text):
+    """model.lock_* freeze exactly what open_clip's lock_image_tower / lock_text_tower freeze with the same counts,
+    and the optimizer's groups hold exactly the rest (an emptied group is dropped)."""
+    from compclip.config import ModelConfig
+    from compclip.models import build_from_config, lock_towers, parameter_group_names
+
+    torch.manual_seed(0)
+    ours = build_from_config(ModelConfig(arch="compclip-tiny", pretrained="", **locks), load_weights=False)[0]
+    reference = build_model("compclip-tiny")[0]
+    if image is not None:
+        reference.lock_image_tower(unlocked_groups=image)
+    if text is not None:
+        reference.lock_text_tower(unlocked_layers=text)
+    frozen = {name for name, param in reference.named_parameters() if not param.requires_grad}
+    assert frozen == {name for name, param in ours.named_parameters() if not param.requires_grad} != set()
+    grouped = [name for group in parameter_group_names(ours) for name in group]
+    assert sorted(grouped) == sorted(name for name, _ in ours.named_parameters() if name not in frozen)
+    assert "locked" in lock_towers(build_model("compclip-tiny")[0], ModelConfig(**locks))
+
+    both = build_from_config(ModelConfig(arch="compclip-tiny", pretrained="", lock_image=True, lock_text=True),
+                             load_weights=False)[0]
+    groups = parameter_groups(Encoder(both), 0.1)
+    # everything but the logit scale is frozen, and it is not decayed: one group is left
+    assert [[p.shape for p in group["params"]] for group in groups] == [[torch.Size([1])]]
+    assert groups[0]["weight_decay"] == 0.0
+
+
+def test_lock_problems_are_found_from_the_model_config():
+    from compclip.config import ModelConfig
+    from compclip.models import build_from_config, lock_problem
+
+    keep_norms = ModelConfig(arch="compclip-tiny", pretrained="", lock_text=True, lock_text_freeze_layer_norm=False)
+    assert "model.lock_text_freeze_layer_norm=false" in lock_problem(keep_norms)
+    assert lock_problem(ModelConfig(arch="compclip-tiny", lock_text=True)) is None
+    with pytest.raises(ValueError, match="lock_text_freeze_layer_norm"):
+        build_from_config(keep_norms, load_weights=False)
+
+
+@pytest.mark.parametrize("arch", ["compclip-tiny", "compclip-tiny-map"])
+def test_a_model_built_for_loaded_weights_skips_only_the_random_draws(tmp_path, arch):
+    """A checkpoint file loaded at build time skips torch.nn.init's random draws; the loaded
+    model equals one built the ordinary way and given the same weights, buffers included, and the initialisers
+    are themselves again afterwards (also after an error inside)."""
+    from compclip.models import create_model_and_transforms, register_model_configs, uninitialized_parameters
+
+    register_model_configs()
+    normal = torch.nn.init.normal_
+    with pytest.raises(RuntimeError), uninitialized_parameters():
+        marker = torch.full((4,), 7.0)
+        assert torch.nn.init.normal_(marker) is marker and torch.equal(marker, torch.full((4,), 7.0))
+        raise RuntimeError("inside")
+    assert torch.nn.init.normal_ is normal
+    reference = build_model(arch)[0]
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": arch, "state_dict": reference.state_dict()}, path)
+    drawn = []
+    original = torch.Tensor.normal_
+    torch.Tensor.normal_ = lambda self, *a, **k: (drawn.append(self.shape), original(self, *a, **k))[1]
+    try:
+        loaded = create_model_and_transforms(arch, str(path), False)[0]
+    finally:
+        torch.Tensor.normal_ = original
+    assert drawn == []  # nothing drawn at random: every parameter came from the file
+    expected, actual = reference.state_dict(), loaded.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert all(torch.equal(a, b) for a, b in zip(reference.buffers(), loaded.buffers()))

@@ -44,15 +44,17 @@ class DataConfig(Section):
     validity mask + concepts; see docs/internals.md for the batch contract."""
 
     train_manifest: str = ""
-    """Training data: a JSONL / CSV / TSV manifest, or WebDataset shards (a `.tar` path, a brace pattern
-    `shard-{000000..000009}.tar`, or several joined by `::`). Empty = the synthetic world."""
+    """Training data: a JSONL / CSV / TSV manifest (NegCLIP's released TSV too), or WebDataset shards (a `.tar`
+    path, a brace pattern `shard-{000000..000009}.tar`, or several joined by `::`). Empty = the synthetic world."""
     val_manifest: str = ""
-    """Validation data, same formats. Empty = the synthetic world's validation split when training on it,
-    otherwise no validation loader."""
+    """Validation data, same formats: after every epoch the run logs the training objective on it and in-domain
+    retrieval R@1 both ways (`val/...` in metrics.jsonl and tensorboard, drawn in curves.png). Empty = the synthetic
+    world's validation split when training on it, otherwise no validation."""
     format: str = "auto"
     """`auto` (from the file suffix: .jsonl/.json, .csv, .tsv, .tar), `jsonl`, `csv`, `tsv` or `wds`."""
     image_root: str = ""
-    """Folder that relative image paths resolve against. Empty = the folder of the manifest file."""
+    """Folder that relative image paths resolve against; a relative path may not climb out of it (`../`). Empty =
+    the folder of the manifest file."""
     image_key: str = "image"
     """Manifest field / column holding the image path."""
     caption_key: str = "caption"
@@ -68,8 +70,9 @@ class DataConfig(Section):
     pin_memory: bool = False
     """Pin batch memory (worth it when copying to a GPU)."""
     max_skip_fraction: float = 0.01
-    """Largest fraction of an epoch's samples that may be skipped (unreadable image, empty caption) before the
-    loader stops with an error naming the last bad file. 0 = any bad sample is an error."""
+    """Largest fraction of an epoch's samples that may be skipped (unusable image, empty caption, damaged shard
+    sample; docs/reliability.md) before the loader stops with an error naming the last bad file. 0 = any bad
+    sample is an error."""
     shuffle_buffer: int = 1000
     """WebDataset only: size of the sample shuffle buffer used for training."""
     train_num_samples: int = 0

@@ -7,14 +7,14 @@ Batch contract (docs/internals.md), all local to the rank:
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-
+from .inputs import UnusableImage, open_image
 from .manifest import INVALID_NEGATIVE, Record
 from .negatives import normalise
 
@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
-# Errors that mean "this image cannot be used" (PIL raises SyntaxError for some broken PNG chunks).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def sample_rng(seed: int, epoch: int, index: int, *stream: int) -> np.random.Generator:
@@ -76,9 +74,10 @@ def select_negatives(negatives: Sequence[str] | None, valid: Sequence[bool] | No
     return texts, mask
 
 
-def load_image(path: str, preprocess: Callable | None):
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+def load_image(source, preprocess: Callable | None, name: str = ""):
+    """The image at `source` (a path or a binary file object), checked and decoded by
+    `compclip.data.inputs.open_image` (UnusableImage when it cannot be used), then preprocessed."""
+    image = open_image(source, name)
     return preprocess(image) if preprocess is not None else image
 
 
@@ -117,14 +116,12 @@ class SampleBuilder:
               name: str) -> dict:
         if not caption or not caption.strip():
             raise Skip(name, "empty caption")
+        if isinstance(image_source, (bytes, bytearray)):
+            image_source = io.BytesIO(image_source)
         try:
-            if isinstance(image_source, (bytes, bytearray)):
-                import io
-
-                image_source = io.BytesIO(image_source)
-            image = load_image(image_source, self.preprocess)
-        except IMAGE_ERRORS as error:
-            raise Skip(name, f"unreadable image ({type(error).__name__}: {error})") from None
+            image = load_image(image_source, self.preprocess, name)
+        except UnusableImage as error:
+            raise Skip(name, f"unusable image ({str(error).removeprefix(name + ': ')})") from None
         texts, mask = select_negatives(negatives, valid, caption, self.num_negatives,
                                        sample_rng(self.seed, epoch, index))
         concepts = self.concepts_of(caption, concepts)  # of the caption as written

@@ -9,6 +9,7 @@ import torch
 from .concepts import ConceptExtractor
 from .config import DataConfig
 from .dataset import Collate, EpochSampler, Loader, ManifestDataset, SampleBuilder, Tokenizer
+from .inputs import InputError
 from .manifest import detect_format, read_manifest
 from .shards import EpochSetter, ShardDataset, count_samples, expand_urls
 
@@ -53,7 +54,7 @@ def build_dataloader(cfg: DataConfig, tokenizer: Tokenizer, preprocess: Callable
         per_rank = total // world_size if train else -(-total // world_size)
         batches = per_rank // cfg.batch_size if train else -(-per_rank // cfg.batch_size)
         if batches < 1:
-            raise ValueError(f"{path}: {total} samples give no batch of {cfg.batch_size} on {world_size} ranks")
+            raise InputError(f"{path}: {total} samples give no batch of {cfg.batch_size} on {world_size} ranks")
         dataset = ShardDataset(urls, builder, collate, cfg.batch_size, batches, rank, world_size, seed, train,
                                cfg.shuffle_buffer, cfg.caption_key, epoch)
         dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, **common)
@@ -66,7 +67,7 @@ def build_dataloader(cfg: DataConfig, tokenizer: Tokenizer, preprocess: Callable
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                                              collate_fn=collate, drop_last=train, **common)
     if len(dataloader) < 1:
-        raise ValueError(f"{path}: {len(records)} samples give no full batch of {cfg.batch_size} "
+        raise InputError(f"{path}: {len(records)} samples give no full batch of {cfg.batch_size} "
                          f"on {world_size} ranks")
     log.info("%s: %d samples, %d batches of %d per rank (rank %d of %d)", path, len(records), len(dataloader),
              cfg.batch_size, rank, world_size)

@@ -4,6 +4,12 @@ A shard is a tar file; the files of one sample share a key (the member path up t
 name): `<key>.jpg|png|jpeg|webp` holds the image, `<key>.json` the fields (`caption`, `negatives`, `valid`,
 `concepts`; C2LIP's `nounphrases` is read as `concepts`) and/or `<key>.txt` the caption. This is the layout the
 `webdataset` library reads and writes; plain `tarfile` is used so that no library version matters.
+
+Damage (docs/reliability.md, "Bad input"): a sample whose json or txt does not decode, whose fields have the
+wrong types, that repeats a member or has no image is skipped and counted like an unreadable image. A shard that
+is not a complete tar archive (truncated, a header overwritten: `tarfile` would stop there without a word) is an
+`InputError` naming the shard and the byte offset when the samples are counted at start; met while streaming,
+the rest of that shard is skipped and counted as one skipped sample, with a warning naming it.
 """
 from __future__ import annotations
 
@@ -14,16 +20,24 @@ import logging
 import os
 import re
 import tarfile
+import zlib
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from .dataset import Collate, SampleBuilder, Skip
+from .inputs import InputError, parse_json
+from .manifest import ManifestError, check_fields
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_SHARDS = 1_000_000
+"""Largest number of shards a brace pattern may name (a typo such as `{0..99999999999}` would otherwise build a
+list until memory runs out)."""
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
+"""What `tarfile` raises on a damaged archive (ReadError, "unexpected end of data", gzip and zlib errors)."""
 
 
 def expand_urls(pattern: str) -> list[str]:
@@ -35,9 +49,13 @@ def expand_urls(pattern: str) -> list[str]:
             urls.append(part)
             continue
         first, last = match.group(1), match.group(2)
+        if int(last) - int(first) >= MAX_SHARDS:
+            raise InputError(f"{pattern}: the range {{{first}..{last}}} names more than {MAX_SHARDS} shards")
         width = len(first)
         for number in range(int(first), int(last) + 1):
             urls.extend(expand_urls(part[: match.start()] + str(number).zfill(width) + part[match.end():]))
+        if len(urls) > MAX_SHARDS:
+            raise InputError(f"{pattern}: names more than {MAX_SHARDS} shards")
     return urls
 
 
@@ -47,36 +65,94 @@ def split_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def iter_tar_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard as dicts `{"__key__", "__url__", extension: bytes}`; members of one sample must be
-    adjacent (as webdataset writes them)."""
+def _check_end(archive: tarfile.TarFile, url: str, members: int) -> None:
+    """`tarfile` ends its iteration silently at a header it cannot parse or at a truncated one; an archive that
+    really ended has only zero bytes (the end-of-archive blocks) from there on, at least one 512-byte block."""
+    handle, offset = archive.fileobj, archive.offset
+    handle.seek(offset)
+    tail = 0
+    while True:
+        block = handle.read(1 << 16)
+        if not block:
+            break
+        if block.count(0) != len(block):
+            raise InputError(f"{url}: damaged tar data at byte {offset} (after {members} members): a header "
+                             "tarfile cannot read")
+        tail += len(block)
+    if tail < tarfile.BLOCKSIZE:
+        raise InputError(f"{url}: the archive ends at byte {offset} without its end-of-archive blocks (after "
+                         f"{members} members): a truncated shard")
+
+
+NOT_A_FILE = object()
+"""Stands for the data of a member that is a link or a device."""
+
+
+def _members(url: str, read: bool) -> Iterator[tuple[str, object]]:
+    """(member name, its bytes, None when `read` is False, or NOT_A_FILE) of the members of one shard except
+    folders, in order; any damage raises InputError naming the shard."""
+    count = 0
+    try:
+        with tarfile.open(url, "r") as archive:
+            for member in archive:
+                if member.isdir():
+                    continue
+                if not member.isfile():  # a link or device is no sample data: its sample is skipped, counted
+                    count += 1
+                    yield member.name, NOT_A_FILE
+                    continue
+                data = None
+                if read:
+                    handle = archive.extractfile(member)
+                    data = handle.read() if handle is not None else b""
+                    if len(data) != member.size:
+                        raise InputError(f"{url}: member {member.name} holds {len(data)} of its {member.size} bytes")
+                count += 1
+                yield member.name, data
+            _check_end(archive, url, count)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{url}: shard not found") from None
+    except TAR_ERRORS as error:
+        raise InputError(f"{url}: damaged tar archive after {count} members ({type(error).__name__}: {error})"
+                         ) from None
+
+
+def _grouped(url: str, read: bool) -> Iterator[dict]:
     current: dict | None = None
-    with tarfile.open(url, "r") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, extension = split_key(member.name)
+    try:
+        for name, data in _members(url, read):
+            key, extension = split_key(name)
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
-            handle = archive.extractfile(member)
-            current[extension] = handle.read() if handle is not None else b""
+            if extension in current:
+                current["__error__"] = f"member {name} appears twice in the sample"
+            elif data is NOT_A_FILE:
+                current["__error__"] = f"member {name} is a link or a device, not a file"
+            current[extension] = data
+    except InputError:
+        if current is not None and read:  # its members before the damage were read whole: let it be built or
+            yield current                 # skipped like any sample, then report the damage
+        raise
     if current is not None:
         yield current
 
 
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """Samples of one shard as dicts `{"__key__", "__url__", extension: bytes}`; members of one sample must be
+    adjacent (as webdataset writes them). A sample that repeats a member carries `__error__`; a damaged shard
+    raises InputError (after yielding the samples before the damage)."""
+    return _grouped(url, read=True)
+
+
 def count_samples(urls: list[str]) -> int:
-    total = 0
-    for url in urls:
-        keys = set()
-        with tarfile.open(url, "r") as archive:
-            for member in archive:
-                if member.isfile():
-                    keys.add(split_key(member.name)[0])
-        total += len(keys)
-    return total
+    """Samples in the shards, counted as `iter_tar_samples` yields them, reading headers only; a damaged shard
+    raises InputError naming it and the byte offset."""
+    return sum(1 for url in urls for _ in _grouped(url, read=False))
 
 
 def sample_id(url: str, key: str) -> int:
@@ -86,18 +162,31 @@ def sample_id(url: str, key: str) -> int:
 
 
 def decode_fields(sample: dict, caption_key: str = "caption") -> tuple[bytes | None, str, dict]:
+    """(image bytes or None, caption, checked fields) of a raw sample; ManifestError naming `shard:key` when the
+    sample is damaged (a repeated member, json or txt that does not decode, fields of the wrong type)."""
+    where = f"{sample['__url__']}:{sample['__key__']}"
+    if "__error__" in sample:
+        raise ManifestError(f"{where}: {sample['__error__']}")
     image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     fields: dict = {}
-    if "json" in sample:
-        fields = json.loads(sample["json"].decode("utf-8"))
-        if not isinstance(fields, dict):
-            fields = {}
-    caption = fields.get(caption_key)
-    if caption is None and "txt" in sample:
-        caption = sample["txt"].decode("utf-8").strip()
-    if "concepts" not in fields and "nounphrases" in fields:
-        fields["concepts"] = fields["nounphrases"]
-    return image, caption if isinstance(caption, str) else "", fields
+    try:
+        if "json" in sample:
+            fields = parse_json(sample["json"].decode("utf-8"), f"{where}.json", ManifestError, whole_file=False)
+            if not isinstance(fields, dict):
+                raise ManifestError(f"{where}.json: expected an object, got {type(fields).__name__}")
+        if "concepts" not in fields and "nounphrases" in fields:
+            fields["concepts"] = fields["nounphrases"]
+        if fields.get(caption_key) is None and "txt" in sample:
+            fields[caption_key] = sample["txt"].decode("utf-8").strip()
+        caption, negatives, valid, concepts = check_fields(fields, caption_key)
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{where}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except ManifestError:
+        raise
+    except ValueError as error:
+        raise ManifestError(f"{where}: {error}") from None
+    fields.update(negatives=negatives, valid=valid, concepts=concepts)
+    return image, caption, fields
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -148,10 +237,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
             order = rng.permutation(len(urls)) if self.train else range(len(urls))
             position = produced = 0
             for shard in order:
-                for sample in iter_tar_samples(urls[shard]):
+                try:
+                    for sample in iter_tar_samples(urls[shard]):
+                        if by_shard or position % slots == slot:
+                            produced += 1
+                            yield sample
+                        position += 1
+                except InputError as error:  # the rest of the shard cannot be read: one counted skip
                     if by_shard or position % slots == slot:
                         produced += 1
-                        yield sample
+                        yield {"__key__": "(rest of shard)", "__url__": urls[shard], "__error__": str(error)}
                     position += 1
             if not produced:
                 raise RuntimeError(f"no samples for reader {slot} of {slots} in {urls[:3]}...")
@@ -192,9 +287,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         consecutive_bad = 0
         while quota > 0:
             raw = next(stream)
-            image, caption, fields = decode_fields(raw, self.caption_key)
             name = f"{raw['__url__']}:{raw['__key__']}"
             try:
+                try:
+                    image, caption, fields = decode_fields(raw, self.caption_key)
+                except ManifestError as error:
+                    raise Skip(name, str(error).removeprefix(name).lstrip(":. ")) from None
                 if image is None:
                     raise Skip(name, "no image in the sample")
                 sample = self.builder.build(sample_id(raw["__url__"], raw["__key__"]), self.epoch, image, caption,
@@ -248,8 +346,12 @@ def write_shards(rows: list[dict], out_dir: str, prefix: str = "shard", max_coun
                 key = f"{start + offset:09d}"
                 image_path = row["image"] if os.path.isabs(row["image"]) else os.path.join(base_dir, row["image"])
                 extension = os.path.splitext(image_path)[1].lstrip(".").lower() or "jpg"
-                with open(image_path, "rb") as handle:
-                    _add_member(archive, f"{key}.{extension}", handle.read())
+                try:
+                    with open(image_path, "rb") as handle:
+                        _add_member(archive, f"{key}.{extension}", handle.read())
+                except OSError as error:
+                    raise InputError(f"{image_path}: cannot read the image of row {start + offset + 1} for the "
+                                     f"shards ({error.strerror})") from None
                 fields = {name: value for name, value in row.items() if name != "image"}
                 _add_member(archive, f"{key}.json", json.dumps(fields, ensure_ascii=False).encode("utf-8"))
         os.replace(temporary, path)

@@ -63,7 +63,7 @@ def peek(path: str, limit: int, fmt: str = "auto", image_root: str = "", image_k
                     return
         return
     base = image_root or os.path.dirname(os.path.abspath(path))
-    for number, row in iter_rows(path, fmt, image_key):
+    for number, row in iter_rows(path, fmt, image_key, caption_key):
         record = make_record(row, f"{path}:{number}", base, image_key, caption_key)
         yield Peek(record.source, bool(record.negatives), bool(record.concepts))
         seen += 1

@@ -22,6 +22,7 @@ import re
 import sys
 from typing import List, Optional
 
+from .common import exit_on_bad_input
 from .config import EvalConfig, field_docs
 from .loading import ModelSpec, load_model, spec_from_run
 
@@ -169,6 +170,7 @@ def summarize_main(args) -> int:
     return 0
 
 
+@exit_on_bad_input
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -179,10 +181,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("no benchmark given: pass at least one of --sugarcrepe, --aro-vg-relation, "
                          "--aro-vg-attribution, --aro-coco-order, --aro-flickr-order, --valse, --generic-jsonl, "
                          "--zeroshot, --retrieval")
-    import torch
+    from compclip.heap import startup
 
-    from .report import format_table, json_safe, plot_comparison, write_tables
-    from .runner import evaluate
+    with startup():  # no collections while the imports run; then what they made is frozen
+        import torch
+
+        import compclip.models  # noqa: F401  (open_clip)
+
+        from .report import format_table, json_safe, plot_comparison, write_tables
+        from .runner import evaluate
 
     out = args.out or "eval_out"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,6 @@ averaging, which follow each benchmark's authors:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +27,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import BenchmarkResult, EvalDataError, data_error, load_json, require_fields
+from compclip.data.inputs import finite_number, parse_json, text_lines
+
+from .common import BenchmarkResult, EvalDataError, data_error, load_json, require_fields, require_texts
 from .embed import Embedder, ImageRef, resolve_image
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
@@ -196,9 +197,11 @@ def parse_valse_piece(path: str) -> Tuple[List[Tuple[str, str, str, str]], int]:
     for item_id, entry in data.items():
         require_fields(entry, ("image_file", "caption", "foil"), path, item_id)
         mturk = entry.get("mturk")
-        if not isinstance(mturk, dict) or not isinstance(mturk.get("caption"), (int, float)):
-            raise data_error(path, item_id, "missing or malformed 'mturk.caption' (annotator votes)")
-        if mturk["caption"] >= 2:
+        votes = mturk.get("caption") if isinstance(mturk, dict) else None
+        if not isinstance(votes, (int, float)) or isinstance(votes, bool) or not votes >= 0 or votes == float("inf"):
+            raise data_error(path, item_id, f"missing or malformed 'mturk.caption' (annotator votes, a count >= 0; "
+                                            f"got {str(votes)[:40]})")
+        if votes >= 2:
             valid.append((str(item_id), entry["image_file"], entry["caption"], entry["foil"]))
     return valid, len(data)
 
@@ -230,30 +233,23 @@ def load_generic_jsonl(path: str, image_root=None, max_items=None) -> List[Choic
     """Items of a `{"image", "captions": [...], "label", "id"?}` JSONL file; errors name the file and line."""
     root = image_root or os.path.dirname(path)
     items = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise EvalDataError(f"{path}: file not found") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"line {number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise data_error(path, where, f"not valid JSON: {error.msg}") from None
-            if not isinstance(entry, dict):
-                raise data_error(path, where, "expected an object {image, captions, label}")
-            item_id = f"{entry['id']} ({where})" if "id" in entry else where
-            captions, label = entry.get("captions"), entry.get("label")
-            if not isinstance(captions, list) or len(captions) < 2 or not all(isinstance(c, str) for c in captions):
-                raise data_error(path, item_id, "'captions' must be a list of at least 2 strings")
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(captions):
-                raise data_error(path, item_id, f"'label' must be an index into 'captions', got {label!r}")
-            items.append(ChoiceItem(item_id, resolve_image(root, entry.get("image"), path, item_id), captions, label))
-            if max_items is not None and len(items) >= max_items:
-                break
+    for number, line in text_lines(path, EvalDataError):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        entry = parse_json(line, f"{path}: item {where}", EvalDataError, whole_file=False)
+        if not isinstance(entry, dict):
+            raise data_error(path, where, "expected an object {image, captions, label}")
+        item_id = f"{str(entry['id'])[:80]} ({where})" if "id" in entry else where
+        captions, label = entry.get("captions"), entry.get("label")
+        if not isinstance(captions, list) or len(captions) < 2 or not all(isinstance(c, str) for c in captions):
+            raise data_error(path, item_id, "'captions' must be a list of at least 2 strings")
+        require_texts(captions, "captions", path, item_id)
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(captions):
+            raise data_error(path, item_id, f"'label' must be an index into 'captions', got {str(label)[:40]}")
+        items.append(ChoiceItem(item_id, resolve_image(root, entry.get("image"), path, item_id), captions, label))
+        if max_items is not None and len(items) >= max_items:
+            break
     return items
 
 
@@ -282,8 +278,11 @@ def load_aro_vg(path: str, kind: str, image_root=None, max_items=None) -> List[C
         for name in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"):
             value = entry.get(name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise data_error(path, index, f"field {name!r} must be a number, got {value!r}")
-            box.append(float(value))
+                raise data_error(path, index, f"field {name!r} must be a number, got {str(value)[:40]}")
+            try:
+                box.append(finite_number(value, name, minimum=0))
+            except ValueError as error:
+                raise data_error(path, index, str(error)) from None
         if box[2] <= 0 or box[3] <= 0:
             raise data_error(path, index, f"empty bounding box (w={box[2]}, h={box[3]})")
         if kind == "relation":
@@ -292,7 +291,8 @@ def load_aro_vg(path: str, kind: str, image_root=None, max_items=None) -> List[C
                 raise data_error(path, index, "missing field 'relation_name'")
         else:
             attributes = entry.get("attributes")
-            if not isinstance(attributes, list) or len(attributes) != 2:
+            if not isinstance(attributes, list) or len(attributes) != 2 or \
+                    not all(isinstance(attribute, str) for attribute in attributes):
                 raise data_error(path, index, "'attributes' must be a list of the two attributes")
             group = f"{attributes[0]}_{attributes[1]}"
         crop = (box[0], box[1], box[0] + box[2], box[1] + box[3])

@@ -18,7 +18,9 @@ from PIL import Image
 
 from compclip.progress import Progress
 
-from .common import data_error
+from compclip.data.inputs import UnusableImage, open_image, resolve_under, shown
+
+from .common import EvaluationStopped, data_error
 
 log = logging.getLogger("compclip.evaluation")
 
@@ -47,15 +49,19 @@ def resolve_image(root, name, source, item, *, fallbacks: Sequence[str] = (), bo
     stops the run before any model work.
     """
     if not isinstance(name, str) or not name:
-        raise data_error(source, item, f"image path must be a non-empty string, got {name!r}")
-    candidates = [name] if os.path.isabs(name) else [os.path.join(root, name)]
-    if not os.path.isabs(name):
-        candidates += [os.path.join(root, sub, name) for sub in fallbacks]
+        raise data_error(source, item, f"image path must be a non-empty string, got {shown(name)}")
+    try:  # a relative name may not climb out of the image root (compclip.data.inputs.resolve_under)
+        candidates = [resolve_under(root, name)]
+        if not os.path.isabs(name):
+            candidates += [resolve_under(os.path.join(root, sub), name) for sub in fallbacks]
+    except ValueError as error:
+        raise data_error(source, item, str(error)) from None
     for path in candidates:
         if os.path.isfile(path):
             return ImageRef(os.path.realpath(path), box, str(source), str(item))
-    raise data_error(source, item, f"image not found: {candidates[0]}"
-                     + (f" (also tried {', '.join(candidates[1:])})" if len(candidates) > 1 else ""))
+    raise data_error(source, item, f"image not found: {shown(candidates[0], 300)}"
+                     + (f" (also tried {', '.join(shown(c, 300) for c in candidates[1:])})" if len(candidates) > 1
+                        else ""))
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -69,12 +75,17 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         ref = self.refs[index]
         try:
-            with Image.open(ref.path) as image:
-                image = image.convert("RGB")
-                if ref.box is not None:
-                    image = image.crop(ref.box)
-        except Exception as error:  # noqa: BLE001 - any decoding failure is reported with its item
-            raise data_error(ref.source, ref.item, f"cannot read image {ref.path}: {error}") from error
+            image = open_image(ref.path)
+        except UnusableImage as error:
+            raise data_error(ref.source, ref.item, f"cannot read image {error}") from None
+        if ref.box is not None:
+            left, upper, right, lower = ref.box
+            if left >= image.width or upper >= image.height:
+                raise data_error(ref.source, ref.item, f"box {ref.box} lies outside the {image.width}x{image.height} "
+                                                       f"image {ref.path}")
+            if (right - left) * (lower - upper) > Image.MAX_IMAGE_PIXELS:
+                raise data_error(ref.source, ref.item, f"box {ref.box} is larger than the decompression-bomb limit")
+            image = image.crop(ref.box)
         return self.preprocess(image)
 
 
@@ -82,7 +93,7 @@ class Embedder:
     """Encodes images and texts with an open_clip model, in batches, caching by image key and by text."""
 
     def __init__(self, model, preprocess, tokenizer, device, *, batch_size: int = 64, num_workers: int = 0,
-                 precision: str = "amp", progress: bool = True):
+                 precision: str = "amp", progress: bool = True, should_stop: Optional[Callable[[], bool]] = None):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -95,6 +106,11 @@ class Embedder:
         self._texts: Dict[str, torch.Tensor] = {}
         self.images_encoded = 0  # counts forward passes' rows: tests check that the cache works
         self.texts_encoded = 0
+        self.should_stop = should_stop  # asked before every batch: a preempted run stops within one batch
+
+    def _check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise EvaluationStopped(f"stopped after {self.images_encoded} images and {self.texts_encoded} texts")
 
     def _autocast(self):
         if self.precision == "amp" and self.device.type == "cuda":
@@ -126,6 +142,7 @@ class Embedder:
             position = 0
             with self._progress(len(todo), f"embed {desc}", "images") as progress:
                 for batch in loader:
+                    self._check_stop()
                     with self._autocast():
                         features = self.model.encode_image(batch.to(self.device, dtype=dtype))
                     features = F.normalize(features.float(), dim=-1).cpu()
@@ -144,6 +161,7 @@ class Embedder:
         todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
         with self._progress(len(todo), f"embed {desc}", "texts") as progress:
             for start in range(0, len(todo), self.batch_size):
+                self._check_stop()
                 chunk = todo[start:start + self.batch_size]
                 tokens = self.tokenizer(chunk).to(self.device)
                 with self._autocast():

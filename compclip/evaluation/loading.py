@@ -40,9 +40,9 @@ def register_model_config(path: str, arch: Optional[str] = None) -> str:
         return stem
     with open(path, encoding="utf-8") as handle:
         json.load(handle)  # fail here, naming the file, on a broken JSON
-    folder = tempfile.mkdtemp(prefix="compclip-model-config-")
-    shutil.copyfile(path, os.path.join(folder, f"{arch}.json"))
-    open_clip.add_model_config(os.path.join(folder, f"{arch}.json"))
+    with tempfile.TemporaryDirectory(prefix="compclip-model-config-") as folder:  # open_clip reads it at once
+        shutil.copyfile(path, os.path.join(folder, f"{arch}.json"))
+        open_clip.add_model_config(os.path.join(folder, f"{arch}.json"))
     return arch
 
 
@@ -86,11 +86,10 @@ def load_model(spec: ModelSpec, device="cpu"):
     """(model in eval mode on `device`, evaluation preprocess, tokenizer)."""
     import open_clip
 
-    from compclip.models import register_model_configs
+    from compclip.models import create_model_and_transforms, register_model_configs
 
     register_model_configs()  # compclip's own architectures (compclip/model_configs), as the trainer knows them
     arch = register_model_config(spec.model_config, spec.arch) if spec.model_config else spec.arch
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch, pretrained=spec.pretrained, device=device, force_quick_gelu=spec.force_quick_gelu)
+    model, _, preprocess = create_model_and_transforms(arch, spec.pretrained, spec.force_quick_gelu, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(arch)

@@ -15,7 +15,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .common import BenchmarkResult, EvalDataError, data_error, load_json
+from compclip.data.coco import read_karpathy
+
+from .common import BenchmarkResult, EvalDataError, data_error, load_json, require_texts
 from .embed import Embedder, resolve_image
 
 RECALL_KS = (1, 5, 10)
@@ -33,40 +35,26 @@ class KarpathyEntry:
 
 
 def load_karpathy(path: str, split: str = "test") -> List[KarpathyEntry]:
-    """Images of `split` from a Karpathy JSON (`{"images": [{filename, filepath?, split, sentences: [{raw}]}]}`),
-    or every entry of a BLIP-style list (`[{"image": path, "caption": str | [str]}]`, one file per split)."""
+    """Images of `split` from a Karpathy JSON (`{"images": [{filename, filepath?, split, sentences: [{raw}]}]}`,
+    read by `compclip.data.coco.read_karpathy`, the importer's reader), or every entry of a BLIP-style list
+    (`[{"image": path, "caption": str | [str]}]`, one file per split)."""
     data = load_json(path)
-    entries = []
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        for index, image in enumerate(data["images"]):
-            item = image.get("imgid", image.get("cocoid", index)) if isinstance(image, dict) else index
-            if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
-                raise data_error(path, item, "image entry needs a string 'filename'")
-            if image.get("split") != split:
-                continue
-            sentences = image.get("sentences")
-            if not isinstance(sentences, list) or not sentences:
-                raise data_error(path, item, "missing or empty 'sentences'")
-            captions = []
-            for sentence in sentences:
-                raw = sentence.get("raw") if isinstance(sentence, dict) else None
-                if not isinstance(raw, str):
-                    raise data_error(path, item, "every sentence needs a string 'raw'")
-                captions.append(raw)
-            relative = os.path.join(image.get("filepath") or "", image["filename"])
-            entries.append(KarpathyEntry(str(item), relative, captions))
-    elif isinstance(data, list):
-        for index, image in enumerate(data):
-            if not isinstance(image, dict) or not isinstance(image.get("image"), str):
-                raise data_error(path, index, "entry needs a string 'image'")
-            captions = image.get("caption")
-            captions = [captions] if isinstance(captions, str) else captions
-            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-                raise data_error(path, index, "'caption' must be a string or a non-empty list of strings")
-            entries.append(KarpathyEntry(str(index), image["image"], captions))
-    else:
+        return [KarpathyEntry(image.id, image.path, image.captions)
+                for image in read_karpathy(path, (split,), EvalDataError, data)]
+    if not isinstance(data, list):
         raise EvalDataError(f"{path}: expected a Karpathy JSON {{\"images\": [...]}} or a list of "
                             "{image, caption} entries")
+    entries = []
+    for index, image in enumerate(data):
+        if not isinstance(image, dict) or not isinstance(image.get("image"), str):
+            raise data_error(path, index, "entry needs a string 'image'")
+        captions = image.get("caption")
+        captions = [captions] if isinstance(captions, str) else captions
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise data_error(path, index, "'caption' must be a string or a non-empty list of strings")
+        require_texts(captions, "caption", path, index)
+        entries.append(KarpathyEntry(str(index), image["image"], captions))
     if not entries:
         raise EvalDataError(f"{path}: no image in split {split!r}")
     return entries

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional
-
-import torch
+from typing import Callable, Dict, Optional
 
 from .common import BenchmarkResult
 from .compositional import run_aro_vg, run_generic, run_order, run_sugarcrepe, run_valse
@@ -53,8 +51,8 @@ def run_benchmarks(embedder: Embedder, cfg: EvalConfig) -> Dict[str, BenchmarkRe
 
 
 def evaluate(model, preprocess, tokenizer, cfg: EvalConfig, device, out_dir: Optional[str] = None, *,
-             label: Optional[str] = None, arch: Optional[str] = None,
-             pretrained: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+             label: Optional[str] = None, arch: Optional[str] = None, pretrained: Optional[str] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Dict[str, float]]:
     """Evaluate `model` (an open_clip model, or anything with `encode_image` / `encode_text`) on the benchmarks
     of `cfg`; returns `{benchmark: {metric: value}}` (accuracies and recalls in [0, 1]).
 
@@ -62,7 +60,8 @@ def evaluate(model, preprocess, tokenizer, cfg: EvalConfig, device, out_dir: Opt
     tokens). The model is put in eval mode and given back in the mode it came in; no gradient is computed. With
     `out_dir`, one `<benchmark>.json` per benchmark is written there (metrics, item counts, per-group numbers),
     and for zero-shot and retrieval a `<benchmark>.clip_benchmark.json` naming the model by `arch` and `pretrained`
-    (clip_benchmark's `--model` and `--pretrained`; default: `label`).
+    (clip_benchmark's `--model` and `--pretrained`; default: `label`). `should_stop`, when given, is asked before
+    every batch; when it answers true, `EvaluationStopped` is raised and nothing is written (a preempted run).
     """
     from .report import write_results
 
@@ -70,7 +69,8 @@ def evaluate(model, preprocess, tokenizer, cfg: EvalConfig, device, out_dir: Opt
     model.eval()
     try:
         embedder = Embedder(model, preprocess, tokenizer, device, batch_size=cfg.batch_size,
-                            num_workers=cfg.num_workers, precision=cfg.precision, progress=cfg.progress)
+                            num_workers=cfg.num_workers, precision=cfg.precision, progress=cfg.progress,
+                            should_stop=should_stop)
         results = run_benchmarks(embedder, cfg)
     finally:
         model.train(was_training)

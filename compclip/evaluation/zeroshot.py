@@ -21,7 +21,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import BenchmarkResult, EvalDataError, data_error
+from compclip.data.inputs import shown, text_lines
+from compclip.data.manifest import CELL_LIMIT
+
+from .common import BenchmarkResult, EvalDataError, data_error, require_texts
 from .embed import Embedder, ImageRef, resolve_image
 from .metadata import (IMAGENET_DATASETS, IMAGENET_SOURCE, TEMPLATE_SETS, imagenet_classnames,
                        imagenet_folder_classnames, is_imagenet_layout, template_set)
@@ -39,14 +42,18 @@ def load_templates(spec: str) -> List[Callable[[str], str]]:
         raise EvalDataError(f"{spec}: prompt templates must be one of {', '.join(TEMPLATE_SETS)} or an existing "
                             "text file")
     templates = []
-    with open(spec, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            if "{}" not in line:
-                raise data_error(spec, f"line {number}", "template has no '{}' for the class name")
-            templates.append(line.format)
+    for number, line in text_lines(spec, EvalDataError):
+        line = line.strip()
+        if not line:
+            continue
+        if "{}" not in line:
+            raise data_error(spec, f"line {number}", "template has no '{}' for the class name")
+        try:  # other braces would fail at the first class name, after the model has been loaded
+            line.format("class name")
+        except (ValueError, KeyError, IndexError, AttributeError) as error:
+            raise data_error(spec, f"line {number}", f"template does not format with one '{{}}' ({error!r}); "
+                                                     "write a literal brace as '{{' or '}}'") from None
+        templates.append(line.format)
     if not templates:
         raise EvalDataError(f"{spec}: no template in the file")
     return templates
@@ -55,11 +62,19 @@ def load_templates(spec: str) -> List[Callable[[str], str]]:
 def _read_classnames(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise EvalDataError(f"{path}: class-name file not found")
-    with open(path, encoding="utf-8") as handle:
-        names = [line.strip() for line in handle if line.strip()]
+    names = []
+    for number, line in text_lines(path, EvalDataError):
+        if line.strip():
+            require_texts([line.strip()], "class name", path, f"line {number}")
+            names.append(line.strip())
     if not names:
         raise EvalDataError(f"{path}: no class name in the file")
     return names
+
+
+def _label_number(label: str) -> Optional[int]:
+    """A CSV label that is a class index (ASCII digits; `int()` would take '²' and refuse 5,000 digits)."""
+    return int(label) if label.isascii() and label.isdigit() and len(label) < 19 else None
 
 
 def class_folders(path: str) -> List[str]:
@@ -92,28 +107,36 @@ def load_classification(path: str, image_root: Optional[str] = None, classnames_
                     labels.append(label)
     elif os.path.isfile(path):
         root = image_root or os.path.dirname(path)
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
+        csv.field_size_limit(CELL_LIMIT)  # the manifest reader's limit: the process-wide setting must not differ
+        reader = csv.DictReader((line for _, line in text_lines(path, EvalDataError)))
+        rows, start = [], 2
+        try:
             if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
                 raise EvalDataError(f"{path}: CSV needs the columns 'image,label', found {reader.fieldnames}")
-            rows = [(f"line {number}", row["image"], (row["label"] or "").strip())
-                    for number, row in enumerate(reader, start=2)]
+            for row in reader:
+                label = (row["label"] or "").strip()
+                require_texts([label], "label", path, f"line {start}")
+                rows.append((f"line {start}", row["image"], label))
+                start = reader.line_num + 1
+        except csv.Error as error:
+            raise data_error(path, f"line {start}", f"not a CSV row ({error})") from None
         if given is None and imagenet:
             given = list(imagenet_classnames())
-        if given is None and all(label.isdigit() for _, _, label in rows):
+        if given is None and all(_label_number(label) is not None for _, _, label in rows):
             raise EvalDataError(f"{path}: numeric labels need a class-name file (zeroshot_classnames), or an "
                                 f"ImageNet dataset name (zeroshot_dataset: {', '.join(IMAGENET_DATASETS)})")
         classnames = given or sorted({label for _, _, label in rows})
         index = {name: i for i, name in enumerate(classnames)}
         for line, image, label in rows:
-            if label.isdigit() and given is not None:
-                if int(label) >= len(classnames):
+            number = _label_number(label)
+            if number is not None and given is not None:
+                if number >= len(classnames):
                     raise data_error(path, line, f"label {label} out of range for {len(classnames)} classes")
-                labels.append(int(label))
+                labels.append(number)
             elif label in index:
                 labels.append(index[label])
             else:
-                raise data_error(path, line, f"unknown class {label!r}")
+                raise data_error(path, line, f"unknown class {shown(label)}")
             refs.append(resolve_image(root, image, path, line))
     else:
         raise EvalDataError(f"{path}: zero-shot data is neither an image folder nor a CSV file")

@@ -14,8 +14,9 @@ fine-tuned from it with the same data, budget and seeds.
    with their words in a random order (`data.caption_order=shuffle`), so the text tower becomes order-blind, the
    bag-of-words behaviour Yuksekgonul et al. (ICLR 2023) measured in web-trained CLIP.
 2. **Fine-tuning**: each method x seed from that checkpoint with ordered captions, the manifest's hard negatives
-   and the same schedule, through `compclip/train.py` (one process per run; `--jobs` in parallel on CPU cores),
-   with relation-swap learning curves (`eval.every_n_steps`).
+   and the same schedule, through `compclip/train.py` (one process per run, forked from a server that imported the
+   trainer once, its console in `runs/<name>.console.log`; `--jobs` in parallel on CPU cores), with relation-swap
+   learning curves (`eval.every_n_steps`).
 3. **Evaluation**: every SugarCrepe-format `<subset>.json` (binary choice between the caption and its negative)
    and, with a retrieval file, image<->text R@1 (the mean of both directions). The built-in world is a split world
    (compclip.data.synthetic): runs are scored on its test sets (reported) and its validation sets (`val_*`, what

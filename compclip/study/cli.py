@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from typing import Any, Dict, Optional, Sequence
 
+from compclip.distributed import cpu_threads
 from compclip.study.experiments import PARTS, Study, run_main
 from compclip.study.protocol import DEFAULT_METHODS, DOSES, EXPERIMENTS, METHODS, PROFILES
 from compclip.study.world import StudyError, external_benchmark
@@ -95,9 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = os.path.abspath(args.out)
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     converse = profile.world["converse_fraction"] if args.converse_fraction is None else args.converse_fraction
-    study = Study(profile, args.methods.split(","), args.seeds or profile.seeds, out, jobs,
-                  max(1, (os.cpu_count() or 1) // jobs), args.verbose, converse, args.pretrained,
-                  args.doses or DOSES)
+    study = Study(profile, args.methods.split(","), args.seeds or profile.seeds, out, jobs, cpu_threads(jobs),
+                  args.verbose, converse, args.pretrained, args.doses or DOSES)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     try:
         external = any((args.train_manifest, args.eval_sugarcrepe, args.eval_image_root, args.retrieval))

@@ -29,13 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from compclip.child_run import Benchmark, run_child
+from compclip.child_run import Benchmark
 from compclip.runfolder import RunFolder
-from compclip.study.protocol import DOSES, LABELS, Profile
-from compclip.study.report import SWAP_MEAN, analyse, markdown, plot, swap_subsets, text_only_markdown
-from compclip.study.runs import (RETRIEVAL_KEY, finetune_config, per_method, pretrain, run_queue, scores_of,
-                                 text_only_of)
-from compclip.study.world import VAL_PREFIX, builtin_benchmark, reported
+from compclip.study.protocol import DOSES, Profile
+from compclip.study.report import analyse, markdown, plot, swap_subsets, text_only_markdown
+from compclip.study.runs import finetune_config, pretrain, run_queue, scores_of, text_only_of
+from compclip.study.world import VAL_PREFIX, builtin_benchmark
 
 log = logging.getLogger("compclip.study")
 

@@ -19,7 +19,8 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m != "composite")
 LABELS = {**{name: method.label for name, method in REGISTRY.items()}, "pretrained": "pretrained (start)"}
 COST = {"composite": 2.5, "degla": 2.4, "negclip": 2.0, "ceclip": 1.8, "c2lip": 1.3, "clip": 1.0}
 """Seconds per fine-tune relative to CLIP's, measured in the default study on 2 CPU cores (docs/study/
-second-machine: CLIP 79 s, composite 197 s). Only the queue's order: the longest runs go first."""
+second-machine: CLIP 79 s, composite 197 s). The queue's order (the longest runs go first) and its ETA (the cost
+left at the rate of the finished runs: compclip.study.runs.run_queue)."""
 
 BUILTIN_WORLD: Dict[str, Any] = {"seed": 0, "image_size": 64, "max_objects": 2, "converse_fraction": 0.0}
 """The built-in world's variant (compclip.data.synthetic): 2-object scenes, each layout in one phrasing ("left of",

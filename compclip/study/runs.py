@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from compclip.bow import pretrain_config
-from compclip.child_run import Benchmark, final_eval, run_child, stage_config
+from compclip.child_run import Benchmark, final_eval, finished, run_child, stage_config
 from compclip.losses.modules import PUBLISHED_WEIGHTS
+from compclip.progress import Progress
 from compclip.study.protocol import COST, Profile
 
 log = logging.getLogger("compclip.study")
@@ -56,19 +56,54 @@ def finetune_config(benchmark: Benchmark, profile: Profile, method: str, seed: i
 
 def run_queue(configs: List[Dict[str, Any]], benchmark, runs: str, jobs: int, verbose: bool) -> None:
     """Every config as a child run, `jobs` at a time, the costliest methods first (so that the last runs of the
-    queue are short and no core idles at the end). `benchmark`: one Benchmark for all, or one per config (what
-    its reuse key reads the training manifest from)."""
-    from tqdm import tqdm
-
+    queue are short and no core idles at the end), with the queue's progress and ETA (`QueueProgress`). A failed
+    run or an interrupt (Ctrl-C) stops the queue: the runs not yet started never start, the finished ones are
+    reused when the study is run again. `benchmark`: one Benchmark for all, or one per config (what its reuse key
+    reads the training manifest from)."""
     benchmarks = benchmark if isinstance(benchmark, list) else [benchmark] * len(configs)
-    order = sorted(range(len(configs)), key=lambda i: -COST.get(configs[i]["loss"]["method"], 1.0))
-    bar = tqdm(total=len(configs), desc="study runs", unit="run", disable=not sys.stderr.isatty())
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_child, configs[i], benchmarks[i], runs, verbose) for i in order]
-        for future in futures:
-            future.result()
-            bar.update()
-    bar.close()
+    order = sorted(range(len(configs)), key=lambda i: cost_of(configs[i]), reverse=True)
+    configs, benchmarks = [configs[i] for i in order], [benchmarks[i] for i in order]
+    reused = [finished(cfg, bench, runs) for cfg, bench in zip(configs, benchmarks)]
+    with QueueProgress(configs, reused) as progress, ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_child, cfg, bench, runs, verbose): cfg
+                   for cfg, bench, old in zip(configs, benchmarks, reused) if not old}
+        try:
+            for future in as_completed(futures):
+                future.result()
+                progress.finished(futures[future])
+        except BaseException:
+            for future in futures:
+                future.cancel()  # a queued run; a running one ends on its own (Ctrl-C reaches its process too)
+            raise
+
+
+def cost_of(cfg: Dict[str, Any]) -> float:
+    """A fine-tune's cost in CLIP fine-tunes (COST; 1 for a method it does not list)."""
+    return COST.get(cfg["loss"]["method"], 1.0)
+
+
+class QueueProgress:
+    """The queue's progress in cost units (compclip.study.protocol.COST: one unit is a CLIP fine-tune), so that its
+    ETA is the cost left at the rate of the finished runs, whatever the mix of methods: a bar in a terminal, a line
+    every COMPCLIP_PROGRESS_INTERVAL seconds in a log (compclip.progress; `options`: Progress's). Runs `reused`
+    (finished before) count as done from the start and not in the rate."""
+
+    def __init__(self, configs: List[Dict[str, Any]], reused: Sequence[bool], **options: Any):
+        self.runs, self.done = len(configs), sum(reused)
+        initial = sum(cost_of(cfg) for cfg, old in zip(configs, reused) if old)
+        options = {"unit": "CLIP-runs", "logger": log, **options}
+        self.bar = Progress(sum(cost_of(cfg) for cfg in configs), "study", initial=initial, **options)
+        self.bar.set_postfix(runs=f"{self.done}/{self.runs}")
+
+    def finished(self, cfg: Dict[str, Any]) -> None:
+        self.done += 1
+        self.bar.update(cost_of(cfg), runs=f"{self.done}/{self.runs}")
+
+    def __enter__(self) -> "QueueProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def run_name(method: str, seed: int) -> str:

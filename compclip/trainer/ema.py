@@ -15,7 +15,8 @@ Design under DeepSpeed (under ZeRO-3 the teacher is updated shard by shard, with
   bit-identical. Cost per optimizer step: one fp32 all-reduce of the model size (ViT-B/32: 0.6 GB; half that with
   an all-gather of the flat partitions, which would need the teacher stored in DeepSpeed's padded flat layout)
   and a transient fp32 buffer of the model size. Keeping the teacher partition-local and gathering it when used
-  saves nothing here: it is used by every step's forward.
+  saves nothing here: it is used by every step's forward. A checkpoint holds the teacher once, in rank 0's file
+  (`state_dict`); a resume loads it there and broadcasts it (`load_state_dict`).
 * ZeRO-3: the teacher is itself a ZeRO-3 module — a second DeepSpeed engine without optimizer (ZeRO-Inference),
   fp32. Parameter partitioning in ZeRO-3 depends only on the parameter's shape and the world size, so teacher and
   student shards cover the same elements, and each rank updates its teacher shard (`ds_tensor`) from the fp32
@@ -33,9 +34,20 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from compclip.distributed import get_rank, get_world_size
+
 
 def _is_zero3(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
+
+
+def _mix(out: torch.Tensor, old: torch.Tensor, new: torch.Tensor, alpha: float) -> None:
+    """out ← α old + (1 − α) new (`out` may be `old`). α = 0 is a copy of `new`, not 0 × old + new: `old` may hold
+    anything before the teacher's first copy, even NaN."""
+    if alpha == 0.0:
+        out.copy_(new)
+    else:
+        out.copy_(old).mul_(alpha).add_(new, alpha=1.0 - alpha)
 
 
 class EMATeacher:
@@ -98,7 +110,7 @@ class EMATeacher:
             if source.kind == "fragment":
                 continue
             value = source.tensor.detach().to(device=storage.device, dtype=torch.float32).reshape(storage.shape)
-            storage.mul_(alpha).add_(value, alpha=1.0 - alpha)
+            _mix(storage, storage, value, alpha)
         if not fragments:
             return
         # ZeRO 1/2: the owned fragments blended into a zero-filled flat buffer, summed over the data-parallel
@@ -110,9 +122,8 @@ class EMATeacher:
             source, storage = sources[i], storages[i].reshape(-1)
             if source.tensor is not None:
                 lo, n = source.start, source.tensor.numel()
-                piece = flat[offset + lo:offset + lo + n]
-                piece.copy_(storage[lo:lo + n]).mul_(alpha)
-                piece.add_(source.tensor.detach().to(device=flat.device, dtype=torch.float32), alpha=1.0 - alpha)
+                master = source.tensor.detach().to(device=flat.device, dtype=torch.float32)
+                _mix(flat[offset + lo:offset + lo + n], storage[lo:lo + n], master, alpha)
             offset += size
         group = sources[fragments[0]].group
         if torch.distributed.is_initialized() and torch.distributed.get_world_size(group=group) > 1:
@@ -122,7 +133,9 @@ class EMATeacher:
 
     @torch.no_grad()
     def copy_from(self, student: nn.Module | None = None) -> None:
-        """The teacher becomes the student's fp32 master (a collective under ZeRO 1/2: call on every rank)."""
+        """The teacher becomes the student's fp32 master (a collective under ZeRO 1/2: call on every rank). Every
+        element is written, whatever the teacher held: it is built without random draws
+        (compclip.models.uninitialized_parameters)."""
         self._blend(0.0)
 
     @torch.no_grad()
@@ -137,20 +150,31 @@ class EMATeacher:
 
     # ----------------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict:
-        """This rank's teacher storage (full tensors, or this rank's ZeRO-3 shards)."""
+        """This rank's teacher storage: its ZeRO-3 shards, or under ZeRO 0/1/2, where every rank holds the same full
+        tensors, rank 0's only (`storage` is None on the other ranks: one copy on disk, not one per rank).
+        The tensors are the teacher's own on the CPU (as `Module.state_dict` gives them), copies from a GPU."""
+        replica = not self.partitioned and get_rank() > 0
         return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
-                "storage": [s.detach().cpu().clone() for s in self._teacher_storage()],
+                "storage": None if replica else [s.detach().cpu() for s in self._teacher_storage()],
                 "names": [n for n, _ in self.module.named_parameters()],
                 "shapes": [tuple(getattr(p, "ds_shape", p.shape)) for p in self.module.parameters()]}
 
     @torch.no_grad()
     def load_state_dict(self, state: Dict) -> None:
+        """Load `state_dict()`'s result. Under ZeRO 0/1/2 a collective: rank 0 loads its saved tensors and sends
+        them to every rank (a rank's own file holds none; one written before holds the same tensors)."""
         if state["partitioned"] != self.partitioned:
             raise ValueError("EMA teacher checkpoint was written with a different ZeRO layout; use init_from")
-        for storage, saved in zip(self._teacher_storage(), state["storage"]):
+        replicated = not self.partitioned and get_world_size() > 1
+        if state["storage"] is None and not (replicated and get_rank() > 0):
+            raise ValueError("EMA teacher checkpoint holds no teacher tensors (another rank's file?)")
+        for storage, saved in zip(self._teacher_storage(), state["storage"] or ()):
             if storage.numel() != saved.numel():
                 raise ValueError("EMA teacher checkpoint shard sizes differ (different world size?); use init_from")
             storage.copy_(saved.reshape(storage.shape))
+        if replicated:
+            for storage in self._teacher_storage():
+                torch.distributed.broadcast(storage, src=0)
         self.num_updates = state["num_updates"]
 
     @torch.no_grad()

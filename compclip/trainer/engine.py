@@ -1,6 +1,7 @@
-"""Everything that runs DeepSpeed: the process group, `deepspeed.initialize`, and the places where compclip reaches
-into a DeepSpeed engine's parameter copies (the logit-scale clamp, the full fp32 gather for the export, the EMA
-teacher's ZeRO-3 engine and shards), plus DeepSpeed's own memory estimators for the run plan.
+"""Everything that runs DeepSpeed: the process group and the device (threads, `model.tf32`), `deepspeed.initialize`,
+and the places where compclip reaches into a DeepSpeed engine's parameter copies (the logit-scale clamp, the full
+fp32 gather for the export, frozen parameters included, the EMA teacher's ZeRO-3 engine and shards), plus
+DeepSpeed's own memory estimators for the run plan.
 
 Only this module and `compclip.trainer.checkpoint` import deepspeed, so a DeepSpeed upgrade that moves an internal
 (`safe_get_local_fp32_param`, `_hp_mapping`, `ds_tensor`) is fixed here and nowhere else. The DeepSpeed config
@@ -22,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from compclip.distributed import free_port
+from compclip.distributed import cpu_threads, free_port
 
 logger = logging.getLogger("compclip")
 
@@ -67,7 +68,7 @@ def init_distributed(cfg) -> Tuple[int, int, torch.device]:
 
     accelerator = get_accelerator()
     init_process_group()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "cpu" or (cfg.device == "auto" and accelerator.device_name() == "cpu"):
         device = torch.device("cpu")
@@ -75,9 +76,27 @@ def init_distributed(cfg) -> Tuple[int, int, torch.device]:
         device = torch.device(accelerator.device_name(local_rank))
         accelerator.set_device(local_rank)
     if device.type == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world, device
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(cfg.threads or cpu_threads(local_world_size))
+    return rank, world_size, device
+
+
+def configure_tf32(enabled: bool, device: torch.device) -> str:
+    """`model.tf32` on a CUDA device: TF32 for float32 matmuls (PyTorch's, and the fused kernels' float32 dots,
+    which read the same flag: kernels/_common.py dot_config) and for cuDNN convolutions; returns what it did, for
+    the log. Nothing is changed on a CPU."""
+    if device.type != "cuda":
+        return f"model.tf32: no effect on {device.type}"
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    state = "on" if enabled else "off (IEEE float32)"
+    if not torch.cuda.is_available():
+        return f"model.tf32: TF32 matmuls and cuDNN convolutions {state}"
+    major, minor = torch.cuda.get_device_capability(device)
+    name = f"{torch.cuda.get_device_name(device)}, sm_{major}{minor}"
+    if enabled and major < 8:
+        return f"model.tf32: on, but the GPU ({name}) has no TF32 tensor cores: float32 stays IEEE"
+    return f"model.tf32: TF32 matmuls and cuDNN convolutions {state} ({name})"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,11 +168,17 @@ def gathered(params: Iterable[nn.Parameter]):
 
 
 def _full_fp32(param: nn.Parameter) -> torch.Tensor:
-    """The full fp32 value of a (possibly ZeRO-partitioned) parameter; a collective under ZeRO-3."""
+    """The full fp32 value of a (possibly ZeRO-partitioned) parameter; a collective under ZeRO-3.
+
+    A parameter the optimizer does not own (frozen: a locked tower) has no fp32 master; its value is the compute
+    copy, which under ZeRO-3 must be gathered from its shards (DeepSpeed returns None for its master)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     value = safe_get_full_fp32_param(param)
-    if value is None:
+    if value is None and hasattr(param, "ds_id"):
+        with gathered([param]):
+            value = param.data.detach().clone()
+    elif value is None:
         value = param.data
     return value.detach().float().reshape(getattr(param, "ds_shape", param.shape))
 
@@ -180,17 +205,34 @@ def clamp_logit_scale(clip: nn.Module, max_scale: float) -> None:
     param.data.clamp_(0, upper)
 
 
-def full_state_dict(clip: nn.Module) -> Dict[str, torch.Tensor]:
+def full_state_dict(clip: nn.Module, engine=None) -> Dict[str, torch.Tensor]:
     """open_clip state dict with full fp32 parameters (gathered under ZeRO-3: call on every rank), 0-dim
-    parameters back in their stock shape (compclip.models.promote_zero_dim_parameters)."""
+    parameters back in their stock shape (compclip.models.promote_zero_dim_parameters). `engine`: the DeepSpeed
+    engine of `clip`, where stage 0 with bf16 keeps its fp32 masters (nothing on the parameters points to them)."""
     params = dict(clip.named_parameters())
+    masters = _stage0_masters(getattr(engine, "optimizer", None))
     zero_dim = set(getattr(clip, "_compclip_zero_dim", ()))
     out = {}
     for key, value in clip.state_dict().items():
-        out[key] = _full_fp32(params[key]).cpu().clone() if key in params else value.detach().cpu().clone()
+        if key in params and id(params[key]) in masters:
+            out[key] = masters[id(params[key])].detach().float().cpu().clone().reshape(params[key].shape)
+        else:
+            out[key] = _full_fp32(params[key]).cpu().clone() if key in params else value.detach().cpu().clone()
         if key in zero_dim:
             out[key] = out[key].reshape(())
     return out
+
+
+def _stage0_masters(optimizer) -> Dict[int, torch.Tensor]:
+    """{id(compute parameter): its fp32 master} of DeepSpeed's stage-0 FP16_(Unfused)Optimizer (bf16 or fp16
+    without ZeRO: `fp16_groups` -> `fp32_groups`); {} for any other optimizer."""
+    masters = {}
+    lp_groups, hp_groups = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if lp_groups is not None and hp_groups is not None and not hasattr(optimizer, "bit16_groups"):
+        for lp_group, hp_group in zip(lp_groups, hp_groups):
+            if isinstance(hp_group, (list, tuple)) and len(hp_group) == len(lp_group):
+                masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+    return masters
 
 
 @dataclass
@@ -218,13 +260,7 @@ def fp32_master_sources(engine) -> List[MasterSource]:
       `fp32_groups`; only these need the engine: nothing on the parameter points to them);
     * otherwise (fp32 training, frozen parameters): the parameter itself."""
     module = getattr(engine, "module", engine)
-    optimizer = getattr(engine, "optimizer", None)
-    stage0_masters = {}
-    lp_groups, hp_groups = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
-    if lp_groups is not None and hp_groups is not None and not hasattr(optimizer, "bit16_groups"):
-        for lp_group, hp_group in zip(lp_groups, hp_groups):
-            if isinstance(hp_group, (list, tuple)) and len(hp_group) == len(lp_group):
-                stage0_masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+    stage0_masters = _stage0_masters(getattr(engine, "optimizer", None))
     sources = []
     for param in module.parameters():
         if hasattr(param, "ds_id") and hasattr(param, "ds_tensor"):  # ZeRO-3 partitioned

@@ -1,6 +1,7 @@
 """The run's evaluations and its final report: the `before` evaluation of the initial model, each due evaluation of
-an epoch's full weights (rank 0 evaluates, the others wait), and the before -> after table with the export and how
-to load it, printed at the end.
+an epoch's full weights (rank 0 evaluates, the others wait; a SIGTERM stops it between two batches:
+compclip.trainer.preemption.SaveSchedule.on_rank0), and the before -> after table with the export and how to load
+it, printed at the end.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -39,52 +40,93 @@ def summary_table(before: Optional[Dict], after: Optional[Dict]) -> str:
     return format_table(runs) if runs else ""
 
 
-def evaluate_model(clip, preprocess, tokenizer, eval_cfg, device: torch.device, out_dir: Path, label: str,
-                   rank: int) -> Optional[Dict[str, Dict[str, float]]]:
-    """Evaluate an unwrapped open_clip model on rank 0 (the others wait) and log its headline numbers."""
-    results = None
-    if rank == 0:
-        from compclip.evaluation import evaluate
+OnRank0 = Callable[[Callable[[Callable[[], bool]], Any]], Any]
+"""Runs `work(should_stop)` on rank 0 while the other ranks wait; rank 0's result (SaveSchedule.on_rank0)."""
 
+
+def at_barrier(rank: int) -> OnRank0:
+    """The plain `OnRank0`: rank 0 works, the others wait at a barrier, and nothing stops the work."""
+    def run(work):
+        result = work(lambda: False) if rank == 0 else None
+        torch.distributed.barrier()
+        return result
+    return run
+
+
+def evaluate_model(clip, preprocess, tokenizer, eval_cfg, device: torch.device, out_dir: Path, label: str,
+                   rank: int, on_rank0: Optional[OnRank0] = None, arch: Optional[str] = None,
+                   pretrained: Optional[str] = None) -> Optional[Dict[str, Dict[str, float]]]:
+    """Evaluate an unwrapped open_clip model on rank 0 while the others wait (`on_rank0`, default `at_barrier`)
+    and log its headline numbers. None on the other ranks, and when `should_stop` stopped it (nothing written).
+    `arch` and `pretrained` name the model in the clip_benchmark JSONs (clip_benchmark's `--model` /
+    `--pretrained`)."""
+    from compclip.evaluation import EvaluationStopped, evaluate
+
+    def work(should_stop):
         t0 = time.time()
-        results = evaluate(clip.to(device), preprocess, tokenizer, eval_cfg, device, out_dir=str(out_dir),
-                           label=label)
+        try:
+            results = evaluate(clip.to(device), preprocess, tokenizer, eval_cfg, device, out_dir=str(out_dir),
+                               label=label, arch=arch, pretrained=pretrained, should_stop=should_stop)
+        except EvaluationStopped as stopped:
+            logger.warning("evaluation %s: SIGTERM, %s (%.1fs); it runs again on --resume", label, stopped,
+                           time.time() - t0)
+            return None
         logger.info("evaluation %s (%.1fs): %s", label, time.time() - t0, json.dumps(headline(results)))
-    torch.distributed.barrier()
-    return results
+        return results
+
+    return (on_rank0 or at_barrier(rank))(work)
 
 
 class Evaluator:
-    """The run's evaluations: `before` on the initial model, and each due one on the full weights of an epoch."""
+    """The run's evaluations: `before` on the initial model, and each due one on the full weights of an epoch.
+    Each writes `eval/<label>/` (the benchmarks' JSON, results.md, results.csv) and goes to the metrics' writers
+    (`metrics.jsonl` at its step, tensorboard, the W&B table and artifact). `model_cfg` names the model in the
+    clip_benchmark JSONs: its architecture, and as `pretrained` the weights (the start, or the export).
+    `on_rank0`: how rank 0 evaluates while the others wait (the run's SaveSchedule.on_rank0)."""
 
-    def __init__(self, preprocess, tokenizer, eval_cfg, device: torch.device, run_dir: Path, rank: int, metrics):
+    def __init__(self, preprocess, tokenizer, eval_cfg, device: torch.device, run_dir: Path, rank: int, metrics,
+                 model_cfg=None, on_rank0: Optional[OnRank0] = None):
         self.preprocess, self.tokenizer, self.cfg, self.device = preprocess, tokenizer, eval_cfg, device
-        self.run_dir, self.rank, self.metrics = run_dir, rank, metrics
+        self.run_dir, self.rank, self.metrics, self.model_cfg = run_dir, rank, metrics, model_cfg
+        self.on_rank0 = on_rank0
 
-    def model(self, clip, label: str) -> Optional[Dict[str, Dict[str, float]]]:
-        return evaluate_model(clip, self.preprocess, self.tokenizer, self.cfg, self.device,
-                              self.run_dir / "eval" / label, label, self.rank)
+    def model(self, clip, label: str, step: int = 0,
+              pretrained: Optional[str] = None) -> Optional[Dict[str, Dict[str, float]]]:
+        """Evaluate `clip` (the `before` evaluation: at step 0, of the starting weights); None when a SIGTERM
+        stopped it."""
+        arch = self.model_cfg.arch if self.model_cfg is not None else None
+        if pretrained is None and self.model_cfg is not None:
+            pretrained = self.model_cfg.pretrained or "random init"
+        folder = self.run_dir / "eval" / label
+        results = evaluate_model(clip, self.preprocess, self.tokenizer, self.cfg, self.device, folder, label,
+                                 self.rank, self.on_rank0, arch=arch, pretrained=pretrained)
+        if results:
+            from compclip.evaluation.report import write_tables
 
-    def state(self, state: Dict[str, torch.Tensor], model_cfg, label: str,
-              step: int) -> Optional[Dict[str, Dict[str, float]]]:
-        """Evaluate weights `state` in a fresh model (rank 0) and write `eval/<benchmark>/<metric>` at `step`."""
-        from compclip.models import build_from_config
-
-        model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
-        results = self.model(model, label)
-        self._write(results, step)
+            write_tables({label: results}, str(folder), title=f"{self.run_dir.name}: evaluation {label}")
+            self.metrics.write(step, {f"eval/{b}/{m}": v for b, r in results.items() for m, v in r.items()})
+            self.metrics.evaluation(label, step, results, folder)
         return results
 
-    def curve(self, state: Dict[str, torch.Tensor], model_cfg, step: int) -> None:
-        """The periodic evaluation of `eval.every_n_steps` (`eval/curve/step_N`) of weights `state` (rank 0)."""
+    def state(self, state: Dict[str, torch.Tensor], model_cfg, label: str, step: int,
+              pretrained: Optional[str] = None) -> Optional[Dict[str, Dict[str, float]]]:
+        """Evaluate weights `state` in a fresh model (rank 0) and write `eval/<benchmark>/<metric>` at `step`;
+        `pretrained`: where the weights were exported (the label when they were not)."""
         from compclip.models import build_from_config
 
         model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
-        self._write(evaluate_model(model, self.preprocess, self.tokenizer, curve_config(self.cfg), self.device,
-                                   self.run_dir / "eval" / "curve" / f"step_{step}", f"curve step {step}",
-                                   self.rank), step)
+        return self.model(model, label, step, pretrained=pretrained or label)
 
-    def _write(self, results: Optional[Dict[str, Dict[str, float]]], step: int) -> None:
+    def curve(self, state: Dict[str, torch.Tensor], model_cfg, step: int) -> None:
+        """The periodic evaluation of `eval.every_n_steps` (`eval/curve/step_N`) of weights `state` (rank 0): its
+        metrics go to `metrics.jsonl` at `step`, not to the run's tables."""
+        from compclip.models import build_from_config
+
+        model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
+        label = f"curve step {step}"
+        results = evaluate_model(model, self.preprocess, self.tokenizer, curve_config(self.cfg), self.device,
+                                 self.run_dir / "eval" / "curve" / f"step_{step}", label, self.rank, self.on_rank0,
+                                 arch=model_cfg.arch, pretrained=label)
         if results:
             self.metrics.write(step, {f"eval/{b}/{m}": v for b, r in results.items() for m, v in r.items()})
 
@@ -126,15 +168,24 @@ def final_report(run, title: str, result: Dict[str, Any]) -> str:
     if result["export"]:
         lines.append(f"exported checkpoint: {result['export']}")
         lines.append(f"  load it: {load_hint(result['export'], model.arch, model.force_quick_gelu)}")
-    try:
-        from compclip.plots import plot_runs
-
-        lines.append(f"curves: {plot_runs([str(run_dir)], str(run_dir / 'curves.png'))}")
-    except Exception as exc:  # the run itself is done and saved: a plotting failure must not turn it red
-        logger.warning("could not plot %s/metrics.jsonl: %s", run_dir, exc)
+    curves = draw_curves(run_dir)
+    if curves:
+        lines.append(f"curves: {curves}")
     lines.append(f"run folder: {run_dir}")
     text = "\n".join(lines)
     print(text, flush=True)
     with open(run_dir / "out.log", "a", encoding="utf-8") as fh:
         fh.write(text + "\n")
     return text
+
+
+def draw_curves(run_dir: Path) -> Optional[str]:
+    """`<run>/curves.png` from metrics.jsonl (rank 0; at the end of a run, and of a preempted one); its path, or
+    None when it could not be drawn (logged: the run itself is done and saved, so a plot must not turn it red)."""
+    try:
+        from compclip.plots import plot_runs
+
+        return plot_runs([str(run_dir)], str(run_dir / "curves.png"))
+    except Exception as exc:
+        logger.warning("could not plot %s/metrics.jsonl: %s", run_dir, exc)
+        return None

@@ -10,6 +10,9 @@ signalled at a chosen instant, as a cluster would do it.
 * `sigterm:<step>[:<rank>]`: send SIGTERM to this process (rank `<rank>` only, default every rank) while it
   computes optimizer step `<step>` (>= 2: the signal is raised at the end of step `<step> - 1`), as a
   scheduler's preemption notice does.
+* `sigterm_eval:<n>[:<rank>]`: send SIGTERM to this process (rank `<rank>` only, default every rank) at the
+  `<n>`-th meeting of an evaluation's ranks (`compclip.trainer.preemption.SaveSchedule.on_rank0`: rank 0 meets
+  the waiting ranks before each batch, so all ranks count alike): in the middle of an evaluation.
 
 Without the variable every hook is a no-op (one dictionary look-up).
 """
@@ -31,10 +34,10 @@ def _spec() -> Optional[List[str]]:
     parts = value.split(":")
     kind = parts[0]
     ok = (kind == "save" and len(parts) == 3 and parts[1] in SAVE_STAGES and parts[2].isdigit()) or (
-        kind == "sigterm" and len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]))
+        kind in ("sigterm", "sigterm_eval") and len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]))
     if not ok:
         raise ValueError(f"{ENV}={value!r}: expected save:<stage>:<step> with a stage in {', '.join(SAVE_STAGES)}, "
-                         "or sigterm:<step>[:<rank>]")
+                         "sigterm:<step>[:<rank>] or sigterm_eval:<n>[:<rank>]")
     return parts
 
 
@@ -48,6 +51,15 @@ def save_stage(stage: str, step: int) -> None:
 
 def step_finished(step: int, rank: int) -> None:
     """The test hook after optimizer step `step`: SIGTERM when `COMPCLIP_FAULT` asks for one during `step + 1`."""
+    _sigterm("sigterm", step + 1, rank)
+
+
+def evaluation_meeting(count: int, rank: int) -> None:
+    """The test hook at the `count`-th meeting of an evaluation's ranks: SIGTERM when `COMPCLIP_FAULT` names it."""
+    _sigterm("sigterm_eval", count, rank)
+
+
+def _sigterm(kind: str, at: int, rank: int) -> None:
     spec = _spec()
-    if spec and spec[0] == "sigterm" and int(spec[1]) == step + 1 and (len(spec) == 2 or int(spec[2]) == rank):
+    if spec and spec[0] == kind and int(spec[1]) == at and (len(spec) == 2 or int(spec[2]) == rank):
         os.kill(os.getpid(), signal.SIGTERM)

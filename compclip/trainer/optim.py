@@ -3,6 +3,11 @@
 AdamW over open_clip's parameter groups (no weight decay on gains, biases, logit_scale / logit_bias and 1-d
 embeddings), with open_clip's cosine schedule: a linear warm-up to the peak, then half a cosine down to 0 (or a
 constant after the warm-up). Both are handed to deepspeed.initialize (compclip.trainer.engine.build_engine).
+
+The AdamW is PyTorch's fused implementation (`fused=True`, on CUDA and on the CPU): one pass over each flat fp32
+partition ZeRO hands it, where the default per-tensor loop on the CPU makes about ten, two of them into fresh
+model-sized temporaries. A device PyTorch has no fused AdamW for gets the default implementation. The two agree to
+float32 rounding, not bit for bit.
 """
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ def build(module: torch.nn.Module, optim_cfg, total: int):
     """(AdamW over `module`'s trainable parameters in open_clip's groups, the LambdaLR of `lr_lambda`)."""
     from compclip.models import parameter_groups
 
-    optimizer = torch.optim.AdamW(parameter_groups(module, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                  betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    groups = parameter_groups(module, optim_cfg.weight_decay)
+    options = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    try:
+        optimizer = torch.optim.AdamW(groups, fused=True, **options)
+    except RuntimeError:  # a device without PyTorch's fused AdamW: its default implementation
+        optimizer = torch.optim.AdamW(groups, **options)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, total))

@@ -6,6 +6,13 @@ with status `PREEMPTED` (143 = 128 + SIGTERM, what a process killed by SIGTERM r
 must stop at the same step (a save is collective), but a signal may reach only some of them, or reach them in
 different steps: at each optimizer step boundary the ranks all-reduce their local flags (signal seen, minutes
 elapsed), so they save and stop at the same step. `--resume latest` continues the run.
+
+An evaluation runs on rank 0 while the other ranks wait (`on_rank0`). They do not wait in a barrier, which would
+hear nothing: before each batch rank 0 meets them in one all-reduce of (signal seen, finished, failed), and they
+loop on that all-reduce until rank 0 says it has finished. A SIGTERM that reaches any subset of ranks thus stops
+the evaluation before its next batch; the run then saves (the step is complete) and every rank exits 143, within
+one evaluation batch and one save of the signal. The tag records the evaluation as pending, and `--resume` runs it
+again (compclip.trainer.train).
 """
 from __future__ import annotations
 
@@ -13,9 +20,12 @@ import logging
 import signal
 import threading
 import time
+from typing import Callable, Optional, TypeVar
 
 from compclip.trainer import faults
 from compclip.distributed import any_across_ranks
+
+Result = TypeVar("Result")
 
 logger = logging.getLogger("compclip")
 
@@ -31,6 +41,7 @@ class SaveSchedule:
         self.signalled = self.stop = False
         self.clock = time.monotonic()
         self._previous = None
+        self.meetings = 0  # of `on_rank0`'s all-reduces, over the process (the fault hook counts them)
 
     def start(self) -> "SaveSchedule":
         self.clock = time.monotonic()
@@ -60,3 +71,32 @@ class SaveSchedule:
                            "--resume latest)", step, PREEMPTED)
         self.stop = self.stop or stop
         return self.stop or minutes or bool(self.every_n_steps and step % self.every_n_steps == 0)
+
+    def on_rank0(self, work: Callable[[Callable[[], bool]], Result]) -> Optional[Result]:
+        """`work(should_stop)` on rank 0 while the other ranks wait for it (an evaluation): rank 0's result, None
+        on the others. Every call of `should_stop` meets the waiting ranks in one all-reduce, so a SIGTERM seen by
+        any rank makes it true (module docstring); afterwards `stop` is set on every rank alike. An exception of
+        `work` is raised on rank 0 and reported as a RuntimeError on the others (they would wait forever)."""
+        result, failed = None, True
+        if self.rank == 0:
+            try:
+                result = work(lambda: self._meet(finished=False, failed=False)[0])
+                failed = False
+            finally:
+                stop, _, _ = self._meet(finished=True, failed=failed)
+        else:
+            stop, finished, failed = self._meet(finished=False, failed=False)
+            while not finished:
+                stop, finished, failed = self._meet(finished=False, failed=False)
+            if failed:
+                raise RuntimeError("rank 0 failed while the other ranks waited for it (its log has the error)")
+        if stop and not self.stop:
+            logger.warning("SIGTERM: saving, then exiting with status %d (resume with --resume latest)", PREEMPTED)
+        self.stop = self.stop or stop
+        return result
+
+    def _meet(self, finished: bool, failed: bool):
+        """(some rank got SIGTERM, rank 0 has finished, rank 0 failed): one all-reduce with every rank."""
+        self.meetings += 1
+        faults.evaluation_meeting(self.meetings, self.rank)
+        return any_across_ranks([self.signalled, finished, failed])

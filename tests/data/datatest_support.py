@@ -1,5 +1,7 @@
 """Shared helpers of the data tests (a plain module: the tests folder has no package and no conftest here)."""
+import atexit
 import functools
+import shutil
 import tempfile
 
 import numpy as np
@@ -25,9 +27,10 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def small_world(num_train: int = 40, num_val: int = 12, seed: int = 3) -> dict:
-    """A small synthetic world, generated once per test process."""
-    return generate_world(tempfile.mkdtemp(prefix="compclip-world-"), num_train, num_val, seed, image_size=32,
-                          workers=1)
+    """A small synthetic world, generated once per test process (its folder deleted when the process exits)."""
+    folder = tempfile.mkdtemp(prefix="compclip-world-")
+    atexit.register(shutil.rmtree, folder, True)
+    return generate_world(folder, num_train, num_val, seed, image_size=32, workers=1)
 
 
 def write_png(path, colour=(255, 0, 0), size=8) -> str:

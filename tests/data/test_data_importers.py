@@ -1,11 +1,9 @@
 """Importers of the published formats: tiny files written here in each format, imported, then loaded."""
 import json
-import os
 import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from compclip.data import DataConfig, ManifestError, build_dataloader, write_jsonl
 from compclip.data.importers import import_c2lip, import_ceclip, import_degla, import_negclip, import_rows
@@ -94,7 +92,7 @@ def test_c2lip_pickle_nounphrases_and_empty_fallback(tmp_path):
     assert batch["owner"].tolist() == [0, 0, 1]
     with open(tmp_path / "bad.pkl", "wb") as handle:
         pickle.dump([{"img": "0.jpg"}], handle)
-    with pytest.raises(ManifestError, match="bad.pkl:0"):
+    with pytest.raises(ManifestError, match="bad.pkl: item 0: no image"):
         import_c2lip(str(tmp_path / "bad.pkl"))
 
 

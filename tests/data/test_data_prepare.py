@@ -92,6 +92,7 @@ def test_llm_negatives_and_shards(tmp_path):
     assert len(samples) == 5 and json.loads(samples[1]["json"])["caption"] == CAPTIONS[1]
 
 
-def test_unknown_type_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="unknown negative types"):
+def test_unknown_type_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
         prepare.main(["--input", str(_input(tmp_path)), "--output", str(tmp_path / "o.jsonl"), "--types", "nope"])
+    assert stopped.value.code == 2 and "unknown negative types ['nope']" in capsys.readouterr().err

@@ -22,9 +22,9 @@ def decodes(monkeypatch):
     opened = []
     original = dataset_module.load_image
 
-    def counting(source, preprocess):
+    def counting(source, preprocess, *name):
         opened.append(source if isinstance(source, str) else source.getvalue())
-        return original(source, preprocess)
+        return original(source, preprocess, *name)
 
     monkeypatch.setattr(dataset_module, "load_image", counting)
     return opened

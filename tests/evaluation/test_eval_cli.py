@@ -159,3 +159,20 @@ def test_cli_without_benchmark_or_model_explains(tmp_path):
     with pytest.raises(SystemExit, match="needs --model"):
         torch.save({}, tmp_path / "x.pt")
         main(["--checkpoint", str(tmp_path / "x.pt"), "--sugarcrepe", str(tmp_path)])
+
+
+def test_a_model_config_registers_under_the_run_architecture_and_leaves_no_folder(tmp_path, monkeypatch):
+    """`model.model_config` whose file stem is not `model.arch`: open_clip knows the JSON under the arch (equal to
+    the file's content) after the copy it read has gone, and no temporary folder is left behind."""
+    import tempfile
+
+    import open_clip
+
+    from compclip.evaluation.loading import register_model_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp / TemporaryDirectory make folders
+    arch = "compclip-eval-tiny-renamed"
+    assert register_model_config(TINY_CONFIG, arch) == arch
+    with open(TINY_CONFIG, encoding="utf-8") as handle:
+        assert open_clip.get_model_config(arch) == json.load(handle)
+    assert list(tmp_path.iterdir()) == []

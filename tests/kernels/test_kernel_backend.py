@@ -16,8 +16,8 @@ def test_every_op_is_exported_with_the_reference_signature(op):
     reference_params = inspect.signature(getattr(kernels.reference, op)).parameters
     positional = [name for name, p in kernel_params.items() if p.kind != inspect.Parameter.KEYWORD_ONLY]
     assert positional == list(reference_params)
-    # keyword-only extras are tuning knobs only: tile sizes, and XAC's images per workspace chunk and route
-    assert all(name.startswith("block_") or name in ("chunk", "route") for name, p in kernel_params.items()
+    # keyword-only extras are tuning knobs only: tile sizes, the contrastive splits, XAC's image chunk and route
+    assert all(name.startswith("block_") or name in ("chunk", "route", "splits") for name, p in kernel_params.items()
                if p.kind == inspect.Parameter.KEYWORD_ONLY)
 
 

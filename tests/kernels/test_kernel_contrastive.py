@@ -153,3 +153,105 @@ def test_float32_dots_follow_allow_tf32(monkeypatch, allow_tf32, expected):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     assert contrastive._dot_config(x.half(), x.half())[0] == _common.tl.float16
+
+
+# ---- split streamed axes (flash-decoding), inputs without gradients, empty batches ------------------------------
+@pytest.mark.parametrize("deterministic, splits", [(True, 1), (True, 2), (True, 3), (False, 3)])
+def test_split_columns_and_rows(splits, deterministic):
+    # 5 column tiles and 2 row tiles of 16: the forward and ∂A split the columns (2: 3 + 2 tiles, 3: 2 + 2 + 1),
+    # ∂C the rows (clamped to the 2 row tiles); splits=1 is the path without partials. Two sources, extra logits.
+    g = torch.Generator().manual_seed(splits)
+    anchors, texts, negatives = unit(20, 16, generator=g), unit(30, 16, generator=g), unit(45, 16, generator=g)
+    targets = torch.tensor([-1, 0, 3, -1, 74, 4, -1, 2, 10, 31] * 2)
+    extra = 10.0 * torch.randn(20, generator=g).tanh()
+    blocks = dict(SMALL, splits=splits)
+    check_parity(_two_source_reference, _two_source_kernel(deterministic, blocks),
+                 [anchors, texts, negatives, torch.tensor(20.0), targets, extra], torch.float32)
+
+
+def test_default_splits_fill_two_waves_and_are_deterministic():
+    """Default splits come from M, N and the SM count (132 on the interpreter's sm_90 target): at M = 32 rows the
+    forward and ∂A split 64 columns into 4 tiles of 16, ∂C 2 row tiles, and two runs agree bitwise."""
+    blocks = contrastive._blocks(32, 64, 16, 16, 16, 16, 16, sms=132)
+    assert [blocks["splits"][k][0] for k in ("fwd", "bwd_a", "bwd_c")] == [4, 4, 2]
+    anchors, columns, targets, _ = _case("negclip", 32, 16, 3, 16, torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [anchors.clone().requires_grad_(), columns.clone().requires_grad_(),
+                  torch.tensor(30.0, requires_grad=True)]
+        loss = contrastive_row_loss(leaves[0], leaves[1], leaves[2], targets, **SMALL)
+        (loss * torch.linspace(0.5, 1.5, 32)).sum().backward()
+        runs.append([loss.detach()] + [leaf.grad for leaf in leaves])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    expected = reference.contrastive_row_loss(anchors, columns, 30.0, targets)
+    torch.testing.assert_close(runs[0][0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("split_of", [
+    (1, 1, 64), (3, 1, 64), (264, 64, 1), (200, 10, 2),
+])
+def test_split_axis_gives_two_waves(split_of):
+    from compclip.kernels._common import WAVES, split_axis
+    base, tiles, expected = split_of                 # 132 SMs; a streamed axis of ``tiles`` tiles of 16
+    splits, per_split = split_axis(base, tiles * 16 - 3, 16, 132)
+    assert splits == min(expected, tiles) and per_split % 16 == 0
+    assert base * splits >= WAVES * 132 or splits == tiles
+    assert (splits - 1) * per_split < tiles * 16 - 3 <= splits * per_split      # no empty split, all covered
+
+
+@pytest.mark.parametrize("frozen", [("columns", "extra_columns"), ("anchors",), ("anchors", "logit_scale"),
+                                    ("columns",), ("anchors", "columns", "extra_columns", "extra_logits")])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_inputs_without_gradient(frozen, deterministic):
+    """Each subset of frozen inputs: the others' gradients equal the reference's, the frozen get None."""
+    g = torch.Generator().manual_seed(7)
+    values = dict(anchors=unit(9, 21, generator=g), columns=unit(5, 21, generator=g),
+                  extra_columns=unit(15, 21, generator=g), logit_scale=torch.tensor(20.0),
+                  extra_logits=10.0 * torch.randn(9, generator=g).tanh())
+    targets = torch.tensor([-1, 0, 3, -1, 19, 4, -1, 2, 10])
+    grads = {}
+    for name, fn in (("reference", _two_source_reference), ("kernel", _two_source_kernel(deterministic, SMALL))):
+        leaves = {k: v.clone().requires_grad_(k not in frozen) for k, v in values.items()}
+        loss = fn(leaves["anchors"], leaves["columns"], leaves["extra_columns"], leaves["logit_scale"], targets,
+                  leaves["extra_logits"])
+        (loss * torch.linspace(0.5, 1.5, 9)).sum().backward()
+        grads[name] = {k: leaf.grad for k, leaf in leaves.items()}
+    for key in values:
+        if key in frozen:
+            assert grads["kernel"][key] is None, key
+        else:
+            torch.testing.assert_close(grads["kernel"][key], grads["reference"][key], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{key}: {m}")
+
+
+def test_empty_batch():
+    """M = 0 local rows (a rank without anchors): an empty loss, zero gradients for the columns and the scale."""
+    anchors = torch.zeros(0, 19, requires_grad=True)
+    columns = unit(13, 19).requires_grad_()
+    scale = torch.tensor(30.0, requires_grad=True)
+    loss = contrastive_row_loss(anchors, columns, scale, torch.zeros(0, dtype=torch.long), **SMALL)
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    assert anchors.grad.shape == (0, 19)
+    assert torch.equal(columns.grad, torch.zeros_like(columns)) and scale.grad.item() == 0.0
+
+
+def test_misaligned_slices_and_ragged_width_are_realigned():
+    """A slice that starts one element into its allocation (data pointer not 16-byte aligned) and D = 19 (rows not
+    a multiple of 16 wide): the host copies them into aligned rows padded to 32, and the gradients come back in the
+    input's shape."""
+    from compclip.kernels._common import aligned_rows
+
+    def misaligned(t):
+        return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)     # differentiable, offset by 4 bytes
+
+    probe = misaligned(torch.ones(5, 19))
+    assert probe.data_ptr() % 16 != 0 and aligned_rows(probe, 32).data_ptr() % 16 == 0
+    assert aligned_rows(probe, 32).shape == (5, 32) and torch.equal(aligned_rows(probe, 32)[:, 19:], torch.zeros(5, 13))
+
+    def kernel(anchors, columns, logit_scale, targets):
+        return contrastive_row_loss(misaligned(anchors), misaligned(columns), logit_scale, targets, **SMALL)
+    anchors, columns, targets, _ = _case("clip", 7, 13, 0, 19, torch.float32)
+    check_parity(reference.contrastive_row_loss, kernel, [anchors, columns, torch.tensor(30.0), targets],
+                 torch.float32)

@@ -58,3 +58,34 @@ def test_one_output_used_and_float_scale():
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_wide_embedding_default_blocks(op):
     _run(op, 2, 2, 1030, 100.0)
+
+
+@pytest.mark.parametrize("frozen", [("negatives",), ("anchors", "positives"), ("anchors", "positives", "negatives")])
+def test_inputs_without_gradient(frozen):
+    """Gradients an input does not need are not written (HAS_D*); the others equal the reference's."""
+    g = torch.Generator().manual_seed(3)
+    values = dict(anchors=unit(5, 19, generator=g), positives=unit(5, 19, generator=g),
+                  negatives=unit(5, 3, 19, generator=g))
+    grads = {}
+    for name, fn in (("reference", reference.grouped_contrast_row_loss),
+                     ("kernel", functools.partial(grouped_contrast_row_loss, block_d=16))):
+        leaves = {k: v.clone().requires_grad_(k not in frozen) for k, v in values.items()}
+        scale = torch.tensor(10.0, requires_grad=True)
+        (fn(leaves["anchors"], leaves["positives"], leaves["negatives"], scale) * torch.arange(1.0, 6.0)).sum() \
+            .backward()
+        grads[name] = dict({k: leaf.grad for k, leaf in leaves.items()}, scale=scale.grad)
+    for key, expected in grads["reference"].items():
+        if key in frozen:
+            assert grads["kernel"][key] is None
+        else:
+            torch.testing.assert_close(grads["kernel"][key], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_empty_batch(op):
+    leaves = [torch.zeros(0, 19, requires_grad=True), torch.zeros(0, 19, requires_grad=True),
+              torch.zeros(0, 3, 19, requires_grad=True)]
+    scale = torch.tensor(10.0, requires_grad=True)
+    out = OPS[op][1](*leaves, scale)
+    sum(t.sum() for t in (out if isinstance(out, tuple) else (out,))).backward()
+    assert [leaf.grad.shape for leaf in leaves] == [leaf.shape for leaf in leaves] and scale.grad.item() == 0.0

@@ -48,6 +48,7 @@ QUICK = "clip,negclip,c2lip"
 method's training is tested in tests/methods; here, the study's pipeline)."""
 
 
+@pytest.mark.cost(44)
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
@@ -226,6 +227,7 @@ def test_external_world_errors_name_the_flag_or_file(tmp_path):
             study.parse_args(wrong)
 
 
+@pytest.mark.cost(13)
 @pytest.mark.slow
 def test_external_world_through_the_flags(tmp_path):
     """A world the study has not built itself (another seed and size, its retrieval file inside the evaluation
@@ -237,10 +239,11 @@ def test_external_world_through_the_flags(tmp_path):
     out = tmp_path / "out"
     results = study.main(["--train-manifest", paths.train, "--eval-sugarcrepe", sugarcrepe,
                           "--eval-image-root", paths.eval_image_root, "--retrieval", paths.retrieval,
-                          "--seeds", "2", "--methods", "clip,negclip", "--out", str(out), "--quick", "--jobs", "1"])
+                          "--seeds", "2", "--methods", "negclip", "--out", str(out), "--quick", "--jobs", "1"])
     assert results["protocol"]["world"]["builtin"] is False
     assert results["protocol"]["world"]["subsets"] == sorted(paths.eval)
-    for method in ("clip", "negclip"):
+    assert list(results["methods"]) == ["negclip"]
+    for method in ("negclip",):
         scores = results["methods"][method]
         for subset in list(paths.eval) + ["retrieval_r1", "swap mean"]:
             entry = scores[subset]
@@ -281,3 +284,71 @@ def test_webdataset_shards_as_the_training_manifest(tmp_path):
     with open(shards[2], "ab") as handle:  # the last shard changes: finished runs are not reused
         handle.write(b"\0" * 512)
     assert fingerprint({"seed": 0, "threads": 1}, world) != before
+
+
+def test_the_queue_eta_comes_from_the_cost_table():
+    """The study's progress counts each run's cost (COST, in CLIP fine-tunes): a reused run is done from the start
+    and not in the rate; the ETA is the cost left at the rate of the finished ones (fake clock, no sleeping)."""
+    import io
+
+    from compclip.study.protocol import COST
+    from compclip.study.runs import QueueProgress, cost_of
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+
+    configs = [{"loss": {"method": method}} for method in ("degla", "ceclip", "clip")]
+    assert [cost_of(cfg) for cfg in configs] == [COST["degla"], COST["ceclip"], COST["clip"]] == [2.4, 1.8, 1.0]
+    clock, out = Clock(), io.StringIO()
+    with QueueProgress(configs, [False, True, False], logger=None, stream=out, tty=False, interval=0,
+                       clock=clock) as progress:
+        clock.now += 24  # DeGLA: 2.4 CLIP-runs in 24 s = 6 per minute; 1.0 left -> 10 s
+        progress.finished(configs[0])
+        clock.now += 10
+        progress.finished(configs[2])
+    assert out.getvalue().splitlines() == [
+        "study: 4.2/5.2 CLIP-runs (80.8%) | 6.0 CLIP-runs/min | elapsed 0:00:24 | ETA 0:00:10 | runs=2/3",
+        "study: 5.2/5.2 CLIP-runs (100.0%) | 6.0 CLIP-runs/min | elapsed 0:00:34 | ETA 0:00:00 | runs=3/3",
+        "study: 5.2/5.2 CLIP-runs (100.0%) | 6.0 CLIP-runs/min | elapsed 0:00:34 | done | runs=3/3",
+    ]
+
+
+def test_a_forked_child_run_that_fails_names_its_error_and_keeps_its_console(tmp_path):
+    """A quiet child comes from the fork server (compclip.child_run): a config mistake ends it with exit 2, and the
+    parent's error carries the child's own message, read from `<runs>/<name>.console.log`."""
+    from compclip.child_run import run_child, stage_config
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("")
+    benchmark = Benchmark(str(manifest), str(tmp_path), str(tmp_path), ("swap_att",))
+    cfg = stage_config(benchmark, "compclip-tiny", 4, 1, {"lr": 1e-3, "warmup_steps": 0, "epochs": 1}, threads=1)
+    cfg["log"].update(logs=str(tmp_path / "runs"), name="broken")
+    cfg["optim"]["lr_typo"] = 1.0
+    with pytest.raises(RuntimeError) as info:
+        run_child(cfg, benchmark, str(tmp_path / "runs"), verbose=False)
+    console = (tmp_path / "runs" / "broken.console.log").read_text()
+    assert "exit 2" in str(info.value) and "optim.lr_typo" in console and "optim.lr_typo" in str(info.value), console
+
+
+def test_a_failed_run_stops_the_queue(monkeypatch, tmp_path):
+    """run_queue after a failure (or Ctrl-C): the runs still queued never start. With one job, at most the run the
+    worker had already taken starts after the failed one (without the cancel, all five ran)."""
+    from compclip.study import runs as study_runs
+
+    started = []
+
+    def fake_run_child(cfg, benchmark, runs, verbose):
+        started.append(cfg["log"]["name"])
+        if len(started) == 1:
+            raise RuntimeError("run failed")
+        return str(tmp_path / cfg["log"]["name"])
+
+    monkeypatch.setattr(study_runs, "run_child", fake_run_child)
+    monkeypatch.setattr(study_runs, "finished", lambda cfg, benchmark, runs: False)
+    configs = [{"loss": {"method": "clip"}, "log": {"name": f"clip-seed{seed}"}} for seed in range(5)]
+    with pytest.raises(RuntimeError, match="run failed"):
+        study_runs.run_queue(configs, None, str(tmp_path), jobs=1, verbose=False)
+    assert 1 <= len(started) <= 2, started

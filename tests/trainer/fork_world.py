@@ -3,8 +3,11 @@ once, run one after the other from a JSON plan. A world costs its training, not 
 
     python tests/trainer/fork_world.py PLAN.json RESULTS.json LOG_DIR
 
-PLAN: a list of {"argv": [...], "ranks": N, "env": {...}}; RESULTS: per world {"codes": [...], "seconds": s},
-the exit status of each rank (negative: killed by that signal). Like a launcher, when a rank is killed by a
+PLAN: a list of {"argv": [...], "ranks": N, "env": {...}, "damage": [[how, glob], ...], "hook": "FILE.py:function"};
+RESULTS: per world {"codes": [...], "seconds": s}, the exit status of each rank (negative: killed by that signal).
+`damage` is done to the files matching each glob before the world starts, as a power loss or a failing disk would
+leave them: `truncate` (to half their size) or `flip` (one byte in the middle inverted). The hook (optional) is
+called in every rank before the run (a test's probe into the live trainer). Like a launcher, when a rank is killed by a
 signal the supervisor SIGKILLs the others (a node that dies takes its job with it); when one exits with an error
 the others get a grace period, then SIGKILL. Each rank's output goes to LOG_DIR/world<i>_rank<r>.log.
 """
@@ -33,11 +36,24 @@ import matplotlib.pyplot  # noqa: E402,F401  (the final report's curves)
 
 get_accelerator()
 from compclip.distributed import free_port  # noqa: E402
+from compclip.heap import freeze_startup_objects  # noqa: E402
+
+freeze_startup_objects()  # before the forks: the children neither collect nor copy the parent's objects
 
 GRACE_S = 60.0
 
 
-def _child(argv, rank, ranks, port, env, log):
+def _run_hook(spec):
+    import importlib.util
+
+    path, _, function = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    getattr(module, function)()
+
+
+def _child(argv, rank, ranks, port, env, log, hook=None):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1), os.dup2(fd, 2)
     code = 1
@@ -45,6 +61,8 @@ def _child(argv, rank, ranks, port, env, log):
         os.environ.update({k: str(v) for k, v in env.items()})
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if hook:
+            _run_hook(hook)
         compclip.train.main(argv)
         code = 0
     except SystemExit as exc:
@@ -75,17 +93,35 @@ def _supervise(pids):
     return [codes[pid] for pid in pids]
 
 
+def damage(how, pattern):
+    """Truncate or flip the files matching `pattern`; at least one must match (a test that damages nothing proves
+    nothing)."""
+    import glob
+
+    paths = sorted(glob.glob(pattern))
+    assert paths, f"nothing to damage matches {pattern}"
+    for path in paths:
+        data = bytearray(Path(path).read_bytes())
+        if how == "truncate":
+            data = data[:len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        Path(path).write_bytes(bytes(data))
+
+
 def main(plan_path, results_path, log_dir):
     plan = json.loads(Path(plan_path).read_text())
     results = []
     for index, world in enumerate(plan):
+        for how, pattern in world.get("damage", ()):
+            damage(how, pattern)
         start, port, ranks = time.time(), free_port(), world["ranks"]
         pids = []
         for rank in range(ranks):
             pid = os.fork()
             if pid == 0:
                 _child(world["argv"], rank, ranks, port, world.get("env", {}),
-                       os.path.join(log_dir, f"world{index}_rank{rank}.log"))
+                       os.path.join(log_dir, f"world{index}_rank{rank}.log"), world.get("hook"))
             pids.append(pid)
         results.append({"codes": _supervise(pids), "seconds": round(time.time() - start, 2)})
         Path(results_path).write_text(json.dumps(results))

@@ -23,3 +23,22 @@ def test_ema_teacher_refuses_a_teacher_with_another_activation():
     assert not teacher.module.training
     torch.testing.assert_close(got.image, want.image)
     torch.testing.assert_close(got.text, want.text)
+
+
+def test_the_teacher_starts_as_a_copy_whatever_its_storage_held():
+    """The teacher is built without random draws (its storage holds whatever memory held); the start copies the
+    student into it, so even NaN in every teacher element leaves nothing behind (0 x NaN would)."""
+    from compclip.trainer.ema import EMATeacher
+
+    torch.manual_seed(0)
+    student = Encoder(build_model("compclip-tiny")[0])
+
+    def poisoned():
+        teacher = Encoder(build_model("compclip-tiny", load_weights=False, initialize=False)[0])
+        for param in teacher.parameters():
+            param.data.fill_(float("nan"))
+        return teacher
+
+    teacher = EMATeacher(student, poisoned, 0.9)
+    for (name, t), s in zip(teacher.module.named_parameters(), student.parameters()):
+        assert torch.equal(t, s), name

@@ -59,6 +59,7 @@ def _worker(rank, world, port, results):
     results[rank] = out
 
 
+@pytest.mark.cost(12)
 @pytest.mark.slow
 def test_ema_teacher_follows_fp32_master_under_bf16_zero_0_1_2():
     results = spawn_ranks(_worker)

@@ -34,9 +34,9 @@ def _init_rank(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    import deepspeed
+    from compclip.trainer.engine import init_process_group
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group()  # gloo through DeepSpeed, without JIT-compiling its CPU shared-memory op (~40 CPU-s)
 
 
 def _engine(stage, lr, **extra):
@@ -141,6 +141,7 @@ def spawn_ranks(worker, world=2):
     return results
 
 
+@pytest.mark.cost(14)
 @pytest.mark.slow
 def test_ema_teacher_matches_closed_form_under_zero_1_2_3():
     results = spawn_ranks(_worker)

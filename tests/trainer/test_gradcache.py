@@ -1,12 +1,13 @@
 """Gradient caching (`optim.contrastive_batch`, compclip.trainer.gradcache) against runs that hold the whole contrastive
 batch in one autograd graph, with two real gloo ranks on the CPU in fp32, under ZeRO 0 and 3.
 
-* Every method: CLIP, NegCLIP, CE-CLIP (threshold), DeGLA (EMA teacher), C2LIP on the SigLIP-style MAP tower
-  (siglip, npc, xac on MAP tokens, the logit bias) and the composite of NegCLIP + CE-CLIP + DeGLA + C2LIP
+* Every method under ZeRO-0: CLIP, NegCLIP, CE-CLIP (threshold), DeGLA (EMA teacher), C2LIP on the SigLIP-style
+  MAP tower (siglip, npc, xac on MAP tokens, the logit bias) and the composite of NegCLIP + CE-CLIP + DeGLA + C2LIP
   (negclip, cmr, imc, igc, tgc, distill, npc, xac on ViT patch tokens, the EMA teacher, CE-CLIP's threshold).
-  After one and after three optimizer steps the parameters (logit scale and bias included), the EMA teacher and
-  the threshold equal, to fp32 rounding, those of a run whose micro-batch is the whole contrastive batch
-  (16 samples: 2 ranks x 2 chunks of 4).
+  Under ZeRO-3, where what changes is the partitioned parameters, the teacher's shards and the clamp on them, the
+  two that hold every term, feature and state between them: the composite and C2LIP. After one and after three
+  optimizer steps the parameters (logit scale and bias included), the EMA teacher and the threshold equal, to fp32
+  rounding, those of a run whose micro-batch is the whole contrastive batch (16 samples: 2 ranks x 2 chunks of 4).
 * Stochastic depth on (the MAP tower with timm drop-path): no big micro-batch draws the chunks' masks, so the
   reference runs the same chunks in the same order with autograd through one graph, as a hand-written step. The
   cached step matches it, and stops matching when the RNG replay is switched off (the test can see it).
@@ -34,6 +35,7 @@ CASES = {
     "c2lip": ["--loss.method=c2lip", "--model.arch=compclip-tiny-map"],
     "composite": ["--config", COMPOSITE],
 }
+ZERO3_CASES = ("composite", "c2lip")
 DROP_PATH_ARCH = "compclip-tiny-map-droppath"
 
 
@@ -125,11 +127,14 @@ def _worker(rank, port, tmp):
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(1)
     tmp = Path(tmp)
-    from compclip.trainer import gradcache
-    from compclip.trainer.engine import init_process_group
-    from compclip.models import register_model_configs
+    from compclip.heap import startup
 
-    init_process_group()
+    with startup():  # as compclip/train.py's main: the imports frozen out of the collector's walks
+        from compclip.trainer import gradcache
+        from compclip.trainer.engine import init_process_group
+        from compclip.models import register_model_configs
+
+        init_process_group()
     register_model_configs()
     _drop_path_config(tmp / f"model_configs-{rank}")
     cached = [f"--optim.contrastive_batch={CONTRASTIVE}", f"--data.batch_size={CHUNK}"]
@@ -137,6 +142,8 @@ def _worker(rank, port, tmp):
     results = {}
     for stage in (0, 3):
         for name, extra in CASES.items():
+            if stage == 3 and name not in ZERO3_CASES:
+                continue
             results[f"{name}/zero{stage}/whole"] = _run(_argv(tmp, name + "-whole", stage, extra + whole))
             results[f"{name}/zero{stage}/cached"] = _run(_argv(tmp, name + "-cached", stage, extra + cached))
     drop = ["--loss.method=c2lip", f"--model.arch={DROP_PATH_ARCH}"]
@@ -157,12 +164,13 @@ def _close(actual, expected, what):
             torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=2e-6, msg=f"{what}.{key}")
 
 
+@pytest.mark.cost(64)
 @pytest.mark.slow
 def test_cached_steps_equal_the_whole_contrastive_batch_in_one_graph(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     for stage in (0, 3):
-        for name in CASES:
+        for name in CASES if stage == 0 else ZERO3_CASES:
             whole, cached = results[f"{name}/zero{stage}/whole"], results[f"{name}/zero{stage}/cached"]
             for label, expected, actual in zip(("step 1", f"step {STEPS}"), whole, cached):
                 _close(actual, expected, f"{name} ZeRO-{stage} {label}")

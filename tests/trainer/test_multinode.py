@@ -50,6 +50,7 @@ def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.cost(30)
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is installed with torch")
 def test_two_nodes_write_the_run_once_and_resume(tmp_path):
     shared = tmp_path / "shared"

@@ -90,10 +90,12 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, one_process, m
     assert torch.distributed.is_initialized()
 
 
-def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, monkeypatch):
+def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, monkeypatch, capsys):
     """One process, ZeRO-0: a run killed after its step-2 checkpoint and resumed with `--resume latest` logs the
     same steps 3-4 as the run that went straight through (CE-CLIP's threshold is part of the state). The resumed
-    run loads only the samples of steps 3-4, in the straight run's order: the two batches before are not read."""
+    run loads only the samples of steps 3-4, in the straight run's order: the two batches before are not read.
+    `--resume latest --log.name=RUN` alone restores the run's configuration; a key of the run given again with
+    another value is refused with the list of differing keys, and a longer run is accepted."""
     import shutil
 
     from compclip.data.dataset import ManifestDataset
@@ -103,7 +105,8 @@ def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, mo
     original = ManifestDataset.__getitem__
 
     def recording(self, key):
-        loaded.append(key)
+        if len(self) == 64:  # the training split (tiny.yaml: 64 samples), not the validation split's 16
+            loaded.append(key)
         return original(self, key)
 
     monkeypatch.setattr(ManifestDataset, "__getitem__", recording)
@@ -118,7 +121,15 @@ def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, mo
     (tmp_path / "killed" / "checkpoints" / "deepspeed" / "latest").write_text("step2")
     shutil.rmtree(tmp_path / "killed" / "checkpoints" / "deepspeed" / "step4")
     (tmp_path / "killed" / "metrics.jsonl").unlink()
-    main(common + ["--log.name=killed", "--resume", "latest"])
+    resume = ["--resume", "latest", "--log.name=killed", f"--log.logs={tmp_path}"]
+    for changed, keys in ((["--optim.lr=0.5", "--data.batch_size=4"], ("optim.lr", "data.batch_size")),
+                          (["--optim.max_steps=3"], ("optim.max_steps",)), (["--config", "degla"], ("loss.method",))):
+        with pytest.raises(SystemExit) as info:
+            main(resume + changed)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and all(key in err for key in keys), (changed, err)
+    assert not (tmp_path / "killed" / "metrics.jsonl").exists()
+    main(resume)  # no flag of the run repeated: its saved request is the configuration
     assert loaded == straight_keys[2 * 8:]
 
     def losses(name):
@@ -130,6 +141,8 @@ def test_resume_latest_continues_the_curve_bit_for_bit(tmp_path, one_process, mo
     for step in (3, 4):
         for key in ("loss", "loss/negclip", "loss/cmr", "loss/imc", "cmr_threshold/0", "lr"):
             assert resumed[step][key] == straight[step][key], (step, key)
+    main(resume + ["--optim.max_steps=6", "--log.every_n_steps=1"])  # longer: accepted, continues from step 4
+    assert sorted(losses("killed")) == [3, 4, 5, 6]
 
 
 def test_evaluation_command_on_the_run_folder_agrees_with_the_trainer(tmp_path, one_process):
@@ -179,6 +192,7 @@ def test_a_prepared_manifest_of_the_synthetic_world_trains(tmp_path, one_process
     assert result["steps"] == 2
 
 
+@pytest.mark.cost(23)
 def test_training_on_the_triton_kernels_follows_the_reference(tmp_path):
     """Every kernel-backed term in a real training run (the composite config: contrastive, grouped and XAC kernels)
     on backend=triton, in Triton's interpreter, gives the loss curve of backend=torch. Separate processes: Triton
@@ -234,7 +248,7 @@ def test_a_run_from_openai_weights_keeps_quickgelu_in_the_teacher_and_the_evalua
         seen.setdefault("teacher", self.module)
         return real_update(self)
 
-    def evaluate_plain(self, clip, label):
+    def evaluate_plain(self, clip, label, *args, **kwargs):
         seen.setdefault("evaluated", []).append(clip)
         return None
 
@@ -248,3 +262,19 @@ def test_a_run_from_openai_weights_keeps_quickgelu_in_the_teacher_and_the_evalua
 
     assert activations(seen["teacher"]) == {QuickGELU}
     assert seen["evaluated"] and all(activations(model) == {QuickGELU} for model in seen["evaluated"])
+
+
+def test_data_that_fills_no_batch_is_one_message(tmp_path, one_process, capsys):
+    """Found when the loader counts the data (after the checks before ranks start): one message naming the file and
+    the numbers, exit status 2, no traceback."""
+    from compclip.train import main
+
+    manifest = tmp_path / "three.jsonl"
+    manifest.write_text("".join(json.dumps({"image": "a.png", "caption": f"a cat {i}", "negatives": ["a dog"]}) + "\n"
+                                for i in range(3)))
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"--data.train_manifest={manifest}",
+              "--data.batch_size=8", f"--log.logs={tmp_path}", "--log.name=few", "--eval_before=false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.count("input error") == 1 and "three.jsonl: 3 samples give no full batch of 8" in err
