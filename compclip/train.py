@@ -2,7 +2,7 @@
 
     deepspeed compclip/train.py [--config <recipe> ...] [--section.field=value ...]
     python compclip/train.py ...            # one process, no launcher
-    python compclip/train.py                # the embedded default (configs/default.yaml): CE-CLIP on the synthetic
+    python compclip/train.py                # the embedded default (configs/default.yaml): DeGLA on the synthetic
                                             # world from its bag-of-words CLIP, ~3 min on 2 CPU cores
     python compclip/train.py --config degla --data.train_manifest=coco.jsonl --plan --plan-world-size 8
                                             # the resolved, sized run (steps, lr, memory per GPU); nothing trains

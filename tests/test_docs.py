@@ -38,3 +38,18 @@ def test_readme_layout_lists_every_module():
     missing = [str(path.relative_to(ROOT)) for path in modules
                if path.name != "__init__.py" and path.name not in words and path.stem not in words]
     assert not missing, f"README's Layout does not list: {missing}"
+
+
+def _prose(text: str) -> str:
+    """Markdown without its fenced code blocks and inline code spans."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def test_no_placeholder_is_left_in_the_documents():
+    """A results placeholder (an all-caps word such as DEMO_TABLE) left in the README or docs/*.md outside code is
+    a section whose numbers were never filled in."""
+    placeholder = re.compile(r"(?<![\w$`/.-])[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+(?![\w`/.-])")
+    hits = [f"{file.relative_to(ROOT)}: {match.group(0)}"
+            for file in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+            for match in placeholder.finditer(_prose(file.read_text(encoding="utf-8")))]
+    assert not hits, "unfilled placeholders:\n" + "\n".join(hits)

@@ -211,6 +211,7 @@ def run_main(study: Study, benchmark: Optional[Benchmark] = None, world_seed: in
                                     learning_rates={s.method: (s.finetune or study.profile.finetune)["lr"]
                                                     for s in specs}),
                "methods": analyse(folders, benchmark)}
+    results = json.loads(json.dumps(results, default=_plain))  # what results.json holds: lists, string keys
     text_only = _aggregate_text_only(folders, benchmark)
     print(write_results(folder, results, benchmark, text_only=text_only))
     return results
