@@ -185,11 +185,15 @@ def text_only_markdown(text_only: Dict[str, Dict[str, Dict[str, Any]]], subsets:
     """The text-only table: the same choices made against the mean image embedding instead of the item's image."""
     subsets = reported(subsets)
     lines = ["Text-only accuracy (%): each model's choice between caption and negative scored against the mean "
-             "image embedding of the evaluation set instead of the item's own image. Near 50 % is what a subset "
-             "should give; far above, its negatives can be told from the captions alone.", "",
+             "image embedding of the evaluation set instead of the item's own image; mean over seeds [95 % "
+             "bootstrap interval over seeds]. Near 50 % is what a subset should give; far above, its negatives can "
+             "be told from the captions alone.", "",
              "| method | " + " | ".join(s.replace("_", " ") for s in subsets) + " |", "|" + "---|" * (len(subsets) + 1)]
     for method, scores in text_only.items():
-        cells = [f"{100 * scores[s]['mean']:.1f} ± {100 * scores[s]['std']:.1f}" for s in subsets]
+        cells = []
+        for subset in subsets:
+            mean, low, high = stats.seed_ci(scores[subset]["runs"])
+            cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
         lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -227,12 +231,14 @@ def plot(results: Dict[str, Any], path: str) -> None:
             ax.hlines(100 * start[key], k - 0.42, k + 0.42, colors="black", linestyles="dashed", linewidth=1)
     for axis in (ax, curves):
         axis.axhline(50, color="grey", linewidth=0.6)
-        axis.set_ylim(0, 100)
+    curves.set_ylim(0, 100)
+    ax.set_ylim(0, 114)  # room above the bars for the legend, which must not hide the low retrieval bars
+    ax.set_yticks(range(0, 101, 20))
     curves.axhline(100 * THRESHOLD, color="grey", linewidth=0.6, linestyle=":")
     ax.set_xticks(range(len(keys)), [k.replace("_", "\n") for k in keys], fontsize=7)
     ax.set_ylabel("accuracy / R@1 (%), 95 % interval")
     ax.set_title("fine-tuned from one bag-of-words CLIP (dashed: the start)")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=len(methods), loc="upper center")
     curves.set_xlabel("fine-tune step")
     curves.set_ylabel("relation swap (%)")
     curves.set_title("learning curves (one line per seed)")
