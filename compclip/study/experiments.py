@@ -6,9 +6,10 @@
   `results.{json,md,png}` (the first world seed) and `world<seed>/results.*` (the others).
 - `dose`: the same world at each converse fraction of DOSES (converse phrasings as a dose), every method x seed;
   `dose/results.{json,md}` and `dose/dose.png` (relation swap and steps to 70 % against the dose).
-- `mechanism`: in the world with the most converse phrasings, the first hard-negative method (CE-CLIP in the
-  registry's order) from a start whose text tower first learned a supervised relation probe
-  (compclip.study.mechanism), against it and CLIP from the plain bag-of-words start; `mechanism/results.md`.
+- `mechanism`: in the world with the most converse phrasings, CLIP and the first hard-negative method (CE-CLIP in
+  the registry's order) from the plain bag-of-words start, from a start whose text tower first learned a
+  supervised relation probe (compclip.study.mechanism), and the hard-negative method from a control start (the
+  same text training without the probe); `mechanism/results.md`.
 - `c2lip`: C2LIP as published (the SigLIP-style tower `compclip-tiny-sincos-bias`, learned logit bias, SigLIP
   as its contrastive term) in the 2 x 2 of NPC's labels {owner, same phrase} x {with, without the logit bias in
   NPC and XAC}, an NPC weight sweep, CLIP on the same tower, and the hard-negative methods trained without
@@ -264,10 +265,10 @@ def hard_negative_methods(methods: Sequence[str]) -> List[str]:
 
 
 def run_mechanism(study: Study) -> Dict[str, Any]:
-    """In the world of the largest dose: CLIP and the first hard-negative method from the bag-of-words start, and
-    that method from the same start with its text tower first trained on the supervised relation probe
-    (compclip.study.mechanism)."""
-    from compclip.study.mechanism import probe_start
+    """In the world of the largest dose: CLIP and the first hard-negative method from the bag-of-words start; both
+    from the same start with its text tower first trained on the supervised relation probe; and that method from
+    the control start, whose text tower had the same training without the probe (compclip.study.mechanism)."""
+    from compclip.study.mechanism import CONTROL, probe_start
 
     dose = max(DOSES)  # the world as drawn: about half of its relations converse
     benchmark = study.benchmark(study.world(converse_fraction=dose))
@@ -278,11 +279,17 @@ def run_mechanism(study: Study) -> Dict[str, Any]:
     plain = _by_method(fine_tune(study, benchmark, runs, start, specs), specs)
     folder = os.path.join(study.out, "mechanism")
     probe = probe_start(start, benchmark, os.path.join(folder, "probe"), study.profile.arch)
-    probe_specs = grid(learner, study.seeds)
+    probe_specs = grid(learner + [m for m in study.methods if m == BASELINE], study.seeds)
     probed = _by_method(fine_tune(study, benchmark, os.path.join(folder, "runs"), probe["checkpoint"],
                                   probe_specs), probe_specs, key=lambda s: f"{s.method}+probe")
-    results = {"protocol": {"world": benchmark.describe(), "dose": dose, "start": start_scores, "probe": probe},
-               "methods": analyse({**plain, **probed}, benchmark)}
+    control = probe_start(start, benchmark, os.path.join(folder, "probe"), study.profile.arch, CONTROL)
+    control_specs = grid(learner, study.seeds)
+    controlled = _by_method(fine_tune(study, benchmark, os.path.join(folder, "control-runs"),
+                                      control["checkpoint"], control_specs), control_specs,
+                            key=lambda s: f"{s.method}+control")
+    results = {"protocol": {"world": benchmark.describe(), "dose": dose, "start": start_scores, "probe": probe,
+                            "control": control},
+               "methods": analyse({**plain, **probed, **controlled}, benchmark)}
     from compclip.study.report import mechanism_markdown
 
     return write_part(folder, results, mechanism_markdown)

@@ -254,6 +254,13 @@ def _ci_cell(entry: Optional[Dict[str, Any]]) -> str:
     return "" if entry is None else _cell(entry)
 
 
+def _diff_cell(paired: Optional[Dict[str, Any]]) -> str:
+    """A paired difference in points with its interval ("" without one)."""
+    if not paired:
+        return ""
+    return f"{100 * paired['diff']:+.1f} [{100 * paired['ci'][0]:+.1f}, {100 * paired['ci'][1]:+.1f}]"
+
+
 def _steps_cell(scores: Dict[str, Any]) -> str:
     reached = scores.get("steps_to_70") or []
     done = sorted(s for s in reached if s is not None)
@@ -269,19 +276,20 @@ def dose_markdown(by_dose: Dict[str, Any]) -> str:
              "Each row: one method on the world whose captions use the converse phrasing ('B right of A') for the "
              "given share, fine-tuned from that world's own bag-of-words start. Accuracy (%) on the test split, "
              "mean over seeds [95 % bootstrap interval over seeds and items]; steps to 70 % relation swap (the "
-             "main relation metric), and how many seeds reached it within the run.", "",
-             "| converse fraction | method | relation swap | attribute swap | binding | steps to 70 % |",
-             "|---|---|---|---|---|---|"]
+             "main relation metric), and how many seeds reached it within the run; Δ: the relation swap's paired "
+             "difference from CLIP on the same seeds and items [95 % CI].", "",
+             "| converse fraction | method | relation swap | attribute swap | binding | steps to 70 % | Δ relation swap |",
+             "|---|---|---|---|---|---|---|"]
     for dose, entry in by_dose.items():
         start = entry.get("start") or {}
         if start:
             lines.append(f"| {dose} | {LABELS['pretrained']} | {_pct(start.get('relation_swap', float('nan')))} | "
                          f"{_pct(start.get('attribute_swap', float('nan')))} | "
-                         f"{_pct(start.get('binding', float('nan')))} | |")
+                         f"{_pct(start.get('binding', float('nan')))} | | |")
         for method, scores in entry["methods"].items():
             lines.append(f"| {dose} | {LABELS.get(method, method)} | {_ci_cell(scores.get('relation_swap'))} | "
                          f"{_ci_cell(scores.get('attribute_swap'))} | {_ci_cell(scores.get('binding'))} | "
-                         f"{_steps_cell(scores)} |")
+                         f"{_steps_cell(scores)} | {_diff_cell(scores.get('vs_clip', {}).get('relation_swap'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -338,10 +346,15 @@ def _method_rows(methods: Dict[str, Any], columns: Sequence[str], baseline: Opti
         cells = [_ci_cell(scores.get(c)) for c in columns] + [_steps_cell(scores)]
         paired = scores.get(f"vs_{baseline}", {}).get(SWAP_MEAN) if baseline else None
         if baseline:
-            cells.append("" if paired is None else
-                         f"{100 * paired['diff']:+.1f} [{100 * paired['ci'][0]:+.1f}, {100 * paired['ci'][1]:+.1f}]")
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+            cells.append(_diff_cell(paired))
+        lines.append(f"| {_label(method)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _label(name: str) -> str:
+    """A method's label; `<method>+<start>` (the mechanism's runs) as "<label> + <start> start"."""
+    method, _, start = name.partition("+")
+    return LABELS.get(method, method) + (f" + {start} start" if start else "")
 
 
 def _header(columns: Sequence[str], extra: Sequence[str]) -> List[str]:
@@ -355,18 +368,24 @@ def _scores_line(label: str, scores: Dict[str, float], columns: Sequence[str]) -
 
 def mechanism_markdown(results: Dict[str, Any]) -> str:
     protocol = results["protocol"]
-    probe = protocol["probe"]
+    probe, control = protocol["probe"], protocol.get("control")
     columns = ["relation_swap", "attribute_swap", "binding", "object_replace", RETRIEVAL_KEY]
+
+    def accuracy(entry, key):
+        return f"{100 * entry[key]['all']:.1f} %" if entry and key in entry else "–"
+
     lines = ["## Mechanism: a text tower that already knows the relation", "",
-             f"World with converse fraction {protocol['dose']}. `+probe`: the same bag-of-words start with its text "
-             f"tower first trained for {probe['settings']['steps']} steps on a supervised relation probe (which "
-             "colour is left / on top, which is the other, which axis; read from the caption) plus InfoNCE against "
-             "the start's fixed image embeddings (compclip.study.mechanism). Probe accuracy on validation "
-             f"captions, all three targets right: {100 * probe['probe_accuracy_before']['all']:.1f} % from the "
-             f"start's frozen text features, {100 * probe['probe_accuracy_after']['all']:.1f} % after the probe "
-             "training.", "",
+             f"World with converse fraction {protocol['dose']}. `probe start`: the same bag-of-words start with its "
+             f"text tower first trained for {probe['settings']['steps']} steps on a supervised relation probe "
+             "(which colour is left / on top, which is the other, which axis; read from the training captions) "
+             "plus InfoNCE against the start's fixed image embeddings (compclip.study.mechanism). `control "
+             "start`: the same text training without the probe's loss. Probe accuracy on validation captions, all "
+             f"three targets right: {accuracy(probe, 'probe_accuracy_before')} from the start's text features "
+             f"(linear heads), {accuracy(probe, 'probe_accuracy_after')} after the probe training; from the "
+             f"control start's features {accuracy(control, 'linear_probe_after')} (linear heads).", "",
              _scores_line("Start", protocol["start"], columns), "",
-             *_header(columns, ["steps to 70 %"]), *_method_rows(results["methods"], columns)]
+             *_header(columns, ["steps to 70 %", "Δ swap mean vs CLIP"]),
+             *_method_rows(results["methods"], columns, baseline="clip")]
     return "\n".join(lines) + "\n"
 
 
