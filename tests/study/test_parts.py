@@ -65,3 +65,37 @@ def test_the_siglip_tower_has_a_learned_bias_and_siglip_s_start():
     model = build_model(SIGLIP_ARCH)[0]
     assert model.logit_bias.item() == -10.0 and model.logit_bias.requires_grad
     assert math.exp(model.logit_scale.item()) == pytest.approx(10.0)
+
+
+@pytest.mark.cost(12)
+def test_probe_and_control_starts_weigh_their_losses(tmp_path):
+    """The mechanism's starts on a tiny world: with both weights 0 the text tower is left as it was (AdamW without
+    weight decay, zero gradients), the probe's loss alone moves only the text tower, and the control (probe weight
+    0) is a start of its own (another checkpoint), with the linear probe of its trained tower recorded."""
+    import torch
+
+    from compclip.models import build_model, export_checkpoint
+    from compclip.study.mechanism import CONTROL, PROBE, probe_start
+
+    paths = synthetic.generate_world(str(tmp_path / "w"), 16, 8, seed=2, image_size=64, workers=1, max_objects=2,
+                                     converse_fraction=0.5)
+    world = Benchmark.synthetic(paths)
+    arch = "compclip-tiny-sincos"
+    torch.manual_seed(0)
+    start = str(tmp_path / "start.pt")
+    export_checkpoint(build_model(arch)[0].state_dict(), start, 0, arch)
+    original = torch.load(start, weights_only=False)["state_dict"]
+
+    def trained(settings):
+        result = probe_start(start, world, str(tmp_path / "probe"), arch, settings)
+        return result, torch.load(result["checkpoint"], weights_only=False)["state_dict"]
+
+    tiny = {"steps": 3, "batch_size": 4}
+    _, still = trained({**PROBE, **tiny, "contrastive_weight": 0.0, "probe_weight": 0.0})
+    assert all(torch.equal(still[k], original[k]) for k in original)
+    result, probed = trained({**PROBE, **tiny, "contrastive_weight": 0.0})
+    moved = {k for k in original if not torch.equal(probed[k], original[k])}
+    assert moved and not any(k.startswith("visual") or k in ("logit_scale", "logit_bias") for k in moved)
+    control, _ = trained({**CONTROL, **tiny})
+    assert control["checkpoint"] != result["checkpoint"] and control["settings"]["probe_weight"] == 0.0
+    assert set(control["linear_probe_after"]) == {"left_or_top_colour", "other_colour", "axis", "all"}
