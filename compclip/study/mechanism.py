@@ -96,7 +96,8 @@ def probe_start(start: str, benchmark, folder: str, arch: str, settings: Dict[st
         loss.backward()
         optimizer.step()
         if step % 100 == 0:
-            log.info("relation probe step %d: probe %.3f, contrastive %.3f", step, float(probe.detach()), float(contrastive.detach()))
+            log.info("relation probe step %d: probe %.3f, contrastive %.3f", step, probe.item(),
+                     contrastive.item())
     after = _probe_accuracy(model, heads, val_tokens, val_targets)
     decodable = _frozen_probe(model, tokens, targets, val_tokens, val_targets)  # fresh linear heads, tower fixed
     checkpoint = os.path.join(folder, f"{name}.pt")
