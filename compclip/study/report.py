@@ -278,7 +278,8 @@ def dose_markdown(by_dose: Dict[str, Any]) -> str:
              "mean over seeds [95 % bootstrap interval over seeds and items]; steps to 70 % relation swap (the "
              "main relation metric), and how many seeds reached it within the run; Δ: the relation swap's paired "
              "difference from CLIP on the same seeds and items [95 % CI].", "",
-             "| converse fraction | method | relation swap | attribute swap | binding | steps to 70 % | Δ relation swap |",
+             "| converse fraction | method | relation swap | attribute swap | binding | steps to 70 % "
+             "| Δ relation swap |",
              "|---|---|---|---|---|---|---|"]
     for dose, entry in by_dose.items():
         start = entry.get("start") or {}
