@@ -73,6 +73,7 @@ class Spec:
     finetune: Optional[Dict[str, Any]] = None
     arch: Optional[str] = None
     benchmark: Optional[Benchmark] = None
+    num_negatives: Optional[int] = None
 
 
 def start_of(study: Study, benchmark: Benchmark, runs: str, arch: Optional[str] = None,
@@ -88,7 +89,8 @@ def start_of(study: Study, benchmark: Benchmark, runs: str, arch: Optional[str] 
 def fine_tune(study: Study, benchmark: Benchmark, runs: str, start: str, specs: Sequence[Spec]) -> Dict[str, str]:
     """Every spec from `start` (reused when finished); {name: run folder}."""
     configs = [finetune_config(spec.benchmark or benchmark, study.profile, spec.method, spec.seed, start,
-                               study.threads, runs, spec.name, spec.loss, spec.finetune, spec.arch)
+                               study.threads, runs, spec.name, spec.loss, spec.finetune, spec.arch,
+                               spec.num_negatives)
                for spec in specs]
     run_queue(configs, [spec.benchmark or benchmark for spec in specs], runs, study.jobs, study.verbose)
     return {spec.name: os.path.join(runs, spec.name) for spec in specs}
@@ -336,7 +338,8 @@ def run_c2lip(study: Study) -> Dict[str, Any]:
     without = without_relation_swap(benchmark)
     main_start, _ = start_of(study, benchmark, os.path.join(study.out, "runs"))
     methods = [m for m in study.methods if m == BASELINE] + hard_negative_methods(study.methods)
-    loo = [replace(spec, name=spec.name + "-norel", benchmark=without)
+    loo = [replace(spec, name=spec.name + "-norel", benchmark=without,
+                   num_negatives=study.profile.num_negatives - 1)
            for spec in grid(hard_negative_methods(study.methods), study.seeds)]
     loo_folders = _by_method(fine_tune(study, benchmark, runs, main_start, loo), loo,
                              key=lambda s: f"{s.method}-norel")
@@ -346,16 +349,19 @@ def run_c2lip(study: Study) -> Dict[str, Any]:
 
 
 def without_relation_swap(benchmark: Benchmark) -> Benchmark:
-    """The benchmark with a training manifest whose relation-swap negatives are marked invalid (slot 0 of the
-    world's typed negatives): the methods train on the other three types only."""
+    """The benchmark with a training manifest whose relation-swap negatives are removed (with their types and
+    validity): the methods train on the other three types, with K one smaller. Removed, not marked invalid: the
+    validity mask only gates CE-CLIP's rank term, and an invalid negative stays in the NegCLIP softmax (as
+    released), so marking them would leave NegCLIP's and DeGLA's training unchanged."""
     source = benchmark.train_manifest
-    target = source.replace(".jsonl", "-without-relation_swap.jsonl")
+    target = source.replace(".jsonl", "-without-relation_swap-v2.jsonl")
     if not os.path.exists(target) or os.path.getmtime(target) < os.path.getmtime(source):
         with open(source, encoding="utf-8") as handle, open(target + ".tmp", "w", encoding="utf-8") as out:
             for line in handle:
                 row = json.loads(line)
-                row["valid"] = [ok and kind != "relation_swap" for ok, kind in zip(row["valid"],
-                                                                                   row["negative_types"])]
+                keep = [k for k, kind in enumerate(row["negative_types"]) if kind != "relation_swap"]
+                for field in ("negatives", "negative_types", "valid"):
+                    row[field] = [row[field][k] for k in keep]
                 out.write(json.dumps(row, sort_keys=True) + "\n")
         os.replace(target + ".tmp", target)
     return replace(benchmark, train_manifest=target)

@@ -353,8 +353,11 @@ def _method_rows(methods: Dict[str, Any], columns: Sequence[str], baseline: Opti
 
 
 def _label(name: str) -> str:
-    """A method's label; `<method>+<start>` (the mechanism's runs) as "<label> + <start> start"."""
+    """A method's label; `<method>+<start>` (the mechanism's runs) as "<label> + <start> start", `<method>-norel`
+    as "<label> without relation swaps"."""
     method, _, start = name.partition("+")
+    if method.endswith("-norel"):  # the c2lip part's leave-one-negative-type-out runs
+        return LABELS.get(method[:-len("-norel")], method) + " without relation swaps"
     return LABELS.get(method, method) + (f" + {start} start" if start else "")
 
 
@@ -406,9 +409,10 @@ def c2lip_markdown(results: Dict[str, Any]) -> str:
     if not results.get("leave_one_out"):
         return "\n".join(lines + ["", "(The NPC weight sweep and leave-one-negative-type-out run with `--full`.)"]) + "\n"
     lines += ["", "### Leave one negative type out", "",
-              "NegCLIP, CE-CLIP and DeGLA trained with their relation-swap negatives marked invalid (`-norel`; the "
-              "other three types kept), on the main world and start, against the same methods with all four. "
-              "C2LIP uses no hard negatives at all. Δ: paired difference of the swap mean from CLIP [95 % CI].", "",
+              "NegCLIP, CE-CLIP and DeGLA trained with their relation-swap negatives removed from the manifest "
+              "(K = 3: the other three types), on the main world and start, against the same methods with all "
+              "four. C2LIP uses no hard negatives at all. Δ: paired difference of the swap mean from CLIP "
+              "[95 % CI].", "",
               *_header(columns, ["steps to 70 %", "Δ swap mean vs CLIP"]),
               *_method_rows(results["leave_one_out"]["methods"], columns, baseline="clip")]
     return "\n".join(lines) + "\n"

@@ -34,12 +34,14 @@ def pretrain(benchmark: Benchmark, profile: Profile, runs: str, verbose: bool, n
 
 def finetune_config(benchmark: Benchmark, profile: Profile, method: str, seed: int, start: str, threads: int,
                     runs: str, name: Optional[str] = None, loss: Optional[Dict[str, Any]] = None,
-                    finetune: Optional[Dict[str, Any]] = None, arch: Optional[str] = None) -> Dict[str, Any]:
+                    finetune: Optional[Dict[str, Any]] = None, arch: Optional[str] = None,
+                    num_negatives: Optional[int] = None) -> Dict[str, Any]:
     """Stage 2 of one method and seed, from the checkpoint `start`, in `<runs>/<name>` (default
     `<method>-seed<seed>`). `loss` replaces the method's loss section (an ablation's terms and options),
-    `finetune` the profile's schedule (a learning-rate sweep), `arch` its architecture. With the profile's
-    `curve_every`, relation and attribute swap are scored every that many steps (learning curves)."""
-    cfg = stage_config(benchmark, arch or profile.arch, profile.batch_size, profile.num_negatives,
+    `finetune` the profile's schedule (a learning-rate sweep), `arch` its architecture, `num_negatives` its K (a
+    manifest with a negative type left out). With the profile's `curve_every`, the relation swap is scored every
+    that many steps (learning curves)."""
+    cfg = stage_config(benchmark, arch or profile.arch, profile.batch_size, num_negatives or profile.num_negatives,
                        finetune or profile.finetune, threads)
     if loss is None:
         loss = {"method": method}

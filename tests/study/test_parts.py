@@ -27,7 +27,7 @@ def test_probe_targets_are_the_scene_s_left_or_top_colour_whatever_the_phrasing(
         assert relation_target(sample["caption"], colours) == expected, sample["caption"]
 
 
-def test_manifest_without_relation_swap_marks_exactly_those_negatives_invalid(tmp_path):
+def test_manifest_without_relation_swap_removes_exactly_those_negatives(tmp_path):
     paths = synthetic.generate_world(str(tmp_path / "w"), 12, 4, seed=1, image_size=16, workers=1, max_objects=2,
                                      converse_fraction=0.0)
     world = Benchmark.synthetic(paths)
@@ -35,9 +35,11 @@ def test_manifest_without_relation_swap_marks_exactly_those_negatives_invalid(tm
     assert without.train_manifest != world.train_manifest and without.sugarcrepe == world.sugarcrepe
     with open(world.train_manifest) as a, open(without.train_manifest) as b:
         for before, after in zip(map(json.loads, a), map(json.loads, b)):
-            assert after["negatives"] == before["negatives"] and after["image"] == before["image"]
-            for kind, old, new in zip(before["negative_types"], before["valid"], after["valid"]):
-                assert new == (old and kind != "relation_swap")
+            assert after["image"] == before["image"] and after["caption"] == before["caption"]
+            kept = [k for k, kind in enumerate(before["negative_types"]) if kind != "relation_swap"]
+            assert len(kept) == len(before["negative_types"]) - 1  # one relation swap per sample, now gone
+            for field in ("negatives", "negative_types", "valid"):
+                assert after[field] == [before[field][k] for k in kept], field
     assert os.path.dirname(without.train_manifest) == os.path.dirname(world.train_manifest)  # images resolve alike
 
 
