@@ -86,7 +86,7 @@ def test_help_lists_every_key_with_its_docstring():
     assert "--deepspeed.zero_stage=0" in text and "--model.arch='ViT-B-32'" in text
     defaults, _, changes = text.partition("The embedded default (configs/default.yaml")
     assert "--optim.max_steps=0" in defaults
-    assert "optim.max_steps: 0 -> 400" in changes and "model.arch: 'ViT-B-32' -> 'compclip-tiny-sincos'" in changes
+    assert "optim.max_steps: 0 -> 500" in changes and "model.arch: 'ViT-B-32' -> 'compclip-tiny-sincos'" in changes
 
 
 def test_the_embedded_default_never_leaks_into_a_named_run(tmp_path):

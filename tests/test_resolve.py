@@ -31,7 +31,7 @@ def test_derived_values_and_a_sealed_config(tmp_path):
     assert run.micro_batch == cfg.data.batch_size == 8 and run.global_batch == 64 and run.accumulation == 2
     assert run.deepspeed["train_batch_size"] == 64 and run.deepspeed["gradient_accumulation_steps"] == 2
     # the synthetic world: its folder named, its splits as the data, its evaluation sets as the evaluation
-    assert cfg.data.synthetic.root == str(tmp_path / "w-2obj-1phrase") == run.synthetic.root
+    assert cfg.data.synthetic.root == str(tmp_path / "w-2obj-conv0-test1100") == run.synthetic.root
     assert cfg.data.train_manifest == run.synthetic.train and cfg.data.val_manifest == run.synthetic.val
     assert cfg.eval.sugarcrepe == run.synthetic.eval_dir and cfg.eval.retrieval == run.synthetic.retrieval
     # the bag-of-words start is a path known before anything runs, at the run's micro-batch

@@ -117,18 +117,27 @@ class Evaluator:
         model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
         return self.model(model, label, step, pretrained=pretrained or label)
 
-    def curve(self, state: Dict[str, torch.Tensor], model_cfg, step: int) -> None:
-        """The periodic evaluation of `eval.every_n_steps` (`eval/curve/step_N`) of weights `state` (rank 0): its
-        metrics go to `metrics.jsonl` at `step`, not to the run's tables."""
+    def curve(self, state: Callable[[], Dict[str, torch.Tensor]], model_cfg, step: int, total_steps: int) -> None:
+        """A point of the learning curves every `eval.every_n_steps` steps (`eval/curve/step_N`, the last step has
+        its whole evaluation) of the weights `state()` returns (on every rank; rank 0 evaluates): its metrics go to
+        `metrics.jsonl` at `step`, not to the run's tables. The generators are restored after it (building the model
+        to score draws its initialisation), so a run with curves trains exactly as the same run without them."""
         from compclip.models import build_from_config
+        from compclip.rng import rng_state, set_rng_state
 
-        model = build_from_config(model_cfg, load_weights=False, state=state)[0] if self.rank == 0 else None
+        every = self.cfg.every_n_steps
+        if not every or step % every or step >= total_steps:
+            return
+        generators = rng_state()
+        weights = state()
+        model = build_from_config(model_cfg, load_weights=False, state=weights)[0] if self.rank == 0 else None
         label = f"curve step {step}"
         results = evaluate_model(model, self.preprocess, self.tokenizer, curve_config(self.cfg), self.device,
                                  self.run_dir / "eval" / "curve" / f"step_{step}", label, self.rank, self.on_rank0,
                                  arch=model_cfg.arch, pretrained=label)
         if results:
             self.metrics.write(step, {f"eval/{b}/{m}": v for b, r in results.items() for m, v in r.items()})
+        set_rng_state(generators)
 
 
 def curve_config(eval_cfg):

@@ -17,7 +17,7 @@ import torch
 from compclip.config import to_dict
 from compclip.data import build_dataloader, to_device
 from compclip.resolve import ResolvedRun
-from compclip.rng import rng_state, seed_everything, set_rng_state
+from compclip.rng import rng_state, seed_everything
 from compclip.trainer import engine, optim
 from compclip.trainer.checkpoint import Checkpointer, ResumePoint, epoch_batches
 from compclip.trainer.evaluator import Evaluator, draw_curves
@@ -149,16 +149,6 @@ class Trainer:
             self.resume_point.restore_rng()
             self._epoch_end(pending["label"], pending["epoch"], self.cfg.eval.enabled())
 
-    def _curve(self) -> None:
-        """A point of the learning curves every `eval.every_n_steps` steps (the last step has its whole evaluation).
-        The generators are restored after it (building the model to score draws its initialisation), so a run with
-        curves trains exactly as the same run without them."""
-        every = self.cfg.eval.every_n_steps
-        if every and self.global_step % every == 0 and self.global_step < self.total_steps:
-            state = rng_state()
-            self.evaluator.curve(engine.full_state_dict(self.clip), self.cfg.model, self.global_step)
-            set_rng_state(state)
-
     def _stateful(self) -> Dict[str, Any]:
         return {"method": self.method, "teacher": self.teacher}
 
@@ -226,7 +216,8 @@ class Trainer:
                     samples, window_start = 0, time.time()
                 if schedule.due(self.global_step):  # every n steps / minutes, or SIGTERM; all ranks agree
                     self._save()
-                self._curve()
+                self.evaluator.curve(lambda: engine.full_state_dict(self.clip), cfg.model, self.global_step,
+                                     self.total_steps)
                 if self.global_step >= self.total_steps or schedule.stop:
                     break
             if self.micro_in_epoch >= self.micro_per_epoch and not schedule.stop:
