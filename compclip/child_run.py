@@ -169,7 +169,6 @@ def run_child(cfg: Dict[str, Any], benchmark: Benchmark, runs: str, verbose: boo
     return run_dir
 
 
-
 def _forked(config_file: str, env: Dict[str, str], console: str) -> int:
     """`compclip.train --config config_file` in a child of the fork server; its exit code. An interrupt of this
     process (Ctrl-C, SIGTERM raised as an exception) terminates the child before it propagates."""

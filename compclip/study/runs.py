@@ -144,8 +144,6 @@ def per_method(runs: str, methods: Sequence[str], seeds: int, benchmark: Benchma
     return {m: [score(run_folder(runs, m, s), benchmark) for s in range(seeds)] for m in methods}
 
 
-
-
 def outcomes_of(run_dir: str, subsets: Sequence[str]) -> Dict[str, Tuple[List[str], np.ndarray]]:
     """{subset: (item ids, 0/1 outcome per item)} of a finished run's last evaluation (for paired statistics)."""
     with open(os.path.join(final_eval(run_dir), "sugarcrepe.details.json"), encoding="utf-8") as handle:
