@@ -114,20 +114,21 @@ def protocol(study: Study, benchmark: Benchmark, start: str, start_scores: Dict[
 
 def write_results(folder: str, results: Dict[str, Any], benchmark: Benchmark, title: str = "",
                   text_only: Optional[Dict[str, Any]] = None) -> str:
-    """results.json, results.md (and results.png) in `folder`; returns the markdown."""
-    os.makedirs(folder, exist_ok=True)
-    results = json.loads(json.dumps(results, default=_plain))
-    with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
-    table = markdown(results, title)
+    """results.json, results.md (with the text-only table when given, and text_only.json) and results.png in
+    `folder` (write_part, then the plot); returns the markdown."""
+    tables: List[str] = []
+
+    def render(plain: Dict[str, Any]) -> str:
+        tables.append(markdown(plain, title) + ("" if text_only is None else
+                                                "\n" + text_only_markdown(text_only, list(benchmark.subsets))))
+        return tables[0]
+
+    results = write_part(folder, results, render)
     if text_only is not None:
         with open(os.path.join(folder, "text_only.json"), "w", encoding="utf-8") as handle:
             json.dump(text_only, handle, indent=1)
-        table += "\n" + text_only_markdown(text_only, list(benchmark.subsets))
-    with open(os.path.join(folder, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
     plot(results, os.path.join(folder, "results.png"))
-    return table
+    return tables[0]
 
 
 def write_part(folder: str, results: Dict[str, Any], table: Callable[[Dict[str, Any]], str]) -> Dict[str, Any]:
