@@ -1,7 +1,8 @@
 """The parts of a study (`--experiments`; `--full` runs them all, in this order):
 
 - `lr`: every method at each learning rate of the profile on seed 0, scored on the **validation** sets; each
-  method's best (by validation swap mean) is its learning rate in `main` (`lr/choice.json`).
+  method's best (by validation swap mean) is its learning rate (`lr/choice.json`) in `main` and in every part
+  after it (`tuned`), except C2LIP's 2 x 2 on its own tower, which keeps the schedule's.
 - `main`: every method x seed on the built-in world of each world seed, from one bag-of-words start per world;
   `results.{json,md,png}` (the first world seed) and `world<seed>/results.*` (the others).
 - `dose`: the same world at each converse fraction of DOSES (converse phrasings as a dose), every method x seed;
@@ -186,10 +187,13 @@ def chosen_lrs(study: Study) -> Dict[str, float]:
         return json.load(handle)["choice"]
 
 
-def main_specs(study: Study) -> List[Spec]:
-    """methods x seeds; a method with an lr chosen on validation (`lr`) runs at it (its runs are named so)."""
+def tuned(study: Study, methods: Sequence[str]) -> List[Spec]:
+    """`methods` x seeds, each method at the lr chosen for it on validation (`lr`, `lr/choice.json`; its runs are
+    named so) or, without a choice, at the schedule's. Every part on the built-in world fine-tunes through this, so
+    that `main`, `dose`, `mechanism`, leave-one-out and `retention` train each method alike (and the dose of
+    `--converse-fraction` is `main`'s runs)."""
     lrs, specs = chosen_lrs(study), []
-    for method in study.methods:
+    for method in methods:
         lr = lrs.get(method)
         if lr is None or lr == study.profile.finetune["lr"]:
             specs += grid([method], study.seeds)
@@ -197,6 +201,11 @@ def main_specs(study: Study) -> List[Spec]:
             specs += [Spec(f"{method}-lr{lr:g}-seed{s}", method, s, finetune=dict(study.profile.finetune, lr=lr))
                       for s in range(study.seeds)]
     return specs
+
+
+def main_specs(study: Study) -> List[Spec]:
+    """Every method of the study x seeds, each at its lr (`tuned`)."""
+    return tuned(study, study.methods)
 
 
 def run_main(study: Study, benchmark: Optional[Benchmark] = None, world_seed: int = 0,
@@ -246,7 +255,7 @@ def run_dose(study: Study) -> Dict[str, Any]:
         folder = study.out if dose == study.converse_fraction else os.path.join(study.out, "dose", f"conv{dose:g}")
         runs = os.path.join(folder, "runs")
         start, start_scores = start_of(study, benchmark, runs)
-        specs = grid(study.methods, study.seeds)
+        specs = main_specs(study)
         folders = _by_method(fine_tune(study, benchmark, runs, start, specs), specs)
         by_dose[f"{dose:g}"] = {"start": start_scores, "methods": analyse(folders, benchmark)}
     write_part(os.path.join(study.out, "dose"), by_dose, dose_markdown)
@@ -278,15 +287,15 @@ def run_mechanism(study: Study) -> Dict[str, Any]:
     runs = os.path.join(study.out, "dose", f"conv{dose:g}", "runs")
     start, start_scores = start_of(study, benchmark, runs)
     learner = hard_negative_methods(study.methods)[:1]
-    specs = grid([m for m in study.methods if m == BASELINE] + learner, study.seeds)
+    specs = tuned(study, [m for m in study.methods if m == BASELINE] + learner)
     plain = _by_method(fine_tune(study, benchmark, runs, start, specs), specs)
     folder = os.path.join(study.out, "mechanism")
     probe = probe_start(start, benchmark, os.path.join(folder, "probe"), study.profile.arch)
-    probe_specs = grid(learner + [m for m in study.methods if m == BASELINE], study.seeds)
+    probe_specs = tuned(study, learner + [m for m in study.methods if m == BASELINE])
     probed = _by_method(fine_tune(study, benchmark, os.path.join(folder, "runs"), probe["checkpoint"],
                                   probe_specs), probe_specs, key=lambda s: f"{s.method}+probe")
     control = probe_start(start, benchmark, os.path.join(folder, "probe"), study.profile.arch, CONTROL)
-    control_specs = grid(learner, study.seeds)
+    control_specs = tuned(study, learner)
     controlled = _by_method(fine_tune(study, benchmark, os.path.join(folder, "control-runs"),
                                       control["checkpoint"], control_specs), control_specs,
                             key=lambda s: f"{s.method}+control")
@@ -338,13 +347,14 @@ def run_c2lip(study: Study) -> Dict[str, Any]:
         return write_part(folder, results, c2lip_markdown)
     without = without_relation_swap(benchmark)
     main_start, _ = start_of(study, benchmark, os.path.join(study.out, "runs"))
-    methods = [m for m in study.methods if m == BASELINE] + hard_negative_methods(study.methods)
+    learners = hard_negative_methods(study.methods)
+    with_all = tuned(study, [m for m in study.methods if m == BASELINE] + learners)
     loo = [replace(spec, name=spec.name + "-norel", benchmark=without,
-                   num_negatives=study.profile.num_negatives - 1)
-           for spec in grid(hard_negative_methods(study.methods), study.seeds)]
+                   num_negatives=study.profile.num_negatives - 1) for spec in tuned(study, learners)]
     loo_folders = _by_method(fine_tune(study, benchmark, runs, main_start, loo), loo,
                              key=lambda s: f"{s.method}-norel")
-    main_runs = {m: [os.path.join(study.out, "runs", f"{m}-seed{s}") for s in range(study.seeds)] for m in methods}
+    main_runs = _by_method(fine_tune(study, benchmark, os.path.join(study.out, "runs"), main_start, with_all),
+                           with_all)  # main's runs (reused), run here when this part goes first
     results["leave_one_out"] = {"methods": analyse({**main_runs, **loo_folders}, benchmark)}
     return write_part(folder, results, c2lip_markdown)
 
@@ -402,7 +412,7 @@ def run_retention(study: Study) -> Dict[str, Any]:
     runs = os.path.join(folder, "runs")
     start, start_scores = start_of(study, union, runs)
     specs = [replace(spec, benchmark=replace(b, train_manifest=a.train_manifest))
-             for spec in grid(study.methods, study.seeds)]
+             for spec in main_specs(study)]
     folders = _by_method(fine_tune(study, b, runs, start, specs), specs)
     results = {"protocol": {"a": a.describe(), "b": b.describe(), "start": start_scores},
                "methods": analyse(folders, b)}

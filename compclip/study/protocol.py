@@ -68,7 +68,7 @@ PROFILES: Dict[str, Profile] = {
     "default": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=3,
                        curve_every=100),
     "full": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=5,
-                    curve_every=50, world_seeds=(0, 1), lrs=(1e-3, 2e-3, 4e-3), ablations=True,
+                    curve_every=50, world_seeds=(0, 1), lrs=(5e-4, 1e-3, 2e-3, 4e-3), ablations=True,
                     experiments=("lr", "main", "dose", "mechanism", "c2lip", "retention")),
     "quick": Profile(
         world=dict(BUILTIN_WORLD, num_train=384, num_val=64, num_test=64),

@@ -101,3 +101,65 @@ def test_probe_and_control_starts_weigh_their_losses(tmp_path):
     control, _ = trained({**CONTROL, **tiny})
     assert control["checkpoint"] != result["checkpoint"] and control["settings"]["probe_weight"] == 0.0
     assert set(control["linear_probe_after"]) == {"left_or_top_colour", "other_colour", "axis", "all"}
+
+
+def test_every_part_trains_each_method_at_its_chosen_lr(tmp_path, monkeypatch):
+    """With an lr chosen on validation (`lr/choice.json`), dose, mechanism, leave-one-out (and the main runs it
+    compares with) and retention fine-tune each method at that lr, as `main` does; a method without a choice keeps
+    the schedule's. Before, only `main` read the choice, and leave-one-out compared with main runs of the schedule's
+    lr that a `--full` study never made. The parts run with training, starts and analysis replaced by recorders."""
+    from dataclasses import replace
+
+    import compclip.data.synthetic
+    import compclip.study.mechanism
+    import compclip.study.report
+    from compclip.study import experiments
+    from compclip.study.protocol import PROFILES
+
+    fake = Benchmark("train.jsonl", "eval", "images", ("relation_swap",))
+    trained = []
+
+    def fine_tune(study, benchmark, runs, start, specs):
+        trained.extend((os.path.relpath(runs, study.out), spec) for spec in specs)
+        return {spec.name: os.path.join(runs, spec.name) for spec in specs}
+
+    monkeypatch.setattr(experiments, "fine_tune", fine_tune)
+    monkeypatch.setattr(experiments, "start_of", lambda *args, **kwargs: ("start.pt", {}))
+    monkeypatch.setattr(experiments, "analyse", lambda folders, *args, **kwargs: folders)
+    monkeypatch.setattr(experiments, "write_part", lambda folder, results, table: results)
+    monkeypatch.setattr(experiments, "without_relation_swap", lambda benchmark: benchmark)
+    monkeypatch.setattr(experiments, "union_manifest", lambda sources, target: target)
+    monkeypatch.setattr(experiments.Study, "benchmark", lambda self, world: fake)
+    monkeypatch.setattr(compclip.study.report, "dose_plot", lambda *args: None)
+    monkeypatch.setattr(compclip.study.mechanism, "probe_start",
+                        lambda start, benchmark, folder, arch, settings=None: {"checkpoint": f"{folder}/p.pt"})
+    monkeypatch.setattr(compclip.data.synthetic, "generate_world", lambda *args, **kwargs: None)
+    monkeypatch.setattr(Benchmark, "synthetic", classmethod(lambda cls, paths: replace(fake, train_manifest="b")))
+
+    profile = PROFILES["full"]
+    study = experiments.Study(profile, ["clip", "negclip", "ceclip"], 2, str(tmp_path), 1, 1, False, 0.0)
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "choice.json").write_text(json.dumps({"choice": {"clip": 1e-3, "ceclip": 5e-4}}))
+    chosen = {"clip": 1e-3, "ceclip": 5e-4, "negclip": profile.finetune["lr"]}  # negclip: no choice
+
+    for part in ("dose", "mechanism", "c2lip", "retention"):
+        trained.clear()
+        experiments.PARTS[part](study)
+        methods = [(runs, spec) for runs, spec in trained if spec.method in chosen]
+        assert methods, part
+        for runs, spec in methods:
+            assert (spec.finetune or profile.finetune)["lr"] == chosen[spec.method], (part, runs, spec.name)
+            assert ("-lr" in spec.name) == (spec.method != "negclip"), (part, spec.name)
+        assert {spec.seed for _, spec in methods} == {0, 1}, part
+        if part == "dose":  # dose 0 is --converse-fraction's: main's own runs, by name
+            assert {spec.name for runs, spec in methods if runs == "runs"} == {
+                "clip-lr0.001-seed0", "clip-lr0.001-seed1", "negclip-seed0", "negclip-seed1",
+                "ceclip-lr0.0005-seed0", "ceclip-lr0.0005-seed1"}
+        if part == "c2lip":  # leave-one-out against main's runs at the chosen lr, without relation swaps at K - 1
+            loo = [spec for runs, spec in methods if spec.name.endswith("-norel")]
+            assert {s.name for s in loo} == {"negclip-seed0-norel", "negclip-seed1-norel",
+                                             "ceclip-lr0.0005-seed0-norel", "ceclip-lr0.0005-seed1-norel"}
+            assert all(s.num_negatives == profile.num_negatives - 1 for s in loo)
+            assert {spec.name for runs, spec in methods if runs == "runs"} == {
+                "clip-lr0.001-seed0", "clip-lr0.001-seed1", "negclip-seed0", "negclip-seed1",
+                "ceclip-lr0.0005-seed0", "ceclip-lr0.0005-seed1"}
