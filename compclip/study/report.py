@@ -105,6 +105,9 @@ def _pct(value: float) -> str:
 
 
 def _cell(entry: Dict[str, Any]) -> str:
+    """mean [95 % CI] in %; an interval over seeds alone (retrieval) of one seed is none, and says so."""
+    if len(entry.get("runs", ())) == 1 and str(entry.get("ci_over", "")).startswith("seeds"):
+        return f"{_pct(entry['mean'])} (1 seed)"
     if "ci" not in entry:
         return f"{_pct(entry['mean'])} ± {_pct(entry['std'])}"
     return f"{_pct(entry['mean'])} [{_pct(entry['ci'][0])}, {_pct(entry['ci'][1])}]"

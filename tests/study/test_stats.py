@@ -69,3 +69,16 @@ def test_steps_to_and_takeoff_share():
     curve = [(100, 0.55), (50, 0.5), (200, 0.72), (150, 0.69)]
     assert stats.steps_to(curve) == 200 and stats.steps_to(curve, 0.5) == 50 and stats.steps_to(curve, 0.9) is None
     assert stats.takeoff_share([200, None, 100, 300], [100, 200, 300]) == [0.25, 0.5, 0.75]
+
+
+def test_a_seed_only_interval_of_one_seed_is_printed_as_none():
+    """Retrieval's interval is over seeds alone: with one seed it is the point itself, which the tables used to
+    print as "8.3 [8.3, 8.3]", an interval of no width. An item-level interval of one seed is still printed."""
+    from compclip.study.report import _cell
+
+    one = {"mean": 0.083, "std": 0.0, "runs": [0.083], "ci": [0.083, 0.083], "ci_over": "seeds (retrieval)"}
+    assert _cell(one) == "8.3 (1 seed)"
+    two = dict(one, runs=[0.08, 0.086], ci=[0.08, 0.086])
+    assert _cell(two) == "8.3 [8.0, 8.6]"
+    items = {"mean": 0.5, "std": 0.0, "runs": [0.5], "ci": [0.47, 0.53]}
+    assert _cell(items) == "50.0 [47.0, 53.0]"
