@@ -93,6 +93,9 @@ def recall_metrics(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int] = REC
 
 
 def run_retrieval(embedder: Embedder, path: str, image_root=None, split="test", max_items=None) -> BenchmarkResult:
+    """R@1/5/10 both ways over the split's images and captions; the details keep every query's 0-based rank
+    (`ranks`: image→text per image in file order, text→image per caption in file order), so that an interval over
+    queries, or a paired comparison of two models, can be computed after the fact (compclip.study.report)."""
     entries = load_karpathy(path, split)[:max_items]
     root = image_root or os.path.dirname(path)
     images = [resolve_image(root, entry.path, path, entry.id) for entry in entries]
@@ -103,4 +106,6 @@ def run_retrieval(embedder: Embedder, path: str, image_root=None, split="test", 
     i2t, t2i = retrieval_ranks(image_features, text_features, text_to_image)
     stem = os.path.splitext(os.path.basename(path))[0]
     return BenchmarkResult(recall_metrics(i2t, t2i), {"images": len(entries), "texts": len(texts), "split": split,
-                                                      "dataset": CLIP_BENCHMARK_NAMES.get(stem, stem), "file": path})
+                                                      "dataset": CLIP_BENCHMARK_NAMES.get(stem, stem), "file": path,
+                                                      "ranks": {"image_to_text": i2t.tolist(),
+                                                                "text_to_image": t2i.tolist()}})

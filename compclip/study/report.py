@@ -11,7 +11,7 @@ import numpy as np
 
 from compclip.study import stats
 from compclip.study.protocol import LABELS
-from compclip.study.runs import RETRIEVAL_KEY, curve_of, outcomes_of, scores_of
+from compclip.study.runs import RETRIEVAL_DIRECTIONS, RETRIEVAL_KEY, curve_of, outcomes_of, retrieval_hits_of, scores_of
 from compclip.study.world import reported
 
 SWAP_MEAN = "swap mean"
@@ -57,6 +57,7 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
     outcomes = {m: [outcomes_of(f, subsets) for f in runs] for m, runs in folders.items()}
     matrices = {m: {s: np.stack([run[s][1] for run in per_seed]) for s in subsets} for m, per_seed in outcomes.items()}
     groups = {**{s: [s] for s in subsets}, **({SWAP_MEAN: swaps} if swaps else {})}
+    queries = _retrieval_queries(folders) if benchmark.retrieval else {}
     out: Dict[str, Any] = {}
     for method, runs in folders.items():
         entry: Dict[str, Any] = {}
@@ -66,9 +67,14 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
             entry[name] = {"mean": estimate, "std": _std(per_seed), "runs": per_seed, "ci": [low, high]}
         if RETRIEVAL_KEY in scores[method][0]:
             values = [run[RETRIEVAL_KEY] for run in scores[method]]
-            mean, low, high = stats.seed_ci(values)
+            if method in queries:  # R@1 = the mean of both directions' hit rates: two sets of queries
+                mean, low, high = stats.bootstrap_ci(list(queries[method].values()))
+                over = "queries and seeds (image→text per image, text→image per caption)"
+            else:
+                mean, low, high = stats.seed_ci(values)
+                over = "seeds (the evaluation kept no per-query ranks)"
             entry[RETRIEVAL_KEY] = {"mean": mean, "std": _std(values), "runs": values, "ci": [low, high],
-                                    "ci_over": "seeds (retrieval has no per-item outcomes)"}
+                                    "ci_over": over}
         entry["curves"] = {s: [curve_of(f, s) for f in runs] for s in ("relation_swap", "attribute_swap",
                                                                          "val_relation_swap")
                            if s in benchmark.subsets}
@@ -79,10 +85,23 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
         for method in folders:
             common = min(len(folders[method]), len(folders[baseline]))  # paired on the seeds both have
             if method != baseline:
-                out[method]["vs_" + baseline] = _paired({s: m[:common] for s, m in matrices[method].items()},
-                                                        {s: m[:common] for s, m in matrices[baseline].items()},
-                                                        groups)
+                both = method in queries and baseline in queries
+                mine, base = ({**matrices[m], **(queries[m] if both else {})} for m in (method, baseline))
+                out[method]["vs_" + baseline] = _paired(
+                    {s: m[:common] for s, m in mine.items()}, {s: m[:common] for s, m in base.items()},
+                    {**groups, **({RETRIEVAL_KEY: list(queries[method])} if both else {})})
                 out[method]["vs_" + baseline]["seeds"] = common
+    return out
+
+
+def _retrieval_queries(folders: Dict[str, List[str]]) -> Dict[str, Dict[str, np.ndarray]]:
+    """{method: {"retrieval_r1/<direction>": [seeds, queries] 0/1 R@1 hits}} for the methods all of whose runs
+    kept per-query ranks (compclip.evaluation.retrieval); the others get an interval over seeds alone."""
+    out = {}
+    for method, runs in folders.items():
+        hits = [retrieval_hits_of(folder) for folder in runs]
+        if all(h is not None for h in hits):
+            out[method] = {f"{RETRIEVAL_KEY}/{d}": np.stack([h[d] for h in hits]) for d in RETRIEVAL_DIRECTIONS}
     return out
 
 
@@ -106,7 +125,7 @@ def _pct(value: float) -> str:
 
 def _cell(entry: Dict[str, Any]) -> str:
     """mean [95 % CI] in %; an interval over seeds alone (retrieval) of one seed is none, and says so."""
-    if len(entry.get("runs", ())) == 1 and str(entry.get("ci_over", "")).startswith("seeds"):
+    if len(entry.get("runs", ())) == 1 and str(entry.get("ci_over", "")).startswith("seeds"):  # seeds alone
         return f"{_pct(entry['mean'])} (1 seed)"
     if "ci" not in entry:
         return f"{_pct(entry['mean'])} ± {_pct(entry['std'])}"
@@ -344,13 +363,15 @@ def dose_plot(by_dose: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def _method_rows(methods: Dict[str, Any], columns: Sequence[str], baseline: Optional[str] = None) -> List[str]:
+def _method_rows(methods: Dict[str, Any], columns: Sequence[str], baseline: Optional[str] = None,
+                 diffs: Sequence[str] = (SWAP_MEAN,)) -> List[str]:
+    """A row per method: `columns` with their intervals, steps to 70 % and, with `baseline`, the paired
+    difference from it of each of `diffs`."""
     lines = []
     for method, scores in methods.items():
         cells = [_ci_cell(scores.get(c)) for c in columns] + [_steps_cell(scores)]
-        paired = scores.get(f"vs_{baseline}", {}).get(SWAP_MEAN) if baseline else None
         if baseline:
-            cells.append(_diff_cell(paired))
+            cells += [_diff_cell(scores.get(f"vs_{baseline}", {}).get(key)) for key in diffs]
         lines.append(f"| {_label(method)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -432,5 +453,6 @@ def retention_markdown(results: Dict[str, Any]) -> str:
              "method is then fine-tuned on A alone and scored on B's evaluation sets and retrieval (%, mean "
              "[95 % CI]).", "",
              _scores_line("Start on B", protocol["start"], columns), "",
-             *_header(columns, ["steps to 70 %"]), *_method_rows(results["methods"], columns)]
+             *_header(columns, ["steps to 70 %", "Δ retrieval r1 vs CLIP", "Δ attribute replace vs CLIP"]),
+             *_method_rows(results["methods"], columns, "clip", (RETRIEVAL_KEY, "attribute_replace"))]
     return "\n".join(lines) + "\n"

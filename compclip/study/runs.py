@@ -152,6 +152,23 @@ def outcomes_of(run_dir: str, subsets: Sequence[str]) -> Dict[str, Tuple[List[st
             for subset in subsets}
 
 
+RETRIEVAL_DIRECTIONS = ("image_to_text", "text_to_image")
+
+
+def retrieval_hits_of(run_dir: str) -> Optional[Dict[str, np.ndarray]]:
+    """{direction: 0/1 R@1 hit per query} of a finished run's last evaluation (images for image→text, captions for
+    text→image, in file order), or None when that evaluation kept no per-query ranks (runs evaluated before it did,
+    or without a retrieval file)."""
+    path = os.path.join(final_eval(run_dir), "retrieval.details.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        ranks = json.load(handle)["details"].get("ranks")
+    if ranks is None:
+        return None
+    return {direction: (np.asarray(ranks[direction]) < 1).astype(np.uint8) for direction in RETRIEVAL_DIRECTIONS}
+
+
 def curve_of(run_dir: str, subset: str) -> List[Tuple[int, float]]:
     """[(step, accuracy)] of `subset` over a finished run: the periodic evaluations and the final one."""
     from compclip.plots import read_metrics

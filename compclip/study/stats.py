@@ -54,7 +54,8 @@ def bootstrap_ci(matrices: Sequence[np.ndarray], baseline: Optional[Sequence[np.
 
 
 def seed_ci(values: Sequence[float], replicates: int = REPLICATES, seed: int = 0) -> Tuple[float, float, float]:
-    """(mean, low, high): the bootstrap over seeds alone, for a score without per-item outcomes (retrieval R@1)."""
+    """(mean, low, high): the bootstrap over seeds alone, for a score without per-item outcomes (retrieval R@1 of
+    runs evaluated before the evaluation kept every query's rank)."""
     values = np.asarray(values, dtype=float)
     draws = np.random.default_rng(seed).integers(0, len(values), size=(replicates, len(values)))
     tail = (1 - LEVEL) / 2 * 100

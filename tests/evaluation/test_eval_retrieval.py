@@ -48,7 +48,7 @@ def test_karpathy_end_to_end_matches_brute_force(tmp_path):
     (tmp_path / "karpathy.json").write_text(json.dumps({"images": images}))
     cfg = EvalConfig(retrieval=str(tmp_path / "karpathy.json"), retrieval_image_root=str(tmp_path / "imgs"),
                      batch_size=4, progress=False)
-    metrics = evaluate(model, preprocess, tokenizer, cfg, "cpu")["retrieval"]
+    metrics = evaluate(model, preprocess, tokenizer, cfg, "cpu", out_dir=str(tmp_path / "out"))["retrieval"]
 
     test = [entry for entry in images if entry["split"] == "test"]
     image_features = direct_image_features(model, preprocess,
@@ -63,6 +63,9 @@ def test_karpathy_end_to_end_matches_brute_force(tmp_path):
         assert metrics[f"image_to_text_R@{k}"] == pytest.approx(sum(r < k for r in i2t) / len(i2t))
         assert metrics[f"text_to_image_R@{k}"] == pytest.approx(sum(r < k for r in t2i) / len(t2i))
     assert 0 < metrics["image_to_text_R@5"] and metrics["text_to_image_R@10"] == 1.0  # 9 test images
+    # every query's rank is kept (the study bootstraps R@1 over queries and pairs two models on them)
+    ranks = json.loads((tmp_path / "out" / "retrieval.details.json").read_text())["details"]["ranks"]
+    assert ranks == {"image_to_text": i2t, "text_to_image": t2i}
 
 
 def test_malformed_karpathy_names_file_and_item(tmp_path):

@@ -82,3 +82,60 @@ def test_a_seed_only_interval_of_one_seed_is_printed_as_none():
     assert _cell(two) == "8.3 [8.0, 8.6]"
     items = {"mean": 0.5, "std": 0.0, "runs": [0.5], "ci": [0.47, 0.53]}
     assert _cell(items) == "50.0 [47.0, 53.0]"
+
+
+def _fake_run(folder, relation, i2t_ranks, t2i_ranks, keep_ranks=True):
+    """A finished child run's files as the study reads them: the evaluation's per-item outcomes and the retrieval
+    file, with or without the per-query ranks (without: an evaluation made before they were kept)."""
+    import json
+
+    evaluation = folder / "eval" / "step_10"
+    evaluation.mkdir(parents=True)
+    (folder / "child_done.json").write_text(json.dumps({"eval": str(evaluation)}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/sugarcrepe/relation_swap": relation.mean()}))
+    (evaluation / "sugarcrepe.json").write_text(json.dumps({"relation_swap": float(relation.mean())}))
+    correct = "".join(str(int(v)) for v in relation)
+    (evaluation / "sugarcrepe.details.json").write_text(json.dumps(
+        {"details": {"items": {"relation_swap": {"ids": list(range(len(relation))), "correct": correct}}}}))
+    i2t, t2i = np.asarray(i2t_ranks), np.asarray(t2i_ranks)
+    (evaluation / "retrieval.json").write_text(json.dumps({"image_to_text_R@1": float((i2t < 1).mean()),
+                                                           "text_to_image_R@1": float((t2i < 1).mean())}))
+    details = {} if not keep_ranks else {"ranks": {"image_to_text": i2t.tolist(), "text_to_image": t2i.tolist()}}
+    (evaluation / "retrieval.details.json").write_text(json.dumps({"details": details}))
+    return str(folder)
+
+
+def test_retrieval_interval_is_over_queries_and_seeds_and_paired_with_clip(tmp_path):
+    """R@1 (the mean of image→text over images and text→image over captions) is bootstrapped over both sets of
+    queries and the seeds, like every accuracy. With identical seeds the interval is the normal one of the two
+    independent binomial means, (p1 (1 - p1) / n1 + p2 (1 - p2) / n2) / 4; against CLIP the paired difference
+    of a model that finds 60 more images is +3 points with an interval that excludes 0, of CLIP itself 0; a
+    method whose runs kept no ranks keeps the interval over seeds alone."""
+    from compclip.child_run import Benchmark
+    from compclip.study.report import analyse
+
+    rng = np.random.default_rng(0)
+    n1, n2 = 1000, 2000
+    i2t = np.where(rng.random(n1) < 0.3, 0, 5)  # about 30 % found first
+    t2i = np.where(rng.random(n2) < 0.2, 0, 3)
+    relation = rng.random(500) < 0.6
+    better = i2t.copy()
+    better[np.flatnonzero(better > 0)[:120]] = 0  # 120 more images found: +6 points image->text, +3 on R@1
+    folders = {"clip": [_fake_run(tmp_path / f"clip{s}", relation, i2t, t2i) for s in range(3)],
+               "degla": [_fake_run(tmp_path / f"degla{s}", relation, better, t2i) for s in range(3)],
+               "old": [_fake_run(tmp_path / f"old{s}", relation, i2t if s else better, t2i, False) for s in range(3)]}
+    benchmark = Benchmark("train.jsonl", "eval", "images", ("relation_swap",), retrieval="retrieval.json")
+    results = analyse(folders, benchmark)
+
+    clip = results["clip"]["retrieval_r1"]
+    p1, p2 = (i2t < 1).mean(), (t2i < 1).mean()
+    assert clip["mean"] == pytest.approx((p1 + p2) / 2)
+    sd = math.sqrt((p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2) / 4)
+    assert clip["ci"][1] - clip["ci"][0] == pytest.approx(2 * 1.96 * sd, rel=0.1)
+    assert clip["ci_over"].startswith("queries")
+    paired = results["degla"]["vs_clip"]["retrieval_r1"]
+    assert paired["diff"] == pytest.approx(120 / n1 / 2)
+    assert paired["ci"][0] > 0
+    old = results["old"]["retrieval_r1"]
+    assert old["ci_over"].startswith("seeds") and "retrieval_r1" not in results["old"]["vs_clip"]
+    assert old["ci"][0] < old["ci"][1] and old["ci"][0] >= (p1 + p2) / 2 - 1e-12  # seeds only: 2 at p, 1 above
