@@ -4,7 +4,8 @@
   method's best (by validation swap mean) is its learning rate (`lr/choice.json`) in `main` and in every part
   after it (`tuned`), except C2LIP's 2 x 2 on its own tower, which keeps the schedule's.
 - `main`: every method x seed on the built-in world of each world seed, from one bag-of-words start per world;
-  `results.{json,md,png}` (the first world seed) and `world<seed>/results.*` (the others).
+  `results.{json,md,png}` (the first world seed), `world<seed>/results.*` (the others) and `worlds.md` (every
+  world seed side by side).
 - `dose`: the same world at each converse fraction of DOSES (converse phrasings as a dose), every method x seed;
   `dose/results.{json,md}` and `dose/dose.png` (relation swap and steps to 70 % against the dose).
 - `mechanism`: in the world with the most converse phrasings, CLIP and the first hard-negative method (CE-CLIP in
@@ -242,6 +243,11 @@ def run_worlds(study: Study) -> Dict[str, Any]:
     for index, seed in enumerate(study.profile.world_seeds):
         folder = study.out if index == 0 else os.path.join(study.out, f"world{seed}")
         results[seed] = run_main(study, world_seed=seed, folder=folder)
+    if len(results) > 1:  # the world seeds side by side
+        from compclip.study.report import worlds_markdown
+
+        with open(os.path.join(study.out, "worlds.md"), "w", encoding="utf-8") as handle:
+            handle.write(worlds_markdown(results))
     return results
 
 

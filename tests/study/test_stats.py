@@ -139,3 +139,27 @@ def test_retrieval_interval_is_over_queries_and_seeds_and_paired_with_clip(tmp_p
     old = results["old"]["retrieval_r1"]
     assert old["ci_over"].startswith("seeds") and "retrieval_r1" not in results["old"]["vs_clip"]
     assert old["ci"][0] < old["ci"][1] and old["ci"][0] >= (p1 + p2) / 2 - 1e-12  # seeds only: 2 at p, 1 above
+
+
+def test_worlds_table_puts_each_world_seed_s_numbers_in_its_own_rows():
+    """`--full`'s worlds.md: every world seed's start, each method's lr, intervals, paired differences and
+    take-off, read from that world's results (here two hand-made ones that differ in every number)."""
+    from compclip.study.report import worlds_markdown
+
+    def results(shift, lr):
+        cell = {"mean": 0.5 + shift, "ci": [0.45 + shift, 0.55 + shift]}
+        scores = {c: dict(cell) for c in ("relation_swap", "attribute_swap", "binding", "heldout_relation_swap")}
+        paired = {"relation_swap": {"diff": shift, "ci": [shift - 0.05, shift + 0.05]},
+                  "binding": {"diff": -shift, "ci": [-shift - 0.05, -shift + 0.05]}}
+        return {"protocol": {"start": {"relation_swap": 0.4 + shift}, "learning_rates": {"clip": lr, "ceclip": lr}},
+                "methods": {"clip": dict(scores, steps_to_70=[None, None]),
+                            "ceclip": dict(scores, vs_clip=paired, steps_to_70=[100, None])}}
+
+    table = worlds_markdown({0: results(0.1, 1e-3), 1: results(0.2, 2e-3)}).splitlines()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table if line.startswith("| ")}
+    assert rows[("0", "pretrained (start)")].split("|")[4].strip() == "50.0"
+    assert rows[("1", "pretrained (start)")].split("|")[4].strip() == "60.0"
+    assert "| 0.001 | 60.0 [55.0, 65.0] |" in rows[("0", "CE-CLIP")]
+    assert "| 0.002 | 70.0 [65.0, 75.0] |" in rows[("1", "CE-CLIP")]
+    assert "| +20.0 [+15.0, +25.0] | -20.0 [-25.0, -15.0] | 1/2 took off |" in rows[("1", "CE-CLIP")]
+    assert rows[("1", "CLIP")].endswith("|  |  | 0/2 took off |")
