@@ -137,9 +137,14 @@ def markdown(results: Dict[str, Any], title: str = "") -> str:
     subsets = reported(protocol["world"]["subsets"])
     columns = list(subsets) + ([SWAP_MEAN] if swap_subsets(subsets) else []) + (
         [RETRIEVAL_KEY] if protocol["world"]["retrieval"] else [])
+    overs = {m[RETRIEVAL_KEY].get("ci_over", "") for m in methods.values() if RETRIEVAL_KEY in m}
+    retrieval_over = ("retrieval over its queries and seeds" if overs and all(o.startswith("queries") for o in overs)
+                      else "retrieval over seeds" if overs and all(o.startswith("seeds") for o in overs)
+                      else "retrieval over its queries and seeds where the runs kept every query's rank, else over "
+                      "seeds (results.json: ci_over)")
     lines = ([f"## {title}", ""] if title else []) + [
         f"Accuracy (%) on each test set and retrieval R@1 (%, mean of image→text and text→image): mean over "
-        f"{protocol['seeds']} seed(s) [95 % bootstrap interval over seeds and items; retrieval over seeds]; every "
+        f"{protocol['seeds']} seed(s) [95 % bootstrap interval over seeds and items; {retrieval_over}]; every "
         f"method fine-tuned from the same bag-of-words pretrained CLIP ({protocol['finetune_steps']} steps, batch "
         f"{protocol['batch_size']}, K = {protocol['num_negatives']}).", "",
         "| method | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
