@@ -17,9 +17,10 @@ is DeGLA + C2LIP's concept terms, at the weights of the one published table (com
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "composite")
 """What a study without --methods fine-tunes (the composite, DeGLA + C2LIP's concept terms, with --full)."""
 LABELS = {**{name: method.label for name, method in REGISTRY.items()}, "pretrained": "pretrained (start)"}
-COST = {"composite": 2.1, "degla": 1.84, "negclip": 1.53, "ceclip": 1.52, "c2lip": 1.3, "clip": 1.0}
+COST = {"composite": 2.45, "degla": 1.84, "negclip": 1.53, "ceclip": 1.52, "c2lip": 1.3, "clip": 1.0}
 """Seconds per fine-tune relative to CLIP's, measured in the default study on 2 CPU cores (two runs at a time, one
-thread each: CLIP 100 s, NegCLIP 153 s, CE-CLIP 152 s, DeGLA 184 s, C2LIP 130 s; the composite estimated). The
+thread each: CLIP 100 s, NegCLIP 153 s, CE-CLIP 152 s, DeGLA 184 s, C2LIP 130 s; the composite 240-256 s in
+`--full`'s lr part). The
 queue's order (the longest runs go first) and its ETA (the cost left at the rate of the finished runs:
 compclip.study.runs.run_queue)."""
 
