@@ -8,10 +8,11 @@
   world seed side by side).
 - `dose`: the same world at each converse fraction of DOSES (converse phrasings as a dose), every method x seed;
   `dose/results.{json,md}` and `dose/dose.png` (relation swap and steps to 70 % against the dose).
-- `mechanism`: in the world with the most converse phrasings, CLIP and the first hard-negative method (CE-CLIP in
-  the registry's order) from the plain bag-of-words start, from a start whose text tower first learned a
-  supervised relation probe (compclip.study.mechanism), and the hard-negative method from a control start (the
-  same text training without the probe); `mechanism/results.md`.
+- `mechanism`: in the world with the most converse phrasings, CLIP and the first hard-negative method of
+  `--methods` in the registry's order (NegCLIP in `--full`; CE-CLIP with `--methods clip,ceclip`) from the plain
+  bag-of-words start, from a start whose text tower first learned a supervised relation probe
+  (compclip.study.mechanism), and the hard-negative method from a control start (the same text training without
+  the probe); `mechanism/results.md`.
 - `c2lip`: C2LIP as published (the SigLIP-style tower `compclip-tiny-sincos-bias`, learned logit bias, SigLIP
   as its contrastive term) in the 2 x 2 of NPC's labels {owner, same phrase} x {with, without the logit bias in
   NPC and XAC}, an NPC weight sweep, CLIP on the same tower, and the hard-negative methods trained without
