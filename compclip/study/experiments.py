@@ -191,9 +191,9 @@ def chosen_lrs(study: Study) -> Dict[str, float]:
 
 def tuned(study: Study, methods: Sequence[str]) -> List[Spec]:
     """`methods` x seeds, each method at the lr chosen for it on validation (`lr`, `lr/choice.json`; its runs are
-    named so) or, without a choice, at the schedule's. Every part on the built-in world fine-tunes through this, so
-    that `main`, `dose`, `mechanism`, leave-one-out and `retention` train each method alike (and the dose of
-    `--converse-fraction` is `main`'s runs)."""
+    named so) or, without a choice, at the schedule's. `main`, `dose`, `mechanism`, leave-one-out and `retention`
+    fine-tune through this, so that they train each method alike (and the dose of `--converse-fraction` is
+    `main`'s runs); only C2LIP's 2 x 2 on its own tower keeps the schedule's lr."""
     lrs, specs = chosen_lrs(study), []
     for method in methods:
         lr = lrs.get(method)

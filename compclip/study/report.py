@@ -58,6 +58,9 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
     matrices = {m: {s: np.stack([run[s][1] for run in per_seed]) for s in subsets} for m, per_seed in outcomes.items()}
     groups = {**{s: [s] for s in subsets}, **({SWAP_MEAN: swaps} if swaps else {})}
     queries = _retrieval_queries(folders) if benchmark.retrieval else {}
+    for method, hits in queries.items():  # R@1 = the mean of both directions' hit rates: two sets of queries
+        matrices[method].update(hits)
+    retrieval = {RETRIEVAL_KEY: [f"{RETRIEVAL_KEY}/{d}" for d in RETRIEVAL_DIRECTIONS]}
     out: Dict[str, Any] = {}
     for method, runs in folders.items():
         entry: Dict[str, Any] = {}
@@ -67,8 +70,8 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
             entry[name] = {"mean": estimate, "std": _std(per_seed), "runs": per_seed, "ci": [low, high]}
         if RETRIEVAL_KEY in scores[method][0]:
             values = [run[RETRIEVAL_KEY] for run in scores[method]]
-            if method in queries:  # R@1 = the mean of both directions' hit rates: two sets of queries
-                mean, low, high = stats.bootstrap_ci(list(queries[method].values()))
+            if method in queries:
+                mean, low, high = stats.bootstrap_ci([matrices[method][s] for s in retrieval[RETRIEVAL_KEY]])
                 over = "queries and seeds (image→text per image, text→image per caption)"
             else:
                 mean, low, high = stats.seed_ci(values)
@@ -86,10 +89,9 @@ def analyse(folders: Dict[str, List[str]], benchmark, baseline: Optional[str] = 
             common = min(len(folders[method]), len(folders[baseline]))  # paired on the seeds both have
             if method != baseline:
                 both = method in queries and baseline in queries
-                mine, base = ({**matrices[m], **(queries[m] if both else {})} for m in (method, baseline))
                 out[method]["vs_" + baseline] = _paired(
-                    {s: m[:common] for s, m in mine.items()}, {s: m[:common] for s, m in base.items()},
-                    {**groups, **({RETRIEVAL_KEY: list(queries[method])} if both else {})})
+                    {s: m[:common] for s, m in matrices[method].items()},
+                    {s: m[:common] for s, m in matrices[baseline].items()}, {**groups, **(retrieval if both else {})})
                 out[method]["vs_" + baseline]["seeds"] = common
     return out
 
