@@ -321,8 +321,8 @@ C2LIP_TERMS = {"siglip": 1.0, "npc": 1.0, "xac": 0.01}
 
 
 def c2lip_specs(seeds: int, ablations: bool = True) -> List[Spec]:
-    """The 2 x 2 of NPC labels x logit bias in NPC/XAC, CLIP (SigLIP) on the tower and, with `ablations`, the NPC
-    weight sweep."""
+    """The 2 x 2 of NPC labels x logit bias in NPC/XAC, CLIP (SigLIP) on the tower and, with `ablations`, the bias
+    in one of the two terms only (owner labels) and the NPC weight sweep."""
     specs = []
     for labels in ("owner", "phrase"):
         for use_bias in (True, False):
@@ -330,6 +330,11 @@ def c2lip_specs(seeds: int, ablations: bool = True) -> List[Spec]:
                     "options": {"npc": {"labels": labels, "use_bias": use_bias}, "xac": {"use_bias": use_bias}}}
             name = f"c2lip-{labels}-{'bias' if use_bias else 'nobias'}"
             specs += [Spec(f"{name}-seed{s}", name, s, loss=loss, arch=SIGLIP_ARCH) for s in range(seeds)]
+    for npc_bias, xac_bias in ((True, False), (False, True)) if ablations else ():  # which term's bias it is
+        loss = {"method": "c2lip", "terms": dict(C2LIP_TERMS),
+                "options": {"npc": {"labels": "owner", "use_bias": npc_bias}, "xac": {"use_bias": xac_bias}}}
+        name = f"c2lip-owner-{'npc' if npc_bias else 'xac'}bias"
+        specs += [Spec(f"{name}-seed{s}", name, s, loss=loss, arch=SIGLIP_ARCH) for s in range(seeds)]
     for weight in (0.1, 0.3) if ablations else ():
         loss = {"method": "c2lip", "terms": dict(C2LIP_TERMS, npc=weight)}
         specs += [Spec(f"c2lip-npc{weight:g}-seed{s}", f"c2lip-npc{weight:g}", s, loss=loss, arch=SIGLIP_ARCH)

@@ -452,15 +452,17 @@ def mechanism_markdown(results: Dict[str, Any]) -> str:
 
 
 def c2lip_markdown(results: Dict[str, Any]) -> str:
-    columns = ["relation_swap", "attribute_swap", "binding", "object_replace", "attribute_replace", RETRIEVAL_KEY]
+    columns = ["relation_swap", "attribute_swap", "binding", "object_replace", "attribute_replace", "shuffle",
+               RETRIEVAL_KEY]
     siglip = results["siglip"]
     lines = ["## C2LIP as published: SigLIP tower with a learned logit bias", "",
              "`compclip-tiny-sincos-bias` (logit scale 10, bias −10 at the start), its own bag-of-words start "
              "(SigLIP loss on shuffled captions), then C2LIP = SigLIP + 1.0 NPC + 0.01 XAC. `owner`: NPC's "
              "positives are each image's own concepts (the released code); `phrase`: every concept with the "
              "phrase of one of the image's own concepts is a positive. `bias` / `nobias`: NPC and XAC score with "
-             "the learned logit bias / with b = 0. `npc0.1`, `npc0.3`: the NPC weight. Δ: paired difference of "
-             "the swap mean from SigLIP fine-tuning (CLIP's method on this tower) [95 % CI].", "",
+             "the learned logit bias / with b = 0; `npcbias` / `xacbias`: the bias in that term only (owner "
+             "labels). `npc0.1`, `npc0.3`: the NPC weight. Δ: paired difference of the swap mean from SigLIP "
+             "fine-tuning (CLIP's method on this tower) [95 % CI].", "",
              _scores_line("Start", siglip["start"], columns), "",
              *_header(columns, ["steps to 70 %", "Δ swap mean vs SigLIP"]),
              *_method_rows(siglip["methods"], columns, baseline="siglip")]

@@ -49,12 +49,17 @@ def test_c2lip_two_by_two_configs():
         "siglip-seed0"])
     specs = {spec.name: spec for spec in c2lip_specs(seeds=1)}
     assert sorted(specs) == sorted(["c2lip-owner-bias-seed0", "c2lip-owner-nobias-seed0", "c2lip-phrase-bias-seed0",
-                                    "c2lip-phrase-nobias-seed0", "c2lip-npc0.1-seed0", "c2lip-npc0.3-seed0",
+                                    "c2lip-phrase-nobias-seed0", "c2lip-owner-npcbias-seed0",
+                                    "c2lip-owner-xacbias-seed0", "c2lip-npc0.1-seed0", "c2lip-npc0.3-seed0",
                                     "siglip-seed0"])
     assert all(spec.arch == SIGLIP_ARCH for spec in specs.values())
     cell = specs["c2lip-phrase-nobias-seed0"].loss
     assert cell["terms"] == C2LIP_TERMS and cell["terms"]["siglip"] == 1.0
     assert cell["options"] == {"npc": {"labels": "phrase", "use_bias": False}, "xac": {"use_bias": False}}
+    assert specs["c2lip-owner-npcbias-seed0"].loss["options"] == {"npc": {"labels": "owner", "use_bias": True},
+                                                                  "xac": {"use_bias": False}}
+    assert specs["c2lip-owner-xacbias-seed0"].loss["options"] == {"npc": {"labels": "owner", "use_bias": False},
+                                                                  "xac": {"use_bias": True}}
     assert specs["c2lip-npc0.1-seed0"].loss["terms"]["npc"] == 0.1
     assert specs["siglip-seed0"].loss == {"method": "clip"}  # CLIP's method: SigLIP on a tower with a bias
 
