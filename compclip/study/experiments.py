@@ -163,6 +163,8 @@ def _by_method(folders: Dict[str, str], specs: Sequence[Spec], key: Callable[[Sp
 
 def run_lr(study: Study) -> Dict[str, Any]:
     """Each method at each lr of the profile, seed 0, on the first world; the best by validation swap mean."""
+    if not study.profile.lrs:
+        raise ValueError("the lr part needs a grid of learning rates: this study's profile has none (Profile.lrs)")
     benchmark = study.benchmark(study.world(study.profile.world_seeds[0]))
     runs = os.path.join(study.out, "runs")
     start, _ = start_of(study, benchmark, runs)

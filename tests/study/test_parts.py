@@ -168,3 +168,42 @@ def test_every_part_trains_each_method_at_its_chosen_lr(tmp_path, monkeypatch):
             assert {spec.name for runs, spec in methods if runs == "runs"} == {
                 "clip-lr0.001-seed0", "clip-lr0.001-seed1", "negclip-seed0", "negclip-seed1",
                 "ceclip-lr0.0005-seed0", "ceclip-lr0.0005-seed1"}
+
+
+def test_the_lr_part_sweeps_every_profile_s_grid_and_chooses_by_validation(tmp_path, monkeypatch):
+    """Every profile has a grid around its schedule's lr (before, only `--full`'s had one, and `--experiments lr`
+    without `--full` wrote an empty choice); the choice is each method's best validation swap mean, read from
+    fixed scores that peak at a known rate per method; a profile without a grid is refused by name."""
+    from dataclasses import replace
+
+    from compclip.study import experiments
+    from compclip.study.protocol import PROFILES
+    from compclip.study.world import VAL_PREFIX
+
+    for name, profile in PROFILES.items():
+        assert len(profile.lrs) >= 3 and min(profile.lrs) < profile.finetune["lr"] < max(profile.lrs), name
+    fake = Benchmark("train.jsonl", "eval", "images", ("relation_swap", "attribute_swap"))
+    best = {"clip": 1e-3, "ceclip": 4e-3}
+    trained = []
+
+    def fine_tune(study, benchmark, runs, start, specs):
+        trained.extend(specs)
+        return {spec.name: (spec.method, spec.finetune["lr"]) for spec in specs}
+
+    def scores_of(folder, benchmark):  # a swap mean that falls with the distance from the method's best rate
+        method, lr = folder
+        return {VAL_PREFIX + s: 0.9 - abs(lr - best[method]) * (1 if s == "relation_swap" else 2)
+                for s in benchmark.subsets}
+
+    monkeypatch.setattr(experiments, "fine_tune", fine_tune)
+    monkeypatch.setattr(experiments, "start_of", lambda *args, **kwargs: ("start.pt", {}))
+    monkeypatch.setattr(experiments, "scores_of", scores_of)
+    monkeypatch.setattr(experiments.Study, "benchmark", lambda self, world: fake)
+    profile = PROFILES["default"]
+    study = experiments.Study(profile, ["clip", "ceclip"], 3, str(tmp_path), 1, 1, False, 0.0)
+    assert experiments.run_lr(study) == best
+    assert sorted((s.method, s.finetune["lr"], s.seed) for s in trained) == sorted(
+        (m, lr, 0) for m in best for lr in profile.lrs)
+    assert json.loads((tmp_path / "lr" / "choice.json").read_text())["choice"] == best
+    with pytest.raises(ValueError, match="grid of learning rates"):
+        experiments.run_lr(replace(study, profile=replace(profile, lrs=())))
