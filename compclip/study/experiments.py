@@ -325,23 +325,23 @@ C2LIP_TERMS = {"siglip": 1.0, "npc": 1.0, "xac": 0.01}
 def c2lip_specs(seeds: int, ablations: bool = True) -> List[Spec]:
     """The 2 x 2 of NPC labels x logit bias in NPC/XAC, CLIP (SigLIP) on the tower and, with `ablations`, the bias
     in one of the two terms only (owner labels) and the NPC weight sweep."""
+    def cell(name: str, loss: Dict[str, Any]) -> List[Spec]:
+        return [Spec(f"{name}-seed{s}", name, s, loss=loss, arch=SIGLIP_ARCH) for s in range(seeds)]
+
+    def biased(labels: str, npc: bool, xac: bool) -> Dict[str, Any]:
+        return {"method": "c2lip", "terms": dict(C2LIP_TERMS),
+                "options": {"npc": {"labels": labels, "use_bias": npc}, "xac": {"use_bias": xac}}}
+
     specs = []
     for labels in ("owner", "phrase"):
         for use_bias in (True, False):
-            loss = {"method": "c2lip", "terms": dict(C2LIP_TERMS),
-                    "options": {"npc": {"labels": labels, "use_bias": use_bias}, "xac": {"use_bias": use_bias}}}
-            name = f"c2lip-{labels}-{'bias' if use_bias else 'nobias'}"
-            specs += [Spec(f"{name}-seed{s}", name, s, loss=loss, arch=SIGLIP_ARCH) for s in range(seeds)]
-    for npc_bias, xac_bias in ((True, False), (False, True)) if ablations else ():  # which term's bias it is
-        loss = {"method": "c2lip", "terms": dict(C2LIP_TERMS),
-                "options": {"npc": {"labels": "owner", "use_bias": npc_bias}, "xac": {"use_bias": xac_bias}}}
-        name = f"c2lip-owner-{'npc' if npc_bias else 'xac'}bias"
-        specs += [Spec(f"{name}-seed{s}", name, s, loss=loss, arch=SIGLIP_ARCH) for s in range(seeds)]
-    for weight in (0.1, 0.3) if ablations else ():
-        loss = {"method": "c2lip", "terms": dict(C2LIP_TERMS, npc=weight)}
-        specs += [Spec(f"c2lip-npc{weight:g}-seed{s}", f"c2lip-npc{weight:g}", s, loss=loss, arch=SIGLIP_ARCH)
-                  for s in range(seeds)]
-    specs += [Spec(f"siglip-seed{s}", "siglip", s, loss={"method": "clip"}, arch=SIGLIP_ARCH) for s in range(seeds)]
+            specs += cell(f"c2lip-{labels}-{'bias' if use_bias else 'nobias'}", biased(labels, use_bias, use_bias))
+    if ablations:
+        specs += cell("c2lip-owner-npcbias", biased("owner", True, False))  # which term's bias it is
+        specs += cell("c2lip-owner-xacbias", biased("owner", False, True))
+        for weight in (0.1, 0.3):
+            specs += cell(f"c2lip-npc{weight:g}", {"method": "c2lip", "terms": dict(C2LIP_TERMS, npc=weight)})
+    specs += cell("siglip", {"method": "clip"})
     return specs
 
 

@@ -20,14 +20,17 @@ LABELS = {**{name: method.label for name, method in REGISTRY.items()}, "pretrain
 COST = {"composite": 2.45, "degla": 1.84, "negclip": 1.53, "ceclip": 1.52, "c2lip": 1.3, "clip": 1.0}
 """Seconds per fine-tune relative to CLIP's, measured in the default study on 2 CPU cores (two runs at a time, one
 thread each: CLIP 100 s, NegCLIP 153 s, CE-CLIP 152 s, DeGLA 184 s, C2LIP 130 s; the composite 240-256 s in
-`--full`'s lr part). The
-queue's order (the longest runs go first) and its ETA (the cost left at the rate of the finished runs:
-compclip.study.runs.run_queue)."""
+`--full`'s lr part). The queue's order (the longest runs go first) and its ETA (the cost left at the rate of the
+finished runs: compclip.study.runs.run_queue)."""
 
 BUILTIN_WORLD: Dict[str, Any] = {"seed": 0, "image_size": 64, "max_objects": 2, "converse_fraction": 0.0}
 """The built-in world's variant (compclip.data.synthetic): 2-object scenes, each layout in one phrasing ("left of",
 "above"; converse_fraction 0). `--converse-fraction` gives the same world with that share of converse phrasings
 ("B right of A"); at 0.5, the share of the world as drawn, no method takes off in the budget (docs/study.md)."""
+
+LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+"""The `lr` part's grid: the schedule's 2e-3 with one rate above and two below (every published method chose 1e-3,
+docs/study.md)."""
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Profile:
     """Relation and attribute swap scored every this many fine-tune steps (learning curves); 0 = at the end only."""
     world_seeds: Tuple[int, ...] = (0,)
     """The built-in world is drawn from each of these seeds (its scenes, test split and held-out pairs)."""
-    lrs: Tuple[float, ...] = ()
+    lrs: Tuple[float, ...] = LRS
     """The learning rates of the `lr` part's per-method sweep on validation (each profile's schedule lr inside)."""
     experiments: Tuple[str, ...] = ("main",)
     ablations: bool = False
@@ -65,15 +68,11 @@ on the validation split of the default study: DeGLA's validation relation swap p
 its 3 seeds (89–90 % at step 400), so its take-off falls well inside the 500 steps; CE-CLIP's seed 0 was still at
 63 % at step 500 (docs/study.md, "The embedded default")."""
 
-LRS = (5e-4, 1e-3, 2e-3, 4e-3)
-"""The `lr` part's grid: the schedule's 2e-3 with one rate above and two below (every published method chose 1e-3,
-docs/study.md)."""
-
 PROFILES: Dict[str, Profile] = {
     "default": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=3,
-                       curve_every=100, lrs=LRS),
+                       curve_every=100),
     "full": Profile(world=dict(BUILTIN_WORLD, **SPLIT), pretrain=dict(STAGE1), finetune=dict(FINETUNE), seeds=5,
-                    curve_every=50, world_seeds=(0, 1), lrs=LRS, ablations=True,
+                    curve_every=50, world_seeds=(0, 1), ablations=True,
                     experiments=("lr", "main", "dose", "mechanism", "c2lip", "retention")),
     "quick": Profile(
         world=dict(BUILTIN_WORLD, num_train=384, num_val=64, num_test=64),
