@@ -326,7 +326,7 @@ def c2lip_specs(seeds: int, ablations: bool = True) -> List[Spec]:
     """The 2 x 2 of NPC labels x logit bias in NPC/XAC, CLIP (SigLIP) on the tower and, with `ablations`, the bias
     in one of the two terms only (owner labels) and the NPC weight sweep."""
     def cell(name: str, loss: Dict[str, Any]) -> List[Spec]:
-        return [Spec(f"{name}-seed{s}", name, s, loss=loss, arch=SIGLIP_ARCH) for s in range(seeds)]
+        return grid([name], seeds, loss=loss, arch=SIGLIP_ARCH)
 
     def biased(labels: str, npc: bool, xac: bool) -> Dict[str, Any]:
         return {"method": "c2lip", "terms": dict(C2LIP_TERMS),
